@@ -1,0 +1,40 @@
+# lowbit: two commands on a fresh machine — `make demo` and `make test`.
+PY      ?= python3
+VENV    ?= .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.lowbit-installed
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export GPTQMODEL_CPU_WORKERS ?= 2
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup test test-all demo bench lint clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 is installed first (a CPU build lies on disk here); installing the project with an
+# unpinned torch and no torch present would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: setup
+	$(VPY) -m pytest -q -m "not slow" tests
+
+test-all: setup
+	$(VPY) -m pytest -q tests
+
+demo: setup
+	$(VENV)/bin/lowbit demo
+
+bench: setup
+	$(VPY) benchmarks/bench_quantlinear.py
+
+lint: setup
+	$(VENV)/bin/ruff check lowbit tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

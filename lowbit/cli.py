@@ -1,0 +1,216 @@
+"""The ``lowbit`` command line: ``lowbit quantize ...``, ``lowbit demo``.
+
+Every subcommand validates its arguments before loading a model, and imports heavy libraries lazily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("lowbit")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "torchao"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _split_list(values: list[str] | None) -> list[str]:
+    return [v for item in (values or []) for v in item.split(",") if v]
+
+
+# --------------------------------------------------------------------------------------------------- quantize
+
+def add_quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Hugging Face model directory or hub id")
+    p.add_argument("--method", required=True, help="rtn, gptq, magr-gptq, magr-rtn or nf")
+    p.add_argument("--bits", type=int, required=True, help="2, 3, 4 or 8 (nf: 2 or 4)")
+    p.add_argument("--group-size", type=int, default=64, help="inputs per scale; -1 = per output channel")
+    p.add_argument("--calib", nargs="+", default=None,
+                   help="calibration text: .txt/.json/.jsonl files (or wikitext2/c4 with network access)")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--out", required=True, help="output directory for the quantized model")
+    p.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by descending diag(H)")
+    p.add_argument("--static-groups", action="store_true", help="GPTQ act-order with contiguous groups")
+    p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--clip-search", action="store_true", help="MSE range search for scales (helps at 2 bits)")
+    p.add_argument("--magr-alpha", type=float, default=None)
+    p.add_argument("--magr-iters", type=int, default=200)
+    p.add_argument("--targets", nargs="+", default=None, help="linear names, e.g. q_proj,k_proj (default all)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype to load the full-precision model in")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if available)")
+    p.add_argument("--ppl-windows", type=int, default=16, help="held-out windows scored for perplexity (0: skip)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an output directory holding another model")
+    p.add_argument("--export-gptq", default=None, metavar="DIR",
+                   help="also export a GPTQ-format checkpoint (loads with GPTQModel / transformers)")
+
+
+def _check_out_dir(out: Path, source: str, fingerprint: str, quant: dict, overwrite: bool) -> None:
+    """Refuse to overwrite a directory holding something else (a different model or different settings)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise SystemExit(f"error: --out {out} exists and is a file; choose a directory path")
+    if not any(out.iterdir()) or overwrite:
+        return
+    qc = out / "quant_config.json"
+    if not qc.is_file():
+        raise SystemExit(f"error: --out {out} is a non-empty directory that is not a lowbit quantized model; "
+                         f"choose another --out or pass --overwrite to replace it")
+    meta = json.loads(qc.read_text())
+    old_src = meta.get("source", {})
+    if old_src.get("fingerprint") != fingerprint or old_src.get("model") != source or meta.get("quantization") != quant:
+        raise SystemExit(f"error: --out {out} already holds a different quantized model "
+                         f"(source {old_src.get('model')!r}, method {meta.get('quantization', {}).get('method')!r}, "
+                         f"bits {meta.get('quantization', {}).get('bits')!r}); choose another --out or pass "
+                         f"--overwrite to replace it")
+    log.info("%s holds the same model and settings; it will be replaced", out)
+
+
+def _error_table(report: list[dict]) -> str:
+    lines = ["| layer | module | shape | rel. output error | rel. weight error | time (s) |",
+             "|---|---|---|---|---|---|"]
+    for r in report:
+        oe = f"{r['rel_output_error']:.4f}" if "rel_output_error" in r else "n/a"
+        lines.append(f"| {r['layer']} | {r['module']} | {r['shape'][0]}×{r['shape'][1]} | {oe} | "
+                     f"{r['rel_weight_error']:.4f} | {r['time_s']:.2f} |")
+    return "\n".join(lines)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from .quant.model import QuantConfig
+
+    # 1. Cheap validation first: settings, output directory, calibration files.
+    try:
+        qcfg = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
+                           act_order=args.act_order, static_groups=args.static_groups, damp=args.damp,
+                           clip_search=args.clip_search, magr_alpha=args.magr_alpha, magr_iters=args.magr_iters,
+                           targets=_split_list(args.targets) or None)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    calib = _split_list(args.calib)
+    if qcfg.needs_calibration and not calib:
+        raise SystemExit(f"error: method {args.method!r} needs calibration data; pass --calib FILE "
+                         f"(.txt/.json/.jsonl) with at least --seqlen {args.seqlen} tokens of text")
+    if args.nsamples <= 0 or args.seqlen <= 0:
+        raise SystemExit(f"error: --nsamples and --seqlen must be positive (got {args.nsamples}, {args.seqlen})")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .eval.perplexity import perplexity
+    from .quant.calibration import split_calibration, tokenize_sources
+    from .quant.model import quantize_model
+    from .quant.serialization import config_fingerprint, save_quantized
+
+    try:
+        hf_config = AutoConfig.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot read a model config from --model {args.model!r}: {e}") from None
+    out = Path(args.out)
+    _check_out_dir(out, args.model, config_fingerprint(hf_config), qcfg.to_dict(), args.overwrite)
+    if args.export_gptq and Path(args.export_gptq).exists() and any(Path(args.export_gptq).iterdir()):
+        raise SystemExit(f"error: --export-gptq {args.export_gptq} is a non-empty directory; choose another path")
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    windows = held = None
+    if calib:
+        try:
+            ids = tokenize_sources(tok, calib)
+            windows, held = split_calibration(ids, args.nsamples, args.seqlen, seed=args.seed)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {e}") from None
+        log.info("calibration: %d windows of %d tokens; %d held-out tokens", *windows.shape, len(held))
+
+    # 2. The expensive part.
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    ppl_before = ppl_after = None
+    if held is not None and args.ppl_windows > 0 and len(held) >= 2:
+        ppl_before = perplexity(model, held, args.seqlen, args.ppl_windows)
+    try:
+        report = quantize_model(model, qcfg, windows)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if ppl_before is not None:
+        ppl_after = perplexity(model, held, args.seqlen, args.ppl_windows)
+    elapsed = time.perf_counter() - t0
+    summary = {"model": args.model, "quantization": qcfg.to_dict(), "ppl_before": ppl_before, "ppl_after": ppl_after,
+               "mean_rel_output_error": _mean(r.get("rel_output_error") for r in report),
+               "mean_rel_weight_error": _mean(r["rel_weight_error"] for r in report), "seconds": elapsed}
+    save_quantized(model, out, qcfg, tokenizer=tok, source=args.model, extra={"summary": summary})
+    from ._io import atomic_write_json, atomic_write_text
+
+    atomic_write_json(out / "layer_errors.json", report)
+    atomic_write_text(out / "layer_errors.md", _error_table(report) + "\n")
+    if args.export_gptq:
+        from .quant.export import export_gptq
+
+        try:
+            export_gptq(model, args.export_gptq, tokenizer=tok)
+        except ValueError as e:
+            raise SystemExit(f"error: GPTQ export failed: {e}") from None
+    print(f"quantized {args.model} with {qcfg.method} {qcfg.bits}-bit (group {qcfg.group_size}) "
+          f"in {elapsed:.1f}s -> {out}")
+    print(f"mean relative output error {_fmt(summary['mean_rel_output_error'])}, "
+          f"mean relative weight error {_fmt(summary['mean_rel_weight_error'])}")
+    if ppl_before is not None:
+        print(f"held-out perplexity: {ppl_before:.3f} (full precision) -> {ppl_after:.3f} (quantized)")
+    print(f"per-layer errors: {out / 'layer_errors.md'}")
+    return 0
+
+
+def _mean(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+# ------------------------------------------------------------------------------------------------------- demo
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(out_dir=Path(args.out), quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowbit", description="Quantize LLaMA-class models and fine-tune "
+                                     "adapters on the low-bit base.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="quantize a model to packed low-bit storage")
+    add_quantize_args(q)
+    q.set_defaults(func=cmd_quantize)
+    d = sub.add_parser("demo", help="quantize the small demo model with every method and print the error table")
+    d.add_argument("--out", default="demo_out")
+    d.add_argument("--quick", action="store_true", help="fewer methods (for tests)")
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

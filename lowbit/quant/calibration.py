@@ -1,0 +1,90 @@
+"""Calibration data for quantization: text sources -> ``(nsamples, seqlen)`` token windows, plus a held-out slice.
+
+Sources are local files (``.txt``; ``.json``/``.jsonl`` records with a ``text`` field, Alpaca/Math10K fields
+``instruction``/``input``/``output``, or GSM8K ``question``/``answer``) or, for users with network access, the
+names ``wikitext2`` and ``c4`` (loaded with ``datasets``). As in the GPTQ reference, calibration samples are
+random windows of ``seqlen`` tokens from the concatenated text; the last ``heldout_frac`` of the tokens is kept
+apart for perplexity and never used for calibration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+HUB_SOURCES = ("wikitext2", "c4")
+
+
+def _record_text(rec) -> str:
+    if isinstance(rec, str):
+        return rec
+    if not isinstance(rec, dict):
+        return ""
+    if "text" in rec:
+        return str(rec["text"])
+    if "question" in rec and "answer" in rec:  # GSM8K jsonl
+        return f"{rec['question']}\n{rec['answer']}"
+    parts = [str(rec[k]) for k in ("instruction", "input", "output") if rec.get(k)]
+    if not parts:  # MAWPS-style or unknown: all string fields
+        parts = [str(v) for v in rec.values() if isinstance(v, str)]
+    return "\n".join(parts)
+
+
+def load_texts(source: str) -> list[str]:
+    """Documents from one source (file path or hub name)."""
+    p = Path(source)
+    if p.is_file():
+        if p.suffix == ".jsonl":
+            return [_record_text(json.loads(line)) for line in p.read_text().splitlines() if line.strip()]
+        if p.suffix == ".json":
+            data = json.loads(p.read_text())
+            data = data if isinstance(data, list) else data.get("data", [data])
+            return [_record_text(r) for r in data]
+        return [t for t in p.read_text().split("\n\n") if t.strip()]
+    if source in HUB_SOURCES:
+        from datasets import load_dataset
+
+        if source == "wikitext2":
+            ds = load_dataset("wikitext", "wikitext-2-raw-v1", split="train")
+        else:
+            ds = load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"},
+                              split="train")
+        return [t for t in ds["text"] if t.strip()]
+    raise FileNotFoundError(f"calibration source {source!r} is neither an existing file nor one of {HUB_SOURCES}; "
+                            f"pass a .txt/.json/.jsonl file with --calib")
+
+
+def tokenize_sources(tokenizer, sources: list[str]) -> torch.Tensor:
+    """All sources' documents, joined by blank lines and tokenized -> 1-D int64 token ids."""
+    texts = [t for s in sources for t in load_texts(s)]
+    text = "\n\n".join(t for t in texts if t.strip())
+    if not text.strip():
+        raise ValueError(f"calibration set {sources} is empty: no text found; pass a file with text records")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    return ids.long()
+
+
+def split_calibration(ids: torch.Tensor, nsamples: int, seqlen: int, heldout_frac: float = 0.1,
+                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (``(nsamples, seqlen)`` random calibration windows, held-out 1-D ids)."""
+    if nsamples <= 0 or seqlen <= 0:
+        raise ValueError(f"nsamples and seqlen must be positive, got nsamples={nsamples}, seqlen={seqlen}")
+    n_held = int(len(ids) * heldout_frac)
+    train = ids[: len(ids) - n_held]
+    held = ids[len(ids) - n_held:]
+    if len(train) < seqlen + 1:
+        raise ValueError(f"calibration set too short: {len(train)} tokens (after holding out {n_held} for "
+                         f"perplexity) but seqlen={seqlen} needs at least {seqlen + 1}; pass more text with --calib "
+                         f"or lower --seqlen")
+    if len(train) < nsamples * seqlen:
+        log.warning("calibration set has %d tokens < nsamples*seqlen = %d: windows will overlap",
+                    len(train), nsamples * seqlen)
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(train) - seqlen, (nsamples,), generator=g)
+    windows = torch.stack([train[s: s + seqlen] for s in starts.tolist()])
+    return windows, held

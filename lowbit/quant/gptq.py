@@ -1,0 +1,150 @@
+"""GPTQ: accurate post-training quantization for generative pre-trained transformers (Frantar et al., 2022).
+
+Objective, per linear layer: choose quantized ``Q`` minimising the output error ``‖X (W - Q)^T‖_F²`` =
+``tr((W - Q) H (W - Q)^T)`` with ``H = X^T X``. GPTQ quantizes one input column at a time and spreads each
+column's rounding error over the not-yet-quantized columns through the Cholesky factor of ``H^{-1}``
+(Optimal Brain Surgeon updates), lazily in blocks of ``block_size`` columns. METHODS.md §1 lists the steps;
+the reference implementation is IST-DASLab/gptq.
+
+Conventions: ``W`` is ``(out, in)``; ``H`` is ``(in, in)`` and any positive multiple of ``X^T X`` gives the same
+result (damping is relative to ``mean(diag H)``). Group parameters are chosen on the *current*, error-updated
+weights of the group when its first column is reached.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .qweight import QuantizedWeight, check_bits, check_group_size, check_weight, quantize_codes
+from .rtn import group_params
+
+log = logging.getLogger(__name__)
+
+
+def check_hessian(H: torch.Tensor, in_features: int) -> None:
+    if not isinstance(H, torch.Tensor) or H.shape != (in_features, in_features):
+        shape = tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__
+        raise ValueError(f"H must be (in, in) = ({in_features}, {in_features}) (H = X.T @ X over calibration "
+                         f"inputs), got {shape}")
+    if not torch.isfinite(H).all():
+        raise ValueError("H holds NaN/Inf: the calibration activations overflowed; run calibration in float32")
+
+
+def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """``U`` upper-triangular with ``U^T U = (H + damp·mean(diag H)·I)^{-1}``; damping grows if H is not PD."""
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    mean_diag = torch.diag(H).mean()
+    for attempt in range(6):
+        d = damp * (10**attempt)
+        L, info = torch.linalg.cholesky_ex(H + d * mean_diag * eye)
+        if info == 0:
+            if attempt:
+                log.warning("H was not positive definite with damp=%g; used damp=%g", damp, d)
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                return U
+    raise ValueError(f"H is not positive definite even with damp={d:g}: the calibration set is degenerate "
+                     f"(too few tokens?); use more calibration samples or a larger damp")
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1, sym: bool = False,
+                  act_order: bool = False, damp: float = 0.01, block_size: int = 128,
+                  static_groups: bool = False, clip_search: bool = False) -> QuantizedWeight:
+    """Quantize ``W`` ``(out, in)`` with GPTQ given ``H`` ``(in, in)``.
+
+    Args:
+        bits: 2, 3, 4 or 8. group_size: inputs per scale/zero (``-1``: one group per row).
+        sym: symmetric grid. act_order: process columns by descending ``diag(H)`` (records ``g_idx``).
+        damp: relative damping ``λ = damp·mean(diag H)``. block_size: columns per lazy-update block.
+        static_groups: with act-order, choose every group's parameters up front on the original weights,
+            so that groups stay contiguous (``g_idx = c // g``, faster kernels) at a small accuracy cost.
+        clip_search: MSE range search for each group's parameters (helps at 2 bits).
+
+    Computes in float64 if ``W`` is float64, else float32.
+    """
+    check_bits(bits)
+    check_weight(W)
+    out, n = W.shape
+    check_hessian(H, n)
+    g = check_group_size(n, group_size)
+    if not 0 <= damp < 1:
+        raise ValueError(f"damp must be in [0, 1) (relative to mean(diag H)), got {damp}")
+    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    W = W.detach().to(dtype).clone()
+    H = H.detach().to(dtype=dtype, device=W.device).clone()
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    static = None
+    if static_groups:
+        static = [group_params(W[:, s:s + g], bits, sym, clip_search) for s in range(0, n, g)]
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+
+    Hinv = _upper_cholesky_of_inverse(H, damp)
+    codes = torch.zeros(out, n, dtype=torch.uint8, device=W.device)
+    scales, zeros = [], []
+    col_group = torch.empty(n, dtype=torch.long, device=W.device)  # group of each (permuted) column
+    scale = zero = None
+
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if static is not None:
+                orig = int(perm[col]) if perm is not None else col
+                scale, zero = static[orig // g]
+                col_group[col] = orig // g
+            else:
+                if col % g == 0:
+                    # The group's current weights: updated in-block columns, then columns past the block.
+                    cur = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
+                    scale, zero = group_params(cur, bits, sym, clip_search)
+                    scales.append(scale)
+                    zeros.append(zero)
+                col_group[col] = col // g
+            w = W1[:, i]
+            q = quantize_codes(w, scale, zero, bits)
+            codes[:, col] = q.to(torch.uint8)
+            err = (w - scale * (q - zero)) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    if static is not None:
+        scales_t = torch.stack([s for s, _ in static], dim=1)
+        zeros_t = torch.stack([z for _, z in static], dim=1)
+    else:
+        scales_t = torch.stack(scales, dim=1)
+        zeros_t = torch.stack(zeros, dim=1)
+    g_idx = None
+    if perm is not None:
+        invperm = torch.argsort(perm)
+        codes = codes[:, invperm]
+        if static is None:
+            g_idx = col_group[invperm].to(torch.int32)
+    return QuantizedWeight(codes=codes, scales=scales_t.float(), zeros=zeros_t.float(), bits=bits,
+                           group_size=group_size, g_idx=g_idx, sym=sym, method="gptq")
+
+
+def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, relative: bool = True) -> float:
+    """``‖X (W - Q)^T‖_F`` from ``H = X^T X`` (divided by ``‖X W^T‖_F`` if ``relative``)."""
+    D = (W - Q).double()
+    H = H.double()
+    err = torch.einsum("oi,ij,oj->", D, H, D).clamp(min=0).sqrt()
+    if not relative:
+        return float(err)
+    ref = torch.einsum("oi,ij,oj->", W.double(), H, W.double()).clamp(min=0).sqrt()
+    return float(err / ref.clamp(min=1e-30))

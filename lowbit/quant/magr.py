@@ -1,0 +1,64 @@
+"""MagR: weight magnitude reduction for enhancing post-training quantization (Zhang et al., NeurIPS 2024,
+arXiv 2406.00800; reference code AozhongZhang/MagR).
+
+Objective: ``min_Ŵ ½‖X(Ŵ - W)^T‖_F² + α Σ_rows ‖Ŵ_row‖_∞`` (or ``‖·‖_∞`` per group of ``g`` inputs). Because
+LLM activations span a low-dimensional subspace, ``Ŵ`` can move in the null space of ``X`` to shrink each row's
+largest magnitudes while the layer output barely changes, so a uniform grid over the smaller range wastes fewer
+levels. Solved by proximal gradient with step 1 after rescaling ``H = X^T X`` to spectral norm 1:
+``Ŵ ← prox_{α‖·‖∞}(Ŵ - (Ŵ - W) H̃)``, with ``prox_{α‖·‖∞}(v) = v - α·Π_{‖·‖₁≤1}(v/α)`` (Moreau decomposition).
+MagR changes only the weights; quantize its output with GPTQ or RTN (``method="magr-gptq"`` / ``"magr-rtn"``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .qweight import check_group_size, check_weight
+
+
+def project_l1_ball(V: torch.Tensor, radius: float = 1.0) -> torch.Tensor:
+    """Euclidean projection of every row of ``V`` ``(rows, d)`` onto ``{x : ‖x‖₁ ≤ radius}`` (sort-based,
+    Duchi et al. 2008)."""
+    a = V.abs()
+    inside = a.sum(dim=1) <= radius
+    u = torch.sort(a, dim=1, descending=True).values
+    css = u.cumsum(dim=1) - radius
+    k = torch.arange(1, V.shape[1] + 1, device=V.device, dtype=V.dtype)
+    cond = u - css / k > 0
+    # rho = the last index where cond holds (cond is true on a prefix).
+    rho = cond.to(torch.int64).sum(dim=1).clamp(min=1)
+    theta = css.gather(1, (rho - 1)[:, None]).squeeze(1) / rho.to(V.dtype)
+    P = torch.sign(V) * (a - theta[:, None]).clamp(min=0)
+    return torch.where(inside[:, None], V, P)
+
+
+def prox_linf(V: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Row-wise proximal operator of ``alpha·‖·‖_∞``: ``v - alpha·Π_{‖·‖₁≤1}(v/alpha)``."""
+    return V - alpha * project_l1_ball(V / alpha)
+
+
+def magr(W: torch.Tensor, H: torch.Tensor, alpha: float = 1e-3, iters: int = 200,
+         group_size: int = -1) -> torch.Tensor:
+    """Pre-process ``W`` ``(out, in)`` with MagR given ``H = X^T X`` ``(in, in)``; returns ``Ŵ`` (same shape,
+    float32, or float64 for a float64 ``W``). ``group_size=-1`` penalises each row's ℓ∞ norm; otherwise each group of ``group_size`` inputs'
+    (the paper uses α = 1e-3 per-channel and 1e-4 per-group)."""
+    check_weight(W)
+    out, n = W.shape
+    if not isinstance(H, torch.Tensor) or H.shape != (n, n):
+        raise ValueError(f"H must be ({n}, {n}), got {tuple(H.shape) if isinstance(H, torch.Tensor) else H}")
+    if alpha <= 0 or iters < 0:
+        raise ValueError(f"need alpha > 0 and iters >= 0, got alpha={alpha}, iters={iters}")
+    g = check_group_size(n, group_size)
+    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    W0 = W.detach().to(dtype)
+    Hd = H.detach().to(W0)
+    # Rescale so that ‖H̃‖₂ = 1: step size 1 is then a valid proximal-gradient step (Lipschitz constant 1).
+    lmax = torch.linalg.eigvalsh(Hd.double())[-1].to(dtype)
+    if not torch.isfinite(lmax) or lmax <= 0:
+        raise ValueError("H has no positive eigenvalue: calibration inputs are all zero")
+    Ht = Hd / lmax
+    What = W0.clone()
+    for _ in range(iters):
+        V = What - (What - W0) @ Ht
+        What = prox_linf(V.reshape(-1, g), alpha).reshape(out, n)
+    return What if dtype == torch.float64 else What.float()

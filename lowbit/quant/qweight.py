@@ -1,0 +1,177 @@
+"""`QuantizedWeight`: the one result type of every lowbit quantizer, plus the uniform quantization primitives.
+
+A quantized weight ``W`` of shape ``(out, in)`` is stored as integer codes ``(out, in)`` and per-(row, group)
+parameters ``(out, G)``; input column ``c`` belongs to group ``g_idx[c]`` (``c // group_size`` unless
+act-order permuted the columns). Two code kinds:
+
+- uniform (RTN, GPTQ, MagR+…): ``W_hat = scale * (code - zero)``;
+- codebook (NormalFloat): ``W_hat = absmax * codebook[code]`` (``zeros`` is ``None``).
+
+Scales are kept fp16-representable (rounded when they are chosen), so that the packed fp16 storage of
+:class:`~lowbit.quant.QuantLinear` dequantises to exactly the same tensor as :meth:`QuantizedWeight.dequantize`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+# Smallest fp16 subnormal: a scale must survive the fp16 cast without becoming 0.
+_MIN_SCALE = 2.0**-24
+
+
+def check_bits(bits: int, allowed: tuple[int, ...] = SUPPORTED_BITS) -> None:
+    if bits not in allowed:
+        raise ValueError(f"bits must be one of {list(allowed)}, got {bits!r}; "
+                         f"pick e.g. --bits 4 (or 2 for the aggressive setting)")
+
+
+def check_group_size(in_features: int, group_size: int) -> int:
+    """Validate a group size against ``in_features``; returns the effective group size (``-1`` -> ``in``)."""
+    if group_size == -1:
+        return in_features
+    if not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"group_size must be a positive integer or -1 (one group per row), got {group_size!r}")
+    if in_features % group_size != 0:
+        raise ValueError(f"group_size {group_size} does not divide in_features {in_features}; "
+                         f"use a divisor of {in_features} (e.g. 64 or 128 for LLaMA layers) or -1 for per-row")
+    return group_size
+
+
+def check_weight(W: torch.Tensor, name: str = "W") -> None:
+    if not isinstance(W, torch.Tensor) or W.dim() != 2:
+        shape = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
+        raise ValueError(f"{name} must be a 2-D tensor of shape (out, in), got {shape}")
+    if not W.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {W.dtype}")
+    if W.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(W.shape)})")
+    if not torch.isfinite(W).all():
+        n_bad = int((~torch.isfinite(W)).sum())
+        raise ValueError(f"{name} holds {n_bad} NaN/Inf values of {W.numel()}; the checkpoint is corrupt or was "
+                         f"saved after a diverged run — fix or reload the weights before quantizing")
+
+
+def round_fp16(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest fp16-representable value (kept in the input dtype)."""
+    return x.clamp(min=-65504.0, max=65504.0).to(torch.float16).to(x.dtype)
+
+
+def uniform_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max scale and zero per row of ``w`` ``(rows, cols)`` -> ``(rows,), (rows,)`` (METHODS.md §1).
+
+    The range always contains 0; an all-zero row gets ``[-1, 1]``. The zero point is an integer.
+    """
+    return params_from_range(w.min(dim=1).values, w.max(dim=1).values, bits, sym)
+
+
+def params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point for the ranges ``[xmin, xmax]`` (any matching shapes)."""
+    maxq = 2**bits - 1
+    xmin = xmin.clamp(max=0)
+    xmax = xmax.clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    both0 = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(both0, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(both0, torch.ones_like(xmax), xmax)
+    scale = (2 * xmax if sym else xmax - xmin) / maxq
+    scale = round_fp16(scale).clamp(min=_MIN_SCALE)
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes ``clamp(round(w/scale) + zero, 0, maxq)``; ``scale``/``zero`` broadcast against ``w``."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    return scale * (quantize_codes(w, scale, zero, bits) - zero)
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes plus per-group parameters of one ``(out, in)`` weight.
+
+    Attributes:
+        codes: ``(out, in)`` uint8, values in ``[0, 2^bits)``, in the original column order.
+        scales: ``(out, G)`` float32 (fp16-representable): the uniform scale or the NF absmax.
+        zeros: ``(out, G)`` float32 integer zero points (uniform), or ``None`` (codebook).
+        bits: 2, 3, 4 or 8.
+        group_size: inputs per group (``-1``: one group per row).
+        g_idx: ``(in,)`` int64 group of each input column, or ``None`` for ``c // group_size``.
+        codebook: ``(2^bits,)`` float32 code values for NormalFloat, else ``None``.
+        sym: whether the uniform grid is symmetric (zero point ``2^(bits-1)``).
+        method: the producing algorithm, for bookkeeping only.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    bits: int
+    group_size: int = -1
+    g_idx: torch.Tensor | None = None
+    codebook: torch.Tensor | None = None
+    sym: bool = False
+    method: str = ""
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        if self.codes.dim() != 2:
+            raise ValueError(f"codes must be (out, in), got shape {tuple(self.codes.shape)}")
+        out, inp = self.codes.shape
+        g = check_group_size(inp, self.group_size)
+        n_groups = self.scales.shape[1] if self.scales.dim() == 2 else -1
+        if self.g_idx is None and (self.scales.shape[0] != out or n_groups != inp // g):
+            raise ValueError(f"scales must be ({out}, {inp // g}) for group_size {self.group_size}, "
+                             f"got {tuple(self.scales.shape)}")
+        if (self.zeros is None) == (self.codebook is None):
+            raise ValueError("exactly one of zeros (uniform codes) or codebook (NormalFloat codes) must be set")
+        if self.zeros is not None and self.zeros.shape != self.scales.shape:
+            raise ValueError(f"zeros shape {tuple(self.zeros.shape)} != scales shape {tuple(self.scales.shape)}")
+        if self.codebook is not None and self.codebook.numel() != 2**self.bits:
+            raise ValueError(f"a {self.bits}-bit codebook needs {2**self.bits} values, got {self.codebook.numel()}")
+        if self.g_idx is not None and self.g_idx.shape != (inp,):
+            raise ValueError(f"g_idx must have shape ({inp},), got {tuple(self.g_idx.shape)}")
+        self.codes = self.codes.to(torch.uint8)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    @property
+    def num_groups(self) -> int:
+        return self.scales.shape[1]
+
+    @property
+    def is_uniform(self) -> bool:
+        return self.zeros is not None
+
+    def group_index(self) -> torch.Tensor:
+        """``(in,)`` int64 group of every input column."""
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        inp = self.codes.shape[1]
+        g = inp if self.group_size == -1 else self.group_size
+        return torch.arange(inp, device=self.codes.device) // g
+
+    def dequantize(self) -> torch.Tensor:
+        """The represented weight ``(out, in)``, float32."""
+        gi = self.group_index()
+        scale = self.scales.float()[:, gi]
+        if self.zeros is not None:
+            return scale * (self.codes.float() - self.zeros.float()[:, gi])
+        return scale * self.codebook.float()[self.codes.long()]
+
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return QuantizedWeight(mv(self.codes), mv(self.scales), mv(self.zeros), self.bits, self.group_size,
+                               mv(self.g_idx), mv(self.codebook), self.sym, self.method)

@@ -1,0 +1,1 @@
+"""Fine-tuning recipes and their YAML configs (issue 5)."""

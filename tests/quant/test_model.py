@@ -1,0 +1,210 @@
+"""The model driver, save/load and the `lowbit quantize` CLI on a random tiny LLaMA (hidden 64, 2 layers)."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit.cli import main
+from lowbit.models.tiny import random_llama
+from lowbit.quant import QuantLinear, gptq_quantize
+from lowbit.quant.model import QuantConfig, capture_layer_inputs, quantize_model
+from lowbit.quant.serialization import load_quantized, save_quantized
+
+METHODS = ["rtn", "gptq", "magr-gptq", "magr-rtn", "nf"]
+
+
+def _calib(vocab=320, n=8, seqlen=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n, seqlen), generator=g)
+
+
+def test_import_is_cheap():
+    code = ("import sys, lowbit, lowbit.quant; "
+            "bad = [m for m in ('transformers', 'datasets', 'accelerate') if m in sys.modules]; "
+            "import torch; assert not torch.cuda.is_initialized(); print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_quantize_model_replaces_every_linear(method):
+    model = random_llama(hidden=64, layers=2, intermediate=128)
+    bits = 4 if method != "magr-rtn" else 3
+    report = quantize_model(model, QuantConfig(method=method, bits=bits, group_size=32, magr_iters=20), _calib(),
+                            progress=False)
+    q = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    assert len(q) == 14 and len(report) == 14
+    # Only the lm_head stays a float linear; no decoder linear keeps a float weight.
+    assert [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] == ["lm_head"]
+    for r in report:
+        assert 0 <= r["rel_output_error"] < 0.3, r
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=_calib()[:2]).logits).all()
+
+
+def test_sequential_groups_use_quantized_inputs():
+    """The Hessian of o_proj must be collected with q,k,v already quantized (true-sequential)."""
+    model = random_llama(hidden=64, layers=1, intermediate=128)
+    calib = _calib()
+    ref = copy.deepcopy(model)
+    layers = ref.model.layers
+    hidden, kws = capture_layer_inputs(ref, layers, calib)
+    cfg = QuantConfig(method="gptq", bits=2, group_size=32)
+    attn = layers[0].self_attn
+    # Quantize q,k,v of the reference by hand, then collect o_proj's inputs.
+    for name in ("q_proj", "k_proj", "v_proj"):
+        lin = getattr(attn, name)
+        xs = []
+        h = lin.register_forward_hook(lambda m, i, o, xs=xs: xs.append(i[0].reshape(-1, 64)))
+        with torch.no_grad():
+            for hs, kw in zip(hidden, kws):
+                layers[0](hs, **kw)
+        h.remove()
+        X = torch.cat(xs)
+        setattr(attn, name, QuantLinear.from_quantized(gptq_quantize(lin.weight.data, X.T @ X, 2, 32)))
+    xs = []
+    h = attn.o_proj.register_forward_hook(lambda m, i, o: xs.append(i[0].reshape(-1, 64)))
+    with torch.no_grad():
+        for hs, kw in zip(hidden, kws):
+            layers[0](hs, **kw)
+    h.remove()
+    X = torch.cat(xs)
+    expected = gptq_quantize(attn.o_proj.weight.data, X.T @ X, 2, 32).dequantize()
+    quantize_model(model, cfg, calib, progress=False)
+    got = model.model.layers[0].self_attn.o_proj.dequantize()
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,bits,kw", [("gptq", 4, {"act_order": True}), ("nf", 2, {}), ("rtn", 3, {})])
+def test_save_load_bit_exact(tmp_path, method, bits, kw):
+    model = random_llama(hidden=64, layers=2, intermediate=128)
+    cfg = QuantConfig(method=method, bits=bits, group_size=32, **kw)
+    quantize_model(model, cfg, _calib(), progress=False)
+    save_quantized(model, tmp_path / "q", cfg, source="random")
+    loaded = load_quantized(tmp_path / "q")
+    x = _calib(n=2, seed=5)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, loaded(input_ids=x).logits)
+    # Nothing full-precision for the decoder linears in the checkpoint.
+    from safetensors.torch import load_file
+
+    sd = load_file(tmp_path / "q" / "model.safetensors")
+    assert not any(k.endswith("q_proj.weight") for k in sd)
+
+
+def test_save_load_tied_embeddings(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    qcfg = QuantConfig(method="rtn", bits=4, group_size=32)
+    quantize_model(model, qcfg, None, progress=False)
+    save_quantized(model, tmp_path / "q", qcfg)
+    loaded = load_quantized(tmp_path / "q")
+    x = torch.randint(0, 128, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, loaded(input_ids=x).logits)
+
+
+def test_calibrated_method_without_calibration_fails():
+    with pytest.raises(ValueError, match="calibration"):
+        quantize_model(random_llama(), QuantConfig(method="gptq", bits=4, group_size=32), None)
+
+
+def test_nan_weights_fail_before_work():
+    model = random_llama(hidden=64, layers=2, intermediate=128)
+    model.model.layers[1].mlp.up_proj.weight.data[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        quantize_model(model, QuantConfig(method="gptq", bits=4, group_size=32), _calib(), progress=False)
+    # Nothing was replaced: the check ran before any quantization.
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"method": "awq"}, "unknown quantization method 'awq'"),
+    ({"bits": 5}, "bits must be one of"),
+    ({"method": "nf", "bits": 3}, "nf"),
+    ({"group_size": 0}, "group_size"),
+])
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QuantConfig(**kwargs)
+
+
+def test_group_size_not_dividing_fails():
+    with pytest.raises(ValueError, match="group_size 48 does not divide in_features 64"):
+        quantize_model(random_llama(), QuantConfig(method="rtn", bits=4, group_size=48), None)
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+def _cli(tiny, out, *extra):
+    return main(["quantize", "--model", str(tiny), "--calib", str(tiny / "calib.txt"), "--nsamples", "8",
+                 "--seqlen", "64", "--out", str(out), "--ppl-windows", "2", *extra])
+
+
+@pytest.mark.parametrize("method,bits", [("rtn", 4), ("gptq", 4), ("magr-gptq", 2), ("magr-rtn", 3), ("nf", 4),
+                                         ("gptq", 8)])
+def test_cli_quantize_every_method(tiny_llama_dir, tmp_path, method, bits, capsys):
+    out = tmp_path / "q"
+    assert _cli(tiny_llama_dir, out, "--method", method, "--bits", str(bits), "--group-size", "32") == 0
+    printed = capsys.readouterr().out
+    assert "held-out perplexity" in printed
+    meta = json.loads((out / "quant_config.json").read_text())
+    assert meta["quantization"]["method"] == method
+    assert meta["summary"]["ppl_after"] > 1
+    assert len(json.loads((out / "layer_errors.json").read_text())) == 14
+    assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
+    loaded = load_quantized(out)
+    assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == 14
+
+
+def test_cli_bad_inputs(tiny_llama_dir, tmp_path):
+    base = ["--method", "gptq", "--bits", "4"]
+    with pytest.raises(SystemExit, match="bits must be one of"):
+        _cli(tiny_llama_dir, tmp_path / "a", "--method", "gptq", "--bits", "5")
+    with pytest.raises(SystemExit, match="unknown quantization method 'foo'"):
+        _cli(tiny_llama_dir, tmp_path / "a", "--method", "foo", "--bits", "4")
+    with pytest.raises(SystemExit, match="group_size 48 does not divide"):
+        _cli(tiny_llama_dir, tmp_path / "a", *base, "--group-size", "48")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(SystemExit, match="empty"):
+        main(["quantize", "--model", str(tiny_llama_dir), "--calib", str(empty), "--out", str(tmp_path / "a"),
+              *base])
+    short = tmp_path / "short.txt"
+    short.write_text("1 + 2 = 3.")
+    with pytest.raises(SystemExit, match="too short"):
+        main(["quantize", "--model", str(tiny_llama_dir), "--calib", str(short), "--out", str(tmp_path / "a"),
+              "--seqlen", "64", *base])
+    with pytest.raises(SystemExit, match="neither an existing file"):
+        main(["quantize", "--model", str(tiny_llama_dir), "--calib", str(tmp_path / "nope.txt"),
+              "--out", str(tmp_path / "a"), *base])
+    with pytest.raises(SystemExit, match="needs calibration"):
+        main(["quantize", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "a"), *base])
+    assert not (tmp_path / "a").exists()
+
+
+def test_cli_refuses_to_overwrite_a_different_model(tiny_llama_dir, tmp_path):
+    out = tmp_path / "q"
+    assert _cli(tiny_llama_dir, out, "--method", "rtn", "--bits", "4", "--group-size", "32") == 0
+    before = (out / "model.safetensors").read_bytes()
+    # Same model, same settings: a rerun replaces it.
+    assert _cli(tiny_llama_dir, out, "--method", "rtn", "--bits", "4", "--group-size", "32") == 0
+    with pytest.raises(SystemExit, match="already holds a different quantized model"):
+        _cli(tiny_llama_dir, out, "--method", "rtn", "--bits", "2", "--group-size", "32")
+    assert (out / "model.safetensors").read_bytes() == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="not a lowbit quantized model"):
+        _cli(tiny_llama_dir, other, "--method", "rtn", "--bits", "4", "--group-size", "32")
+    assert (other / "notes.txt").read_text() == "mine"
+    assert _cli(tiny_llama_dir, out, "--method", "rtn", "--bits", "2", "--group-size", "32", "--overwrite") == 0
