@@ -37,7 +37,8 @@ def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     mean_diag = torch.diag(H).mean()
     for attempt in range(6):
-        d = damp * (10**attempt)
+        # damp=0 is allowed when H is PD; if it is not, retry from 1e-4 upward.
+        d = damp * (10**attempt) if damp > 0 else (0.0 if attempt == 0 else 1e-4 * 10 ** (attempt - 1))
         L, info = torch.linalg.cholesky_ex(H + d * mean_diag * eye)
         if info == 0:
             if attempt:
@@ -86,7 +87,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
 
     perm = None
     if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W = W[:, perm]
         H = H[perm][:, perm]
 
@@ -109,8 +110,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
                 col_group[col] = orig // g
             else:
                 if col % g == 0:
-                    # The group's current weights: updated in-block columns, then columns past the block.
-                    cur = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
+                    # The group's current weights: updated in-block columns, then any columns past the block
+                    # with this block's pending (lazy) updates applied.
+                    cur = W1[:, i:i + g]
+                    if i + g > i2 - i1:
+                        end = i1 + i + g
+                        tail = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:i1 + i, i2:end]
+                        cur = torch.cat([cur, tail], dim=1)
                     scale, zero = group_params(cur, bits, sym, clip_search)
                     scales.append(scale)
                     zeros.append(zero)

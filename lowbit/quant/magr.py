@@ -40,8 +40,8 @@ def prox_linf(V: torch.Tensor, alpha: float) -> torch.Tensor:
 def magr(W: torch.Tensor, H: torch.Tensor, alpha: float = 1e-3, iters: int = 200,
          group_size: int = -1) -> torch.Tensor:
     """Pre-process ``W`` ``(out, in)`` with MagR given ``H = X^T X`` ``(in, in)``; returns ``Ŵ`` (same shape,
-    float32, or float64 for a float64 ``W``). ``group_size=-1`` penalises each row's ℓ∞ norm; otherwise each group of ``group_size`` inputs'
-    (the paper uses α = 1e-3 per-channel and 1e-4 per-group)."""
+    float32, or float64 for a float64 ``W``). ``group_size=-1`` penalises each row's ℓ∞ norm; otherwise that of
+    each group of ``group_size`` inputs (the paper uses α = 1e-3 per-channel and 1e-4 per-group)."""
     check_weight(W)
     out, n = W.shape
     if not isinstance(H, torch.Tensor) or H.shape != (n, n):

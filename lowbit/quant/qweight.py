@@ -130,7 +130,7 @@ class QuantizedWeight:
         out, inp = self.codes.shape
         g = check_group_size(inp, self.group_size)
         n_groups = self.scales.shape[1] if self.scales.dim() == 2 else -1
-        if self.g_idx is None and (self.scales.shape[0] != out or n_groups != inp // g):
+        if self.scales.shape[0] != out or n_groups != inp // g:
             raise ValueError(f"scales must be ({out}, {inp // g}) for group_size {self.group_size}, "
                              f"got {tuple(self.scales.shape)}")
         if (self.zeros is None) == (self.codebook is None):
