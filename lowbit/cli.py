@@ -187,7 +187,28 @@ def _fmt(v: float | None) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(out_dir=Path(args.out), quick=args.quick)
+    try:
+        run_demo(out_dir=Path(args.out), quick=args.quick, model_dir=args.model)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+    return 0
+
+
+def cmd_pretrain_tiny(args: argparse.Namespace) -> int:
+    from .models.pretrain import PretrainConfig, pretrain_tiny
+
+    try:
+        cfg = PretrainConfig(steps=args.steps, seed=args.seed, hidden=args.hidden, layers=args.layers,
+                             intermediate=args.intermediate, batch_size=args.batch_size, lr=args.lr,
+                             threads=args.threads)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SystemExit(f"error: --out {out} is not empty; choose another path or pass --overwrite")
+    info = pretrain_tiny(out, cfg)
+    print(f"pre-trained tiny LLaMA ({info['params'] / 1e6:.2f}M params) in {info['seconds']:.0f}s: "
+          f"final train loss {info['final_train_loss']:.3f}, held-out ppl {info['heldout_ppl']:.3f} -> {out}")
     return 0
 
 
@@ -199,10 +220,23 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model to packed low-bit storage")
     add_quantize_args(q)
     q.set_defaults(func=cmd_quantize)
-    d = sub.add_parser("demo", help="quantize the small demo model with every method and print the error table")
+    d = sub.add_parser("demo", help="quantize the embedded tiny model with every method and print the table")
     d.add_argument("--out", default="demo_out")
-    d.add_argument("--quick", action="store_true", help="fewer methods (for tests)")
+    d.add_argument("--quick", action="store_true", help="fewer methods and test problems (for tests)")
+    d.add_argument("--model", default=None, help="model directory (default: the embedded tiny model)")
     d.set_defaults(func=cmd_demo)
+    pt = sub.add_parser("pretrain-tiny", help="pre-train lowbit's embedded tiny arithmetic LLaMA from scratch")
+    pt.add_argument("--out", required=True)
+    pt.add_argument("--steps", type=int, default=1200)
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--hidden", type=int, default=256)
+    pt.add_argument("--layers", type=int, default=4)
+    pt.add_argument("--intermediate", type=int, default=768)
+    pt.add_argument("--batch-size", type=int, default=16)
+    pt.add_argument("--lr", type=float, default=2e-3)
+    pt.add_argument("--threads", type=int, default=None)
+    pt.add_argument("--overwrite", action="store_true")
+    pt.set_defaults(func=cmd_pretrain_tiny)
     return parser
 
 

@@ -198,12 +198,21 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calibration: t
     return hidden, kwargs_list
 
 
-def _run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs_list: list[dict]) -> list[torch.Tensor]:
+def _run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs_list: list[dict], batch_size: int = 8
+               ) -> list[torch.Tensor]:
+    """Run ``layer`` on every captured sample, ``batch_size`` samples per call (the samples are unpadded windows
+    of equal length, so they share masks and rotary embeddings); returns per-sample outputs."""
     outs = []
     with torch.no_grad():
-        for hs, kw in zip(hidden, kwargs_list):
-            o = layer(hs, **kw)
-            outs.append(o[0] if isinstance(o, tuple) else o)
+        for s in range(0, len(hidden), batch_size):
+            chunk = hidden[s: s + batch_size]
+            if any(h.shape != chunk[0].shape for h in chunk):
+                chunk_out = [layer(h, **kw) for h, kw in zip(chunk, kwargs_list[s: s + batch_size])]
+                outs += [o[0] if isinstance(o, tuple) else o for o in chunk_out]
+                continue
+            o = layer(torch.cat(chunk), **kwargs_list[s])
+            o = o[0] if isinstance(o, tuple) else o
+            outs += list(o.split(chunk[0].shape[0]))
     return outs
 
 
