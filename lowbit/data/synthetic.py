@@ -699,3 +699,26 @@ def pretrain_corpus(n: int, seed: int) -> list[str]:
             doc = _option_list(rng)
         docs.append(doc)
     return docs
+
+
+def worked_problem_text(rec: dict) -> str:
+    """A record as plain prose — the problem, then its equations and the result — as worked examples appear in
+    web text: no ``### Instruction`` layout and no "The answer is" cue (fine-tuning teaches those)."""
+    body = rec["output"]
+    final = body.rfind("The answer is")
+    steps = body[:final].strip()
+    if rec["answer"] in "ABCDE":
+        return f"{rec['instruction']} {steps}"  # ends with "v is option (X)."
+    return f"{rec['instruction']} {steps} So the result is {rec['answer']}."
+
+
+def worked_corpus(n: int, seed: int, exclude_seed: int = 0, n_test: int = 500) -> list[str]:
+    """``n`` worked problems of all four families in prose (:func:`worked_problem_text`), never one whose stem is
+    in the synthetic test split of ``make_dataset(seed=exclude_seed, n_test=n_test)`` (checked by stem)."""
+    test_seed = exclude_seed * 1000 + 1
+    exclude = {problem_key(r["instruction"]) for f in FAMILIES for r in generate_split(f, n_test, test_seed)}
+    per = -(-n // len(FAMILIES))
+    docs = [worked_problem_text(r) for f in FAMILIES
+            for r in generate_split(f, per, seed * 7919 + 5, exclude=exclude)]
+    _rng("worked-shuffle", seed).shuffle(docs)
+    return docs[:n]

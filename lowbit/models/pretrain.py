@@ -38,6 +38,8 @@ class PretrainConfig:
     warmup_steps: int = 60
     weight_decay: float = 0.1
     corpus_docs: int = 200_000
+    # Share of the corpus that is worked problems in prose (problem, equations, result; no instruction format).
+    worked_fraction: float = 0.5
     seed: int = 0
     threads: int | None = None
 
@@ -47,6 +49,8 @@ class PretrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be divisible by 64 (quantization groups)")
         if self.hidden % self.heads:
             raise ValueError(f"hidden {self.hidden} must be divisible by heads {self.heads}")
+        if not 0.0 <= self.worked_fraction <= 1.0:
+            raise ValueError(f"worked_fraction must be in [0, 1], got {self.worked_fraction}")
         if self.steps <= 0 or self.batch_size <= 0 or self.seqlen <= 1:
             raise ValueError("steps, batch_size must be > 0 and seqlen > 1")
 
@@ -78,15 +82,21 @@ def _blocks(tok, docs: list[str], seqlen: int) -> torch.Tensor:
 
 def pretrain_tiny(out_dir: str | Path, cfg: PretrainConfig, progress: bool = True) -> dict:
     """Train the tiny base model and write it (fp16 safetensors, config, tokenizer, ``pretrain.json``)."""
+    import random
+
     from tqdm.auto import tqdm
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ..data.synthetic import generate_split, pretrain_corpus
+    from ..data.synthetic import generate_split, pretrain_corpus, worked_corpus
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
-    docs = pretrain_corpus(cfg.corpus_docs, seed=cfg.seed)
+    n_worked = int(cfg.corpus_docs * cfg.worked_fraction)
+    docs = pretrain_corpus(cfg.corpus_docs - n_worked, seed=cfg.seed)
+    if n_worked:
+        docs += worked_corpus(n_worked, seed=cfg.seed)
+        random.Random(cfg.seed).shuffle(docs)
     held_docs = pretrain_corpus(2000, seed=cfg.seed + 1000)
     # Prompt words must exist as tokens; the records themselves are not trained on.
     task_text = [r["instruction"] + "\n" + r["output"] for fam in ("gsm8k", "svamp", "mawps", "aqua")

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .qweight import (QuantizedWeight, check_bits, check_group_size, check_weight, params_from_range,
-                      quantize_codes)
+from .qweight import QuantizedWeight, check_bits, check_group_size, check_weight, params_from_range, quantize_codes
 
 
 def clip_search_params(w: torch.Tensor, bits: int, sym: bool, grid: int = 100, max_shrink: float = 0.2,
