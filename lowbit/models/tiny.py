@@ -67,18 +67,9 @@ def arithmetic_corpus(n: int = 2000, seed: int = 0) -> list[str]:
 
 def make_tokenizer(corpus: list[str] | None = None, vocab_size: int = 320):
     """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``corpus`` (digits always split)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from .pretrain import build_tokenizer
 
-    corpus = corpus if corpus is not None else arithmetic_corpus()
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return build_tokenizer(corpus if corpus is not None else arithmetic_corpus(), vocab_size)
 
 
 def random_llama(hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int | None = None,
