@@ -39,6 +39,9 @@ def run_demo(out_dir: Path, quick: bool = False, model_dir: str | Path | None = 
 
     out_dir = Path(out_dir)
     model_dir = Path(model_dir) if model_dir else tiny_model_dir()
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {model_dir} has no config.json; pass a Hugging Face model "
+                                f"directory with --model, or omit it to use the embedded tiny model")
     n_eval = n_eval or (10 if quick else 50)
     tok = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
