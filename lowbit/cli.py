@@ -225,16 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="fewer methods and test problems (for tests)")
     d.add_argument("--model", default=None, help="model directory (default: the embedded tiny model)")
     d.set_defaults(func=cmd_demo)
+    from .models.pretrain import PretrainConfig  # no heavy imports: defaults come from the config dataclass
+
+    pdef = PretrainConfig()
     pt = sub.add_parser("pretrain-tiny", help="pre-train lowbit's embedded tiny arithmetic LLaMA from scratch")
     pt.add_argument("--out", required=True)
-    pt.add_argument("--steps", type=int, default=1200)
-    pt.add_argument("--seed", type=int, default=0)
-    pt.add_argument("--hidden", type=int, default=256)
-    pt.add_argument("--layers", type=int, default=4)
-    pt.add_argument("--intermediate", type=int, default=768)
-    pt.add_argument("--batch-size", type=int, default=16)
-    pt.add_argument("--lr", type=float, default=2e-3)
-    pt.add_argument("--threads", type=int, default=None)
+    for flag, typ in (("steps", int), ("seed", int), ("hidden", int), ("layers", int), ("intermediate", int),
+                      ("batch_size", int), ("lr", float), ("threads", int)):
+        pt.add_argument(f"--{flag.replace('_', '-')}", type=typ, default=getattr(pdef, flag))
     pt.add_argument("--overwrite", action="store_true")
     pt.set_defaults(func=cmd_pretrain_tiny)
     return parser

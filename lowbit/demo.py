@@ -31,7 +31,7 @@ def run_demo(out_dir: Path, quick: bool = False, model_dir: str | Path | None = 
              ) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data.synthetic import FAMILIES, make_dataset
+    from .data.synthetic import FAMILIES, test_split
     from .eval.accuracy import accuracy
     from .eval.perplexity import perplexity
     from .models.tiny import calibration_ids, heldout_text_ids, tiny_model_dir
@@ -48,10 +48,7 @@ def run_demo(out_dir: Path, quick: bool = False, model_dir: str | Path | None = 
     seqlen = 256
     calib = calibration_ids(tok, nsamples=16 if quick else 64, seqlen=seqlen)
     held = heldout_text_ids(tok, n_docs=300 if quick else 1500)
-    paths = make_dataset(out_dir / "data", seed=0, n_train=200, n_test=n_eval)
-    import json
-
-    tests = {f: json.loads(paths[f].read_text()) for f in FAMILIES}
+    tests = {f: test_split(f, n_eval, seed=0) for f in FAMILIES}
 
     def measure(model) -> dict:
         accs = {f: accuracy(model, tok, tests[f], f, max_new_tokens=48)[0] for f in FAMILIES}

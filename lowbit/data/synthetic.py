@@ -549,6 +549,12 @@ def generate_split(family: str, n: int, seed: int, exclude: Iterable[str] = froz
     return out
 
 
+def test_split(family: str, n: int, seed: int = 0) -> list[dict]:
+    """The first ``n`` test problems of ``family`` for dataset seed ``seed`` — the records
+    ``make_dataset(seed=seed, n_test=n)`` writes to ``test/{family}.json`` (a longer split extends a shorter one)."""
+    return generate_split(family, n, seed * 1000 + 1)
+
+
 def _dumps(obj) -> str:
     return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
 
@@ -561,7 +567,7 @@ def make_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 10000, n_tes
     ``{"train": path, "gsm8k": path, "svamp": path, "mawps": path, "aqua": path}``.
     """
     out_dir = Path(out_dir)
-    tests = {f: generate_split(f, n_test, seed * 1000 + 1) for f in FAMILIES}
+    tests = {f: test_split(f, n_test, seed) for f in FAMILIES}
     exclude = {problem_key(r["instruction"]) for recs in tests.values() for r in recs}
     counts = {f: int(round(n_train * TRAIN_MIX[f])) for f in FAMILIES}
     counts["gsm8k"] += n_train - sum(counts.values())
@@ -715,8 +721,7 @@ def worked_problem_text(rec: dict) -> str:
 def worked_corpus(n: int, seed: int, exclude_seed: int = 0, n_test: int = 500) -> list[str]:
     """``n`` worked problems of all four families in prose (:func:`worked_problem_text`), never one whose stem is
     in the synthetic test split of ``make_dataset(seed=exclude_seed, n_test=n_test)`` (checked by stem)."""
-    test_seed = exclude_seed * 1000 + 1
-    exclude = {problem_key(r["instruction"]) for f in FAMILIES for r in generate_split(f, n_test, test_seed)}
+    exclude = {problem_key(r["instruction"]) for f in FAMILIES for r in test_split(f, n_test, exclude_seed)}
     per = -(-n // len(FAMILIES))
     docs = [worked_problem_text(r) for f in FAMILIES
             for r in generate_split(f, per, seed * 7919 + 5, exclude=exclude)]

@@ -1,9 +1,11 @@
 """``lowbit pretrain-tiny``: build lowbit's embedded tiny arithmetic LLaMA from nothing, reproducibly.
 
-The base model is pre-trained (next-token prediction) on a general synthetic corpus — arithmetic facts,
+The base model is pre-trained (next-token prediction) on a synthetic corpus: general text — arithmetic facts,
 equations, chained computations and numbers in short narrative text (:func:`lowbit.data.synthetic.pretrain_corpus`)
-— and never on the instruction/rationale format, so that fine-tuning on the Math10K-style split has real work to
-do, as with LLaMA-2 on Math10K. The tokenizer is a byte-level BPE with single-digit tokens trained on that corpus
+— and, for ``worked_fraction`` of the documents, worked problems in plain prose
+(:func:`lowbit.data.synthetic.worked_corpus`, test problems excluded). It never sees the instruction/response format
+nor "The answer is", so that fine-tuning on the Math10K-style split has real work to do, as with LLaMA-2 on
+Math10K. The tokenizer is a byte-level BPE with single-digit tokens trained on that corpus
 plus the training split's text (so the prompt words exist as tokens); the embedding matrix is padded to a multiple
 of 64 rows so that every linear dimension is divisible by 64.
 """
@@ -33,7 +35,7 @@ class PretrainConfig:
     vocab_size: int = 512
     seqlen: int = 256
     batch_size: int = 16
-    steps: int = 1200
+    steps: int = 1500
     lr: float = 2e-3
     warmup_steps: int = 60
     weight_decay: float = 0.1
@@ -70,12 +72,17 @@ def build_tokenizer(texts: list[str], vocab_size: int):
                                    padding_side="left")
 
 
-def _blocks(tok, docs: list[str], seqlen: int) -> torch.Tensor:
+def concat_with_eos(tok, docs: list[str]) -> list[int]:
+    """Token ids of ``docs``, each followed by EOS, concatenated."""
     ids: list[int] = []
-    enc = tok(docs, add_special_tokens=False)["input_ids"]
-    for e in enc:
+    for e in tok(docs, add_special_tokens=False)["input_ids"]:
         ids.extend(e)
         ids.append(tok.eos_token_id)
+    return ids
+
+
+def _blocks(tok, docs: list[str], seqlen: int) -> torch.Tensor:
+    ids = concat_with_eos(tok, docs)
     n = len(ids) // seqlen
     return torch.tensor(ids[: n * seqlen]).view(n, seqlen)
 

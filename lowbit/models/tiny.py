@@ -27,11 +27,9 @@ def tiny_model_dir() -> Path:
 def heldout_text_ids(tokenizer, n_docs: int = 1500, seed: int = 12345) -> torch.Tensor:
     """1-D token ids of held-out pre-training-style text (a seed the pre-training corpus never uses)."""
     from ..data.synthetic import pretrain_corpus
+    from .pretrain import concat_with_eos
 
-    ids: list[int] = []
-    for e in tokenizer(pretrain_corpus(n_docs, seed=seed), add_special_tokens=False)["input_ids"]:
-        ids += e + [tokenizer.eos_token_id]
-    return torch.tensor(ids)
+    return torch.tensor(concat_with_eos(tokenizer, pretrain_corpus(n_docs, seed=seed)))
 
 
 def calibration_ids(tokenizer, nsamples: int = 64, seqlen: int = 256, seed: int = 777) -> torch.Tensor:

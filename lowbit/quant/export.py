@@ -60,6 +60,7 @@ from torch import nn
 from .._io import atomic_dir, atomic_write_json
 from .packing import pack
 from .qlinear import QuantLinear
+from .qweight import default_group_index
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +116,7 @@ def _int_zeros(name: str, m: QuantLinear) -> torch.Tensor:
 
 
 def _default_g_idx(m: QuantLinear) -> torch.Tensor:
-    g = m.in_features if m.group_size == -1 else m.group_size
-    return torch.arange(m.in_features, device=m.qweight.device) // g
+    return default_group_index(m.in_features, m.group_size, m.qweight.device)
 
 
 def _resolve_format(checkpoint_format: str, min_zero: int, sym: bool) -> str:

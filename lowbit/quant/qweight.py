@@ -54,6 +54,13 @@ def check_weight(W: torch.Tensor, name: str = "W") -> None:
                          f"saved after a diverged run — fix or reload the weights before quantizing")
 
 
+def default_group_index(in_features: int, group_size: int, device: torch.device | str | None = None
+                        ) -> torch.Tensor:
+    """``(in,)`` int64 group of each input column without act-order: ``c // group_size`` (``-1``: all 0)."""
+    g = in_features if group_size == -1 else group_size
+    return torch.arange(in_features, device=device) // g
+
+
 def round_fp16(x: torch.Tensor) -> torch.Tensor:
     """Round to the nearest fp16-representable value (kept in the input dtype)."""
     return x.clamp(min=-65504.0, max=65504.0).to(torch.float16).to(x.dtype)
@@ -159,9 +166,7 @@ class QuantizedWeight:
         """``(in,)`` int64 group of every input column."""
         if self.g_idx is not None:
             return self.g_idx.long()
-        inp = self.codes.shape[1]
-        g = inp if self.group_size == -1 else self.group_size
-        return torch.arange(inp, device=self.codes.device) // g
+        return default_group_index(self.codes.shape[1], self.group_size, self.codes.device)
 
     def dequantize(self) -> torch.Tensor:
         """The represented weight ``(out, in)``, float32."""
