@@ -162,6 +162,9 @@ def _magr_rtn(W, H, cfg: QuantConfig) -> QuantizedWeight:
 
 # ---------------------------------------------------------------------------------------------------------------
 
+OnLinear = Callable[[int, str, nn.Module, QuantLinear, "torch.Tensor | None"], nn.Module]
+
+
 class _StopForward(Exception):
     pass
 
@@ -242,7 +245,7 @@ def quantize_linear(linear: nn.Linear, cfg: QuantConfig, H: torch.Tensor | None)
 
 
 def quantize_model(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | None = None,
-                   progress: bool = True) -> list[dict]:
+                   progress: bool = True, on_linear: OnLinear | None = None) -> list[dict]:
     """Quantize ``model``'s decoder linears in place, replacing them with :class:`QuantLinear`.
 
     Args:
@@ -253,6 +256,10 @@ def quantize_model(model: nn.Module, config: QuantConfig, calibration: torch.Ten
     Returns:
         One dict per quantized linear: ``layer``, ``module``, ``shape``, ``rel_weight_error``,
         ``rel_output_error`` (``‖X(W-Q)^T‖/‖XW^T‖`` on the calibration inputs, when available), ``time_s``.
+    on_linear: called as ``on_linear(layer_index, name, linear, qlinear, H)`` after each linear is quantized, while
+        its full-precision weight and ``H`` (``None`` without calibration) still exist; the module it returns
+        replaces the linear, and the calibration inputs of later layers flow through it. This is how calibrated
+        adapter initialisations (CLoQ, calibrated DiaBlo) share the one calibration pass.
     """
     from tqdm.auto import tqdm
 
@@ -291,8 +298,9 @@ def quantize_model(model: nn.Module, config: QuantConfig, calibration: torch.Ten
             for name, lin in linears.items():
                 qlin, stats = quantize_linear(lin, config, Hs[name])
                 qlin.to(lin.weight.device)
+                new = on_linear(i, name, lin, qlin, Hs[name]) if on_linear is not None else qlin
                 parent, _, child = name.rpartition(".")
-                setattr(layer.get_submodule(parent) if parent else layer, child, qlin)
+                setattr(layer.get_submodule(parent) if parent else layer, child, new)
                 rec = {"layer": i, "module": name, "shape": list(lin.weight.shape), **stats}
                 report.append(rec)
                 log.info("layer %d %-18s rel. output error %s  weight error %.4f  (%.2fs)", i, name,
@@ -339,3 +347,19 @@ def _check_dims(layers: nn.ModuleList, groups: list[list[str]], cfg: QuantConfig
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every :class:`QuantLinear` of ``model`` (in place) with an ``nn.Linear`` holding its dequantised
+    weight — the float base that tools without lowbit's layer (PEFT, lm-eval, vLLM) can load. Returns ``model``."""
+    for name, q in list(quantized_modules(model).items()):
+        lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, dtype=dtype,
+                        device=q.qweight.device)
+        with torch.no_grad():
+            lin.weight.copy_(q.dequantize(dtype))
+            if q.bias is not None:
+                lin.bias.copy_(q.bias.to(dtype))
+        lin.requires_grad_(False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, lin)
+    return model

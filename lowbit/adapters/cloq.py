@@ -1,0 +1,42 @@
+"""CLoQ: calibrated LoRA initialisation for quantized LLMs (Deng et al. 2025, arXiv 2501.18475).
+
+Objective: with ``E = W - Q`` (full-precision minus dequantised weight) and calibration inputs ``X``, choose
+rank-``r`` ``B A`` minimising ``‖X (E - B A)^T‖_F``. Closed form (METHODS.md §2): with ``R^T R = H = X^T X`` and
+the SVD ``R E^T = U Σ V^T``, ``(B A)^T = R^{-1} U_r Σ_r V_r^T``; the optimum is ``Σ_{i>r} σ_i²``. We split it
+balanced: ``A = Σ_r^{1/2} U_r^T R^{-T}``, ``B = V_r Σ_r^{1/2}``. ``H`` is damped by ``λ = damp·mean(diag H)``;
+eigen-directions of (undamped, ``damp=0``) ``H`` that carry no energy get a pseudo-inverse, so a rank-deficient
+``H`` gives a finite answer that leaves those unseen directions at zero.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._linalg import check_init_inputs, damped, gram_root
+
+
+def cloq_init(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, rank: int, damp: float = 0.01
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLoQ factors for ``W``, ``Q`` ``(out, in)`` and ``H = X^T X`` ``(in, in)``.
+
+    Returns ``A`` ``(rank, in)`` and ``B`` ``(out, rank)`` in ``W``'s float dtype (computed in float64) with
+    ``B @ A`` ≈ ``W - Q`` under the ``H`` metric; no LoRA scaling is applied (divide both by ``sqrt(s)``).
+    """
+    check_init_inputs(W, Q, H)
+    out, inp = W.shape
+    if not isinstance(rank, int) or not 0 < rank < min(out, inp):
+        raise ValueError(f"rank must be an integer in [1, min(out, in) = {min(out, inp)}), got {rank!r}")
+    E = W.double() - Q.double()
+    R, R_pinv = gram_root(damped(H, damp))
+    U, S, Vh = torch.linalg.svd(R @ E.T, full_matrices=False)
+    root = S[:rank].sqrt()
+    A = (R_pinv @ U[:, :rank] * root[None, :]).T
+    B = Vh[:rank].T * root[None, :]
+    dtype = W.dtype if W.is_floating_point() and W.dtype != torch.float16 else torch.float32
+    return A.to(dtype).contiguous(), B.to(dtype).contiguous()
+
+
+def cloq_objective(E: torch.Tensor, H: torch.Tensor, delta: torch.Tensor) -> float:
+    """``‖X (E - delta)^T‖_F² = tr((E - Δ) H (E - Δ)^T)`` for ``(out, in)`` ``E`` and ``delta``, in float64."""
+    D = E.double() - delta.double()
+    return float(((D @ H.double()) * D).sum())
