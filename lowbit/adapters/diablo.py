@@ -81,7 +81,9 @@ class DiaBloLinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        return y + diablo_delta(self.dropout(x).float(), self.blocks, self.out_features).to(y.dtype)
+        with torch.autocast(x.device.type, enabled=False):  # FP32 adapter even under autocast of the base
+            z = diablo_delta(self.dropout(x).float(), self.blocks, self.out_features)
+        return y + z.to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """The adapter as a weight delta ``(out, in)`` float32 (``D^T``)."""

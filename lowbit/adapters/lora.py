@@ -63,8 +63,10 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        # PEFT's order of operations (lora_B(lora_A(x)) * s), so PEFT reproduces our logits.
-        z = F.linear(F.linear(self.dropout(x).float(), self.lora_A), self.lora_B) * self.scaling
+        # FP32 adapter even under bf16/fp16 autocast of the base; PEFT's order of operations
+        # (lora_B(lora_A(x)) * s), so PEFT reproduces our logits.
+        with torch.autocast(x.device.type, enabled=False):
+            z = F.linear(F.linear(self.dropout(x).float(), self.lora_A), self.lora_B) * self.scaling
         return y + z.to(y.dtype)
 
     def merge(self) -> None:

@@ -52,3 +52,25 @@ def test_quantized_base_as_dense_and_merge():
 def test_bad_rank(rank):
     with pytest.raises(ValueError, match="rank"):
         LoRALinear(nn.Linear(64, 32), rank, 16)
+
+
+def test_adapter_branch_stays_fp32_under_autocast():
+    from lowbit.adapters import DiaBloLinear
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 256)
+    for make in (lambda b: LoRALinear(b, 32, 32), lambda b: DiaBloLinear(b, 8)):
+        base = nn.Linear(256, 256)
+        with torch.no_grad():
+            base.weight.zero_()
+            base.bias.zero_()
+        m = make(base)
+        with torch.no_grad():
+            for p in m.parameters(recurse=False):
+                p.normal_()
+        delta = m(x)  # fp32 everywhere
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        # a zero base leaves only the adapter: computed in fp32 and rounded once to bf16 at the end
+        assert y.dtype == torch.bfloat16
+        assert torch.equal(y, delta.to(torch.bfloat16))
