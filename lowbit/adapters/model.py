@@ -19,6 +19,7 @@ dequantised base); DiaBlo uses the same layout with ``peft_type = "LOWBIT_DIABLO
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -175,9 +176,9 @@ def _validate(model: nn.Module, cfg: AdapterConfig, calibration, quant: QuantCon
             raise ValueError(f"init {cfg.init!r} needs every adapted layer quantized; quant.targets "
                              f"{quant.targets} misses some of {cfg.targets}")
         if cfg.init in ("loftq", "apiq-bw"):
-            if qnames is not None and qnames != set(names):
-                raise ValueError(f"init {cfg.init!r} quantizes exactly the layers it adapts; leave quant.targets "
-                                 f"unset or equal to the adapter targets {cfg.targets}")
+            if qnames is not None and not set(names) <= qnames:
+                raise ValueError(f"init {cfg.init!r} needs every adapted layer quantized; quant.targets "
+                                 f"{quant.targets} misses some of {cfg.targets}")
             allowed = ("nf", "rtn") if cfg.init == "loftq" else ("rtn",)
             if quant.method not in allowed:
                 raise ValueError(f"init {cfg.init!r} uses its own quantizer ({' or '.join(allowed)}); got "
@@ -236,21 +237,30 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, calibration: torch.T
             _set_lora(w, A, B, w.scaling)
             _set(model, name, w)
             quant_report.append({"module": name, "loftq_error": hist})
+        # The layers without an adapter get the same quantizer (LoftQ with B A = 0), so that every method of a
+        # comparison runs on a fully quantized base.
+        rest = _rest_targets(model, quant, target_set)
+        if rest:
+            quantize_model(model, dataclasses.replace(quant, targets=rest), progress=progress)
     elif config.init == "apiq-bw":
         from .apiq import apiq_bw
 
+        # Every quantized projection learns its clipping; only the adapter targets carry LoRA.
         res = apiq_bw(model, calibration, quant.bits, group_size=quant.group_size, rank=config.rank,
-                      alpha=config.alpha, targets=list(config.targets), epochs=config.apiq_epochs,
-                      lr_lora=config.apiq_lr_lora, lr_clip=config.apiq_lr_clip,
+                      alpha=config.alpha, targets=quant.targets, lora_targets=list(config.targets),
+                      epochs=config.apiq_epochs, lr_lora=config.apiq_lr_lora, lr_clip=config.apiq_lr_clip,
                       weight_decay=config.apiq_weight_decay, progress=progress)
         ref_scaling = config.alpha / config.rank  # apiq_bw returns factors for the plain alpha/r scaling
-        for name in names:
+        for name, (qw, A, B) in res.items():
             lin = model.get_submodule(name)
-            qw, A, B = res[name]
             bias = lin.bias.detach() if lin.bias is not None else None
-            w = _make_wrapper(QuantLinear.from_quantized(qw, bias=bias).to(lin.weight.device), config)
-            _set_lora(w, A * math.sqrt(ref_scaling), B * math.sqrt(ref_scaling), w.scaling)
-            _set(model, name, w)
+            qlin = QuantLinear.from_quantized(qw, bias=bias).to(lin.weight.device)
+            if name in target_set:
+                w = _make_wrapper(qlin, config)
+                _set_lora(w, A * math.sqrt(ref_scaling), B * math.sqrt(ref_scaling), w.scaling)
+                _set(model, name, w)
+            else:
+                _set(model, name, qlin)
     elif quant is not None:
         def on_linear(i: int, rel: str, lin: nn.Module, qlin: QuantLinear, H: torch.Tensor | None) -> nn.Module:
             full = f"{layers_name}.{i}.{rel}"
@@ -285,6 +295,14 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, calibration: torch.T
              config.adapter, config.init, len(names), f"{counts['trainable']:,}", counts["percent"],
              f"{counts['base_params']:,}")
     return {**counts, "modules": len(names), "quant_report": quant_report}
+
+
+def _rest_targets(model: nn.Module, quant: QuantConfig, adapted: set[str]) -> list[str]:
+    """Relative names (``self_attn.o_proj``) of the linears ``quant`` covers that carry no adapter."""
+    spec = arch_spec(model)
+    wanted = quant.targets or [n for grp in spec.groups for n in grp]
+    rest = {n[len(spec.layers) + 1:].split(".", 1)[1] for n in resolve_targets(model, wanted) if n not in adapted}
+    return sorted(rest)
 
 
 def adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -429,3 +447,28 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
                 p.requires_grad_(True)
     model.lowbit_adapter_config = config
     return model
+
+
+def set_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
+    """Copy the weights saved in ``adapter_dir`` into the adapters already attached to ``model`` (resuming a
+    run). Raises ``ValueError`` when the stored and attached adapters differ in modules or shapes."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    current = _adapter_state(model)
+    if set(state) != set(current):
+        extra, missing = sorted(set(state) - set(current)), sorted(set(current) - set(state))
+        raise ValueError(f"checkpoint {adapter_dir} does not match the attached adapters: extra {extra[:3]}, "
+                         f"missing {missing[:3]}")
+    with torch.no_grad():
+        for name, m in adapter_modules(model).items():
+            if isinstance(m, LoRALinear):
+                pairs = ((m.lora_A, f"{name}.lora_A.weight"), (m.lora_B, f"{name}.lora_B.weight"))
+            else:
+                pairs = ((m.blocks, f"{name}.diablo_blocks"),)
+            for p, key in pairs:
+                t = state[PEFT_PREFIX + key]
+                if t.shape != p.shape:
+                    raise ValueError(f"checkpoint {adapter_dir}: {key} has shape {tuple(t.shape)}, the model's "
+                                     f"adapter {tuple(p.shape)}")
+                p.copy_(t)

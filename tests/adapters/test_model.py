@@ -171,3 +171,17 @@ def test_wrapper_types(fp_model):
     apply_adapters(m, AdapterConfig(adapter="diablo", num_blocks=8, targets=["q_proj"]), progress=False)
     assert isinstance(m.model.layers[0].self_attn.q_proj, DiaBloLinear)
     assert not isinstance(m.model.layers[0].self_attn.k_proj, (DiaBloLinear, LoRALinear))
+
+
+def test_loftq_quantizes_the_layers_without_adapter_too(fp_model):
+    from lowbit.quant import QuantLinear
+
+    m = copy.deepcopy(fp_model)
+    apply_adapters(m, AdapterConfig(init="loftq", rank=8, targets=["q_proj", "v_proj"], loftq_iters=2),
+                   quant=QuantConfig(method="nf", bits=4, group_size=32), progress=False)
+    layer = m.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, LoRALinear)
+    for name in ("k_proj", "o_proj"):
+        assert isinstance(getattr(layer.self_attn, name), QuantLinear)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        assert isinstance(getattr(layer.mlp, name), QuantLinear)
