@@ -212,6 +212,82 @@ def cmd_pretrain_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .recipes.config import load_recipe
+
+    try:
+        cfg = load_recipe(args.recipe, args.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    from .recipes.finetune import finetune
+
+    try:
+        summary = finetune(cfg, resume=args.resume)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if summary:
+        print(f"{summary['method']} ({summary['bits']}-bit): {summary['steps']} steps, final loss "
+              f"{summary['final_loss']:.4f}, {summary['trainable_params']:,} trainable parameters, "
+              f"{summary['train_time_s']:.1f}s -> {cfg.output_dir}")
+    return 0
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from .adapters.params import llama2_7b_config, param_table
+
+    if args.model:
+        from transformers import AutoConfig
+
+        hf_config, label = AutoConfig.from_pretrained(args.model), args.model
+    else:
+        hf_config, label = llama2_7b_config(), "LLaMA-2-7B"
+    rows = param_table(hf_config, rank=args.rank, num_blocks=args.num_blocks)
+    print(f"trainable parameters on {label} (built on the meta device)\n")
+    print("| adapter | targets | trainable | % of base |\n|---|---|---:|---:|")
+    for r in rows:
+        print(f"| {r['adapter']} | {r['targets']} | {r['trainable']:,} | {r['percent']:.3f}% |")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- evaluate, compare
+
+def add_evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="Hugging Face model directory or hub id, a lowbit quantized directory, or 'tiny' (embedded)")
+    p.add_argument("--adapter", default=None, help="adapter directory, attached with lowbit.adapters.load_adapter")
+    p.add_argument("--datasets", nargs="+", default=["gsm8k,svamp,mawps,aqua"],
+                   help="comma-separated: gsm8k, svamp, mawps, aqua (also addsub, multiarith, singleeq) read from "
+                        "--data-dir; synthetic-gsm8k, synthetic-svamp, synthetic-mawps, synthetic-aqua need no files")
+    p.add_argument("--data-dir", default=None,
+                   help="folder holding gsm8k/test.json, SVAMP/test.json, ... (default: $LOWBIT_DATA_DIR)")
+    p.add_argument("--limit", type=int, default=None, help="first N examples of each set (synthetic default 500)")
+    p.add_argument("--out", default=None, help="results directory (default eval_out/<model>[+<adapter>])")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 512 (apiq) or 256 (llm-adapters)")
+    p.add_argument("--num-beams", type=int, default=None, help="default: 1 (apiq, greedy) or 4 (llm-adapters)")
+    p.add_argument("--variant", default="apiq", choices=["apiq", "llm-adapters"],
+                   help="protocol: ApiQ prompt + greedy, or the original LLM-Adapters prompt + 4-beam search")
+    p.add_argument("--choice-rule", default="llm-adapters", choices=["llm-adapters", "strict"],
+                   help="AQuA letter: first capital A-E (published) or the last 'answer is (X)'")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on cuda, float32 on cpu (quantized models keep their stored dtype)")
+    p.add_argument("--synthetic-seed", type=int, default=0, help="dataset seed of the synthetic-* sets")
+    p.add_argument("--overwrite", action="store_true", help="discard earlier generations in --out")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .eval.run import evaluate_command
+
+    return evaluate_command(args)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .eval.compare import compare_command
+
+    return compare_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowbit", description="Quantize LLaMA-class models and fine-tune "
                                      "adapters on the low-bit base.")
@@ -225,6 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="fewer methods and test problems (for tests)")
     d.add_argument("--model", default=None, help="model directory (default: the embedded tiny model)")
     d.set_defaults(func=cmd_demo)
+    ft = sub.add_parser("finetune", help="run a recipe: quantize -> init adapters -> train -> save")
+    ft.add_argument("recipe", help="recipe YAML (a path, or the name of a built-in recipe such as tiny-diablo-2bit)")
+    ft.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=20 output_dir=DIR")
+    ft.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    ft.set_defaults(func=cmd_finetune)
+    pa = sub.add_parser("params", help="trainable-parameter counts of DiaBlo and LoRA (LLaMA-2-7B by default)")
+    pa.add_argument("--model", default=None, help="model directory or hub id whose config to use")
+    pa.add_argument("--rank", type=int, default=64)
+    pa.add_argument("--num-blocks", type=int, default=64)
+    pa.set_defaults(func=cmd_params)
     from .models.pretrain import PretrainConfig  # no heavy imports: defaults come from the config dataclass
 
     pdef = PretrainConfig()
@@ -235,6 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
         pt.add_argument(f"--{flag.replace('_', '-')}", type=typ, default=getattr(pdef, flag))
     pt.add_argument("--overwrite", action="store_true")
     pt.set_defaults(func=cmd_pretrain_tiny)
+    ev = sub.add_parser("evaluate", help="accuracy on the Math10K test sets (GSM8K, SVAMP, MAWPS, AQuA)")
+    add_evaluate_args(ev)
+    ev.set_defaults(func=cmd_evaluate)
+    cp = sub.add_parser("compare", help="table and bar chart comparing evaluation runs")
+    cp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="directories holding summary.json (from evaluate --out)")
+    cp.add_argument("--out", default="compare", help="directory for compare.md and compare.png")
+    cp.add_argument("--no-plot", action="store_true", help="write only the markdown table")
+    cp.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -559,14 +559,10 @@ def _dumps(obj) -> str:
     return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
 
 
-def make_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 10000, n_test: int = 500) -> dict[str, Path]:
-    """Write ``train.json`` (all families mixed per :data:`TRAIN_MIX`, shuffled) and ``test/{family}.json``.
-
-    Test problems are drawn first; training problems exclude every test stem, and no stem occurs twice in
-    ``train.json``. Returns
-    ``{"train": path, "gsm8k": path, "svamp": path, "mawps": path, "aqua": path}``.
-    """
-    out_dir = Path(out_dir)
+def train_split(n_train: int = 10000, seed: int = 0, n_test: int = 500) -> list[dict]:
+    """The shuffled training records of dataset seed ``seed`` (all families mixed per :data:`TRAIN_MIX`): the
+    ``train.json`` that :func:`make_dataset` writes. Every test stem of the first ``n_test`` test problems per
+    family is excluded, and no stem occurs twice."""
     tests = {f: test_split(f, n_test, seed) for f in FAMILIES}
     exclude = {problem_key(r["instruction"]) for recs in tests.values() for r in recs}
     counts = {f: int(round(n_train * TRAIN_MIX[f])) for f in FAMILIES}
@@ -577,11 +573,22 @@ def make_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 10000, n_tes
         exclude |= {problem_key(r["instruction"]) for r in recs}  # no stem twice across families either
         train += recs
     _rng("shuffle", seed).shuffle(train)
+    return train
+
+
+def make_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 10000, n_test: int = 500) -> dict[str, Path]:
+    """Write ``train.json`` (:func:`train_split`) and ``test/{family}.json`` (:func:`test_split`).
+
+    Test problems are drawn first; training problems exclude every test stem, and no stem occurs twice in
+    ``train.json``. Returns
+    ``{"train": path, "gsm8k": path, "svamp": path, "mawps": path, "aqua": path}``.
+    """
+    out_dir = Path(out_dir)
     paths = {"train": out_dir / "train.json"}
-    atomic_write_text(paths["train"], _dumps(train))
+    atomic_write_text(paths["train"], _dumps(train_split(n_train, seed, n_test)))
     for f in FAMILIES:
         paths[f] = out_dir / "test" / f"{f}.json"
-        atomic_write_text(paths[f], _dumps(tests[f]))
+        atomic_write_text(paths[f], _dumps(test_split(f, n_test, seed)))
     return paths
 
 

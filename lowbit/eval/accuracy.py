@@ -1,30 +1,35 @@
-"""Accuracy of a model on Math10K-format test records (greedy generation + the published answer extraction)."""
+"""Accuracy of a model on Math10K-format test records in memory (generation + the published answer extraction).
+
+``lowbit evaluate`` (:mod:`lowbit.eval.run`) is the resumable, file-writing version of the same computation.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
 from ..data.prompts import format_prompt
-from .answers import extract_answer, is_correct
+from .answers import score_generation
+from .datasets import kind_of
 from .generate import generate
 
 CHOICE_SETS = ("aqua",)
-
-
-def kind_of(dataset: str) -> str:
-    return "choice" if dataset.lower() in CHOICE_SETS else "numeric"
+__all__ = ["CHOICE_SETS", "accuracy", "kind_of"]
 
 
 def accuracy(model: nn.Module, tokenizer, records: list[dict], dataset: str, max_new_tokens: int = 96,
-             batch_size: int = 32, variant: str = "llm-adapters") -> tuple[float, list[dict]]:
-    """-> (accuracy in %, per-example rows with prompt, generation, extracted, label, correct)."""
+             batch_size: int = 32, variant: str = "llm-adapters", prompt_variant: str = "apiq",
+             num_beams: int = 1) -> tuple[float, list[dict]]:
+    """-> (accuracy in %, per-example rows with prompt, generation, extracted, label, correct).
+
+    ``dataset`` picks the answer kind (``aqua``/``synthetic-aqua``: option letter, else a number); ``variant`` is
+    the choice-extraction rule (``llm-adapters`` or ``strict``), ``prompt_variant`` the prompt template."""
     kind = kind_of(dataset)
-    prompts = [format_prompt(r["instruction"], r.get("input", "")) for r in records]
-    gens = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    prompts = [format_prompt(r["instruction"], r.get("input", ""), prompt_variant) for r in records]
+    gens = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                    num_beams=num_beams)
     rows = []
     for r, p, g in zip(records, prompts, gens):
-        pred = extract_answer(g, kind, variant)
-        rows.append({"prompt": p, "generation": g, "extracted": pred, "label": r["answer"],
-                     "correct": is_correct(pred, r["answer"], kind)})
+        pred, ok = score_generation(g, r["answer"], kind, variant)
+        rows.append({"prompt": p, "generation": g, "extracted": pred, "label": r["answer"], "correct": ok})
     acc = 100.0 * sum(x["correct"] for x in rows) / max(1, len(rows))
     return acc, rows

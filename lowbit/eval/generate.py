@@ -1,39 +1,113 @@
-"""Batched greedy generation with left padding and KV cache, sorted by length, stopping at EOS or at the start of
-a new ``### Instruction``."""
+"""Batched generation for the Math10K protocol: left padding, KV cache, prompts sorted by token length, each
+sequence stopping at EOS or at the start of a new ``### Instruction`` (a model fine-tuned on the Alpaca layout may
+go on to write the next example).
+
+Greedy by default; ``num_beams=4`` is the LLM-Adapters evaluation variant. Batching does not change the result:
+prompts are left-padded with an attention mask, and Hugging Face ``generate`` derives position ids from that mask
+(``cumsum - 1``), so a padded prompt sees the same positions and keys as it does alone (tests/eval/test_generate.py
+checks batched == one-at-a-time, token for token, on the embedded tiny model).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 STOP_STRINGS = ("### Instruction",)
 
 
 def truncate_at_stop(text: str, stops: tuple[str, ...] = STOP_STRINGS) -> str:
+    """``text`` up to the first occurrence of any stop string (the whole text if none occurs)."""
     cut = min((text.find(s) for s in stops if s in text), default=-1)
     return text[:cut] if cut >= 0 else text
 
 
+class StopOnStrings(StoppingCriteria):
+    """Marks a sequence finished once its generated part contains a stop string.
+
+    Only the last ``max(len(stop)) + 2`` generated tokens are decoded at each step: every token that overlaps an
+    ASCII stop string contributes at least one of its characters, so a stop string completed by the newest token
+    lies within that window.
+    """
+
+    def __init__(self, tokenizer, prompt_len: int, stops: tuple[str, ...] = STOP_STRINGS):
+        self.tokenizer, self.prompt_len, self.stops = tokenizer, prompt_len, stops
+        self.window = max(len(s) for s in stops) + 2
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        tail = input_ids[:, self.prompt_len:][:, -self.window:]  # (rows, <= window); rows = batch (x beams)
+        texts = self.tokenizer.batch_decode(tail, skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], dtype=torch.bool,
+                            device=input_ids.device)
+
+
+def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
+    """EOS ids of the tokenizer and of the model's generation config (LLaMA-3 style configs list several)."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
+    return sorted(i for i in ids if i is not None)
+
+
 @torch.no_grad()
+def iter_generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 32,
+                  num_beams: int = 1, stop_strings: tuple[str, ...] = STOP_STRINGS
+                  ) -> Iterator[tuple[list[int], list[str]]]:
+    """Yield ``(indices, continuations)`` one batch at a time: ``continuations[k]`` is the decoded continuation
+    of ``prompts[indices[k]]`` (prompt excluded, special tokens dropped, cut at the first stop string).
+
+    Prompts are tokenized as the LLM-Adapters script does (``tokenizer(prompt)``, so with BOS where the tokenizer
+    adds one), sorted longest first (a batch that does not fit in memory fails at once, and padding is small), and
+    left-padded into ``(batch, max_len)`` ids with a ``(batch, max_len)`` attention mask. ``max_new_tokens`` is
+    capped so that prompt + continuation fits the model's ``max_position_embeddings``.
+    """
+    if not prompts:
+        return
+    if batch_size < 1 or max_new_tokens < 1 or num_beams < 1:
+        raise ValueError(f"batch_size, max_new_tokens and num_beams must be >= 1 "
+                         f"(got {batch_size}, {max_new_tokens}, {num_beams})")
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    ids = tokenizer(list(prompts))["input_ids"]
+    order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, len(order), batch_size):
+            idx = order[s: s + batch_size]
+            width = len(ids[idx[0]])  # longest first
+            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)  # (B, T)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)  # (B, T), 1 = real token
+            for r, i in enumerate(idx):
+                input_ids[r, width - len(ids[i]):] = torch.tensor(ids[i])
+                mask[r, width - len(ids[i]):] = 1
+            new = max_new_tokens if max_pos is None else min(max_new_tokens, max_pos - width)
+            if new < 1:
+                raise ValueError(f"prompt of {width} tokens leaves no room to generate within the model's "
+                                 f"max_position_embeddings={max_pos}; use a model with a longer context")
+            # A fresh config: the model's own may carry sampling settings (temperature, top_p) we must not inherit.
+            cfg = GenerationConfig(max_new_tokens=new, do_sample=False, num_beams=num_beams, eos_token_id=eos,
+                                   pad_token_id=pad, bos_token_id=tokenizer.bos_token_id)
+            stop = StoppingCriteriaList([StopOnStrings(tokenizer, width, stop_strings)]) if stop_strings else None
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=cfg,
+                                 stopping_criteria=stop)  # (B, T + new') ids
+            texts = [truncate_at_stop(tokenizer.decode(row[width:], skip_special_tokens=True), stop_strings)
+                     for row in out]
+            yield idx, texts
+    finally:
+        model.train(was_training)
+
+
 def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 32,
              num_beams: int = 1) -> list[str]:
     """Greedy (or beam) continuations of ``prompts``, in input order; the prompt itself is not returned."""
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
-    was_training = model.training
-    model.eval()
-    for s in range(0, len(order), batch_size):
-        idx = order[s: s + batch_size]
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(device) for k, v in enc.items()}
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        new = gen[:, enc["input_ids"].shape[1]:]
-        for i, row in zip(idx, new):
-            out[i] = truncate_at_stop(tokenizer.decode(row, skip_special_tokens=True))
-    model.train(was_training)
+    for idx, texts in iter_generate(model, tokenizer, prompts, max_new_tokens, batch_size, num_beams):
+        for i, t in zip(idx, texts):
+            out[i] = t
     return out

@@ -45,3 +45,36 @@ def test_bad_kind():
         extract_answer("1", "number")
     with pytest.raises(ValueError, match="unknown variant"):
         extract_answer("A", "choice", "loose")
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("The answer is 1,234.5", 1234.5),
+    ("The answer is 1,234.5.", 1234.5),  # the sentence's full stop is not part of the number
+    ("The temperature drops by 3 degrees to -3. The answer is -3.", -3.0),
+    ("Each ticket costs $ 9.00. So 4 tickets cost $36.00", 36.0),
+    ("She gets 5/2 = 2.5 pies, i.e. 5/2", 2.0),  # a trailing fraction reads as its denominator (published rule)
+    ("The answer is 12.\n\nHe also has 3 dogs.", 3.0),  # trailing text with a number wins, as published
+    ("", None),
+])
+def test_numeric_more(text, expected):
+    assert extract_answer(text, "numeric") == expected
+
+
+@pytest.mark.parametrize("text,adapters,strict", [
+    ("(B) 15 is the right one", "B", "B"),
+    ("the answer is: (e) 960", None, "E"),
+    ("So the answer is (B), not (C).", "B", "B"),
+    ("Rationale: 900 + 60 = 960.The answer is (E).", "E", "E"),
+    ("the answer is b", None, "B"),
+])
+def test_choice_more(text, adapters, strict):
+    assert extract_answer(text, "choice", "llm-adapters") == adapters
+    assert extract_answer(text, "choice", "strict") == strict
+
+
+def test_score_generation():
+    from lowbit.eval.answers import score_generation
+
+    assert score_generation("The answer is 1,234.", "1234.0", "numeric") == (1234.0, True)
+    assert score_generation("The answer is (C).", "C", "choice", "strict") == ("C", True)
+    assert score_generation("no idea", "C", "choice") == (None, False)

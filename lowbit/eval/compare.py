@@ -1,0 +1,176 @@
+"""``lowbit compare RUN_DIR ...``: the paper's quantized-table layout (bits, method, trainable parameters, per-set
+accuracy, average, peak memory, train time) as markdown, and a grouped bar chart of the accuracies.
+
+A run directory holds the ``summary.json`` of ``lowbit evaluate --out RUN_DIR`` and, optionally, what fine-tuning
+wrote next to it: ``run.json`` and/or ``config.yaml`` (``run.json`` wins where both give a key), read for the
+top-level keys ``bits``, ``method``, ``trainable_params`` (an integer count), ``peak_memory_gb`` and
+``train_time_s``. A key found nowhere shows as "–", except ``bits``, which falls back to the evaluated model's
+(quantized bits, else 16/32 from its dtype).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from .._io import atomic_write_text
+from .datasets import display_name, known_datasets
+
+log = logging.getLogger(__name__)
+
+RUN_KEYS = ("bits", "method", "trainable_params", "peak_memory_gb", "train_time_s")
+DASH = "–"
+
+
+def load_run(path: str | Path) -> dict:
+    """A run directory (or its ``summary.json``) -> ``{"name", "dir", "summary", **RUN_KEYS}``."""
+    p = Path(path)
+    summary_path = p if p.is_file() else p / "summary.json"
+    if not summary_path.is_file():
+        raise ValueError(f"{str(path)!r} holds no summary.json; evaluate the run first with "
+                         f"`lowbit evaluate --model ... --out {path}`")
+    try:
+        summary = json.loads(summary_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{summary_path} is not valid JSON ({e}); re-run `lowbit evaluate --out {p}`") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("datasets"), dict):
+        raise ValueError(f"{summary_path} is not a `lowbit evaluate` summary (no 'datasets' entry)")
+    run_dir = summary_path.parent
+    meta: dict = {}
+    if (run_dir / "config.yaml").is_file():
+        import yaml
+
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        meta.update({k: cfg[k] for k in RUN_KEYS if isinstance(cfg, dict) and cfg.get(k) is not None})
+    if (run_dir / "run.json").is_file():
+        info = json.loads((run_dir / "run.json").read_text())
+        meta.update({k: info[k] for k in RUN_KEYS if isinstance(info, dict) and info.get(k) is not None})
+    meta.setdefault("bits", summary.get("bits"))
+    if not summary.get("complete", True):
+        log.warning("%s: the evaluation did not finish; its numbers cover only the sets done", summary_path)
+    return {"name": run_dir.resolve().name, "dir": str(run_dir), "summary": summary,
+            **{k: meta.get(k) for k in RUN_KEYS}}
+
+
+def _columns(runs: list[dict]) -> list[str]:
+    names = {n for r in runs for n in r["summary"]["datasets"]}
+    order = known_datasets()
+    return [n for n in order if n in names] + sorted(names - set(order))
+
+
+def _acc(run: dict, name: str) -> float | None:
+    d = run["summary"]["datasets"].get(name)
+    return None if d is None else d["accuracy"]
+
+
+def _avg(run: dict, cols: list[str]) -> float | None:
+    """Mean over the table's columns; "–" when the run lacks one of them (averages over other sets mislead)."""
+    accs = [_acc(run, c) for c in cols]
+    return None if not accs or any(a is None for a in accs) else sum(accs) / len(accs)
+
+
+def _fmt_count(n) -> str:
+    if n is None:
+        return DASH
+    if isinstance(n, str):
+        return n
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
+
+
+def _fmt_time(s) -> str:
+    if s is None:
+        return DASH
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def _fmt(v, spec: str = ".1f") -> str:
+    return DASH if v is None else format(v, spec)
+
+
+def compare_table(runs: list[dict]) -> str:
+    """Markdown: one row per run; accuracy columns in the paper's order (GSM8K, SVAMP, MAWPS, AQuA, ...)."""
+    cols = _columns(runs)
+    head = ["bits", "method", "trainable"] + [display_name(c) for c in cols] + ["avg", "peak mem (GB)",
+                                                                                  "train time", "run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in runs:
+        cells = [_fmt(r["bits"], ""), _fmt(r["method"], ""), _fmt_count(r["trainable_params"])]
+        cells += [_fmt(_acc(r, c)) for c in cols] + [_fmt(_avg(r, cols)), _fmt(r["peak_memory_gb"], ".1f"),
+                                                     _fmt_time(r["train_time_s"]), r["name"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _label(run: dict) -> str:
+    parts = [f"{run['bits']}-bit" if run["bits"] is not None else None, run["method"]]
+    desc = " ".join(str(p) for p in parts if p)
+    return f"{run['name']} ({desc})" if desc else run["name"]
+
+
+def plot_runs(runs: list[dict], path: str | Path) -> Path:
+    """A grouped bar chart (one group per set plus "avg", one bar per run) written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    cols = _columns(runs)
+    groups = [display_name(c) for c in cols] + ["avg"]
+    width = 0.8 / len(runs)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(groups) * (len(runs) + 1)), 4.0))
+    for k, r in enumerate(runs):
+        vals = [_acc(r, c) for c in cols] + [_avg(r, cols)]
+        xs = [g + (k - (len(runs) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [math.nan if v is None else v for v in vals], width, label=_label(r))
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def compare_command(args) -> int:
+    """The body of ``lowbit compare`` (``args.runs``, ``args.out``, ``args.no_plot``)."""
+    try:
+        runs = [load_run(r) for r in args.runs]
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    names = [r["name"] for r in runs]
+    for r in runs:  # two runs both called "eval": name them by their parent too
+        if names.count(r["name"]) > 1:
+            r["name"] = f"{Path(r['dir']).resolve().parent.name}/{r['name']}"
+    if not args.no_plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SystemExit("error: the bar chart needs matplotlib; `pip install matplotlib`, or pass --no-plot") \
+                from None
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} is a file; pass a directory for compare.md and compare.png")
+    table = compare_table(runs)
+    atomic_write_text(out / "compare.md", table + "\n")
+    print(table)
+    print(f"\ntable: {out / 'compare.md'}")
+    if not args.no_plot:
+        print(f"chart: {plot_runs(runs, out / 'compare.png')}")
+    return 0

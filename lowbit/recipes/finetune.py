@@ -1,0 +1,339 @@
+"""``lowbit finetune RECIPE.yaml [key=value ...]``: quantize (if needed) -> initialise adapters -> train -> save.
+
+Reads top to bottom: 1. config and run directory, 2. tokenizer and data (every error surfaces here, before the
+model is loaded), 3. base model, quantization and adapter initialisation, 4. the Hugging Face ``Trainer`` with
+lowbit's callbacks, 5. the adapter, ``run.json`` and ``loss.png``. The run directory holds ``config.yaml``
+(resolved), ``log.jsonl`` (one JSON object per logging step), ``checkpoint-*`` (adapter + optimizer state only),
+``adapter/`` (PEFT layout), ``loss.png`` and ``run.json``.
+
+Checkpoints are committed by a ``COMPLETE`` marker written (atomically) after the Trainer has written every file
+of the checkpoint; ``--resume`` continues from the newest complete checkpoint, so a process killed mid-save never
+resumes from a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from .._io import atomic_write_json, atomic_write_text
+from .config import TINY, RecipeConfig, dump_recipe
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """``checkpoint-<step>`` directories holding the ``COMPLETE`` marker, oldest first."""
+    run_dir = Path(run_dir)
+    found = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and (p / COMPLETE).is_file()
+             and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    done = complete_checkpoints(run_dir)
+    return done[-1] if done else None
+
+
+def _trainer_classes():
+    """The Trainer subclass and callbacks (built lazily: importing transformers is expensive)."""
+    from transformers import Trainer, TrainerCallback
+
+    from ..adapters.model import save_adapter, set_adapter_weights
+
+    class AdapterTrainer(Trainer):
+        """Saves and restores only the adapter; the frozen (quantized) base is never written to checkpoints."""
+
+        def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+            out = Path(output_dir or self.args.output_dir)
+            save_adapter(self.model, out / "adapter")
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+            set_adapter_weights(model or self.model, Path(resume_from_checkpoint) / "adapter")
+
+    class CommitCheckpoint(TrainerCallback):
+        """Marks a checkpoint complete once the Trainer has written all of it (on_save runs after)."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if ckpt.is_dir():
+                    atomic_write_text(ckpt / COMPLETE, f"{state.global_step}\n")
+
+    class JsonlLogger(TrainerCallback):
+        """One JSON object per logging step in ``log.jsonl`` (``step``, ``loss``, ``lr``, ``epoch`` ...)."""
+
+        def __init__(self, path: Path) -> None:
+            self.path = path
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            rec = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+            if "learning_rate" in rec:
+                rec["lr"] = rec.pop("learning_rate")
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+    return AdapterTrainer, CommitCheckpoint, JsonlLogger
+
+
+def read_log(path: str | Path) -> list[dict]:
+    """Records of a ``log.jsonl``; a truncated last line (killed mid-write) is ignored."""
+    out = []
+    p = Path(path)
+    if not p.is_file():
+        return out
+    for line in p.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop records after ``step`` (the resumed checkpoint), so a resumed run does not log steps twice."""
+    recs = [r for r in read_log(path) if r.get("step", 0) <= step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in recs))
+
+
+def plot_loss(log_path: str | Path, png_path: str | Path, title: str = "") -> None:
+    """Training loss against step (matplotlib PNG, written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in read_log(log_path) if "loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], marker="." if len(recs) < 50 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    tmp = png_path.with_name(f".{png_path.name}.tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+# ---------------------------------------------------------------------------------------------- data, model
+
+def load_training_records(cfg: RecipeConfig) -> list[dict]:
+    """The training records named by ``cfg.data`` (validated; never a test set)."""
+    d = cfg.data
+    if d.source == "synthetic":
+        from ..data.synthetic import train_split
+
+        recs = train_split(d.num_examples or 10000, seed=d.seed)
+    elif d.source == "math10k":
+        from ..data.loaders import default_math_training_set
+
+        recs = default_math_training_set(d.data_dir, math10k_path=d.path, seed=d.seed)
+    else:
+        from ..data.loaders import load_source
+
+        recs = load_source(d.source)
+    recs = list(recs)
+    if d.num_examples is not None:
+        recs = recs[: d.num_examples]
+    if not recs:
+        raise ValueError(f"the training data ({d.source}) is empty")
+    return recs
+
+
+def _model_path(cfg: RecipeConfig) -> str:
+    if cfg.model.name == TINY:
+        from ..models.tiny import TINY_MODEL_DIR
+
+        return str(TINY_MODEL_DIR)
+    return cfg.model.name
+
+
+def calibration_windows(cfg: RecipeConfig, tokenizer) -> torch.Tensor:
+    """``(nsamples, seqlen)`` calibration token ids from ``cfg.calibration``."""
+    c = cfg.calibration
+    if c.sources == [TINY]:
+        from ..models.tiny import calibration_ids
+
+        return calibration_ids(tokenizer, c.nsamples, c.seqlen)
+    from ..quant.calibration import split_calibration, tokenize_sources
+
+    ids = tokenize_sources(tokenizer, c.sources)
+    windows, _ = split_calibration(ids, c.nsamples, c.seqlen, seed=c.seed)
+    return windows
+
+
+def build_model(cfg: RecipeConfig, tokenizer, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """Base model (quantized as configured) with adapters initialised; returns (model, adapter report)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..adapters.model import apply_adapters
+
+    acfg = cfg.adapter.to_adapter_config()
+    if cfg.model.quantized:
+        from ..quant.serialization import load_quantized
+
+        model = load_quantized(cfg.model.quantized, device=device)
+        quant = None
+    else:
+        model = AutoModelForCausalLM.from_pretrained(_model_path(cfg), dtype=getattr(torch, cfg.model.dtype))
+        model.to(device)
+        quant = cfg.quant.to_quant_config() if cfg.quant.enabled else None
+    needs_calib = acfg.needs_calibration or (quant is not None and quant.needs_calibration)
+    calib = calibration_windows(cfg, tokenizer) if needs_calib else None
+    report = apply_adapters(model, acfg, calib, quant=quant)
+    return model, report
+
+
+# ---------------------------------------------------------------------------------------------- the recipe
+
+def _check_run_dir(out: Path, cfg: RecipeConfig, resume: bool) -> None:
+    saved = out / "config.yaml"
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not resume:
+        raise ValueError(f"output_dir {out} already holds a run; pass --resume to continue it, or choose another "
+                         f"output_dir=...")
+    if saved.is_file():
+        import yaml
+
+        old = yaml.safe_load(saved.read_text())
+        new = cfg.to_dict()
+        # Training length may grow on resume; anything else changing would mix two different runs.
+        for d in (old, new):
+            d.get("train", {}).pop("max_steps", None)
+            d.get("train", {}).pop("epochs", None)
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ValueError(f"--resume: the recipe differs from the run in {out} in {diff}; resume with the same "
+                             f"settings (only train.max_steps/epochs may change) or use a new output_dir")
+
+
+def precision_flags(precision: str, device: torch.device) -> dict:
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            precision = "bf16"
+        else:
+            precision = "fp32"
+    if precision in ("bf16", "fp16") and device.type != "cuda" and precision == "fp16":
+        raise ValueError("fp16 autocast needs CUDA; use precision=bf16 or fp32 on CPU")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def finetune(cfg: RecipeConfig, resume: bool = False, callbacks: list | None = None) -> dict:
+    """Run the recipe; returns the ``run.json`` summary (empty on non-zero ranks). ``callbacks``: extra
+    ``transformers.TrainerCallback`` objects (early stopping, custom logging ...)."""
+    from ..data.tokenize import CausalLMCollator, tokenize_dataset
+
+    out = Path(cfg.output_dir)
+    _check_run_dir(out, cfg, resume)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    flags = precision_flags(cfg.train.precision, device)
+
+    # 2. Tokenizer and data: fail here, before the model is loaded.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.quantized or _model_path(cfg))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    records = load_training_records(cfg)
+    train_ds = tokenize_dataset(records, tokenizer, cfg.data.max_length, variant=cfg.data.prompt,
+                                train_on_prompt=cfg.data.train_on_prompt)
+    log.info("training data: %d examples (%s)", len(train_ds), cfg.data.source)
+
+    out.mkdir(parents=True, exist_ok=True)
+    if local_rank == 0:
+        atomic_write_text(out / "config.yaml", dump_recipe(cfg))
+
+    # 3. Model, quantization, adapters.
+    torch.manual_seed(cfg.train.seed)
+    t0 = time.perf_counter()
+    model, report = build_model(cfg, tokenizer, device)
+    init_time = time.perf_counter() - t0
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+
+    # 4. The Trainer.
+    from transformers import TrainingArguments
+
+    AdapterTrainer, CommitCheckpoint, JsonlLogger = _trainer_classes()
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=cfg.train.batch_size,
+        gradient_accumulation_steps=cfg.train.grad_accum, learning_rate=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay, lr_scheduler_type=cfg.train.schedule,
+        warmup_steps=cfg.train.warmup_steps or cfg.train.warmup_ratio, num_train_epochs=cfg.train.epochs,
+        max_steps=cfg.train.max_steps, max_grad_norm=cfg.train.max_grad_norm, optim=cfg.train.optim,
+        logging_steps=cfg.train.logging_steps, save_strategy="steps", save_steps=cfg.train.save_steps,
+        save_total_limit=cfg.train.save_total_limit, seed=cfg.train.seed, data_seed=cfg.train.seed,
+        report_to=[], remove_unused_columns=False, dataloader_num_workers=0, use_cpu=device.type == "cpu",
+        ddp_backend="gloo" if (world > 1 and device.type == "cpu") else None, disable_tqdm=False,
+        save_safetensors=True, **flags)
+    trainer = AdapterTrainer(model=model, args=args, train_dataset=train_ds,
+                             data_collator=CausalLMCollator(tokenizer),
+                             callbacks=[CommitCheckpoint(), JsonlLogger(out / "log.jsonl"), *(callbacks or [])])
+    ckpt = latest_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        log.warning("--resume: no complete checkpoint in %s; starting from the beginning", out)
+    if local_rank == 0:
+        if ckpt is not None:
+            _truncate_log(out / "log.jsonl", int(ckpt.name.split("-")[-1]))
+        elif (out / "log.jsonl").exists():
+            (out / "log.jsonl").unlink()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t1 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    train_time = time.perf_counter() - t1
+
+    # 5. Save.
+    summary = {}
+    if trainer.is_world_process_zero():
+        from ..adapters.model import save_adapter
+
+        save_adapter(model, out / "adapter", extra={"base": cfg.model.quantized or cfg.model.name})
+        if device.type == "cuda":
+            peak, peak_kind = torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
+        else:
+            peak, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "cpu_max_rss"
+        summary = {
+            "method": cfg.method or f"{cfg.adapter.adapter}-{cfg.adapter.init}",
+            "bits": cfg.quant.bits if (cfg.quant.enabled or cfg.model.quantized) else 16,
+            "quant_method": cfg.quant.method if cfg.quant.enabled else None,
+            "adapter": cfg.adapter.adapter, "init": cfg.adapter.init,
+            "trainable_params": report["trainable"], "trainable_percent": report["percent"],
+            "base_params": report["base_params"], "steps": result.global_step,
+            "final_loss": float(result.training_loss), "train_time_s": train_time, "init_time_s": init_time,
+            "peak_memory_gb": peak, "peak_memory_kind": peak_kind, "world_size": world,
+            "resumed_from": ckpt.name if ckpt else None, "device": str(device),
+        }
+        atomic_write_json(out / "run.json", summary)
+        plot_loss(out / "log.jsonl", out / "loss.png", title=f"{summary['method']} ({summary['bits']}-bit)")
+        log.info("run done: %d steps, final loss %.4f, %.1fs -> %s", result.global_step, result.training_loss,
+                 train_time, out)
+    return summary
