@@ -472,3 +472,22 @@ def set_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
                     raise ValueError(f"checkpoint {adapter_dir}: {key} has shape {tuple(t.shape)}, the model's "
                                      f"adapter {tuple(p.shape)}")
                 p.copy_(t)
+
+
+class without_adapters:
+    """Context manager: the adapter wrappers are temporarily replaced by their bases (to save the quantized base
+    alone with :func:`~lowbit.quant.serialization.save_quantized`), and put back on exit."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.saved: dict[str, nn.Module] = {}
+
+    def __enter__(self) -> nn.Module:
+        self.saved = adapter_modules(self.model)
+        for name, m in self.saved.items():
+            _set(self.model, name, m.base)
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        for name, m in self.saved.items():
+            _set(self.model, name, m)

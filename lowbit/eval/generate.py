@@ -91,8 +91,9 @@ def iter_generate(model: nn.Module, tokenizer, prompts: list[str], max_new_token
                 raise ValueError(f"prompt of {width} tokens leaves no room to generate within the model's "
                                  f"max_position_embeddings={max_pos}; use a model with a longer context")
             # A fresh config: the model's own may carry sampling settings (temperature, top_p) we must not inherit.
-            cfg = GenerationConfig(max_new_tokens=new, do_sample=False, num_beams=num_beams, eos_token_id=eos,
-                                   pad_token_id=pad, bos_token_id=tokenizer.bos_token_id)
+            # use_cache=True explicitly: a model saved after training may carry config.use_cache=False.
+            cfg = GenerationConfig(max_new_tokens=new, do_sample=False, num_beams=num_beams, use_cache=True,
+                                   eos_token_id=eos, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id)
             stop = StoppingCriteriaList([StopOnStrings(tokenizer, width, stop_strings)]) if stop_strings else None
             out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=cfg,
                                  stopping_criteria=stop)  # (B, T + new') ids

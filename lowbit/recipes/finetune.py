@@ -264,22 +264,16 @@ def finetune(cfg: RecipeConfig, resume: bool = False, callbacks: list | None = N
     train_ds = tokenize_dataset(records, tokenizer, cfg.data.max_length, variant=cfg.data.prompt,
                                 train_on_prompt=cfg.data.train_on_prompt)
     log.info("training data: %d examples (%s)", len(train_ds), cfg.data.source)
+    if cfg.eval.datasets:  # a missing test file must not surface only after training
+        from ..eval.datasets import resolve_datasets
+
+        resolve_datasets(list(cfg.eval.datasets), cfg.eval.data_dir)
 
     out.mkdir(parents=True, exist_ok=True)
     if local_rank == 0:
         atomic_write_text(out / "config.yaml", dump_recipe(cfg))
 
-    # 3. Model, quantization, adapters.
-    torch.manual_seed(cfg.train.seed)
-    t0 = time.perf_counter()
-    model, report = build_model(cfg, tokenizer, device)
-    init_time = time.perf_counter() - t0
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model.config.use_cache = False
-
-    # 4. The Trainer.
+    # The Trainer's arguments are validated here, before the expensive model work.
     from transformers import TrainingArguments
 
     AdapterTrainer, CommitCheckpoint, JsonlLogger = _trainer_classes()
@@ -293,7 +287,19 @@ def finetune(cfg: RecipeConfig, resume: bool = False, callbacks: list | None = N
         save_total_limit=cfg.train.save_total_limit, seed=cfg.train.seed, data_seed=cfg.train.seed,
         report_to=[], remove_unused_columns=False, dataloader_num_workers=0, use_cpu=device.type == "cpu",
         ddp_backend="gloo" if (world > 1 and device.type == "cpu") else None, disable_tqdm=False,
-        save_safetensors=True, **flags)
+        **flags)
+
+    # 3. Model, quantization, adapters.
+    torch.manual_seed(cfg.train.seed)
+    t0 = time.perf_counter()
+    model, report = build_model(cfg, tokenizer, device)
+    init_time = time.perf_counter() - t0
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+
+    # 4. The Trainer, customised with callbacks (and adapter-only checkpoints).
     trainer = AdapterTrainer(model=model, args=args, train_dataset=train_ds,
                              data_collator=CausalLMCollator(tokenizer),
                              callbacks=[CommitCheckpoint(), JsonlLogger(out / "log.jsonl"), *(callbacks or [])])
@@ -311,12 +317,14 @@ def finetune(cfg: RecipeConfig, resume: bool = False, callbacks: list | None = N
     result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     train_time = time.perf_counter() - t1
 
-    # 5. Save.
+    # 5. Save (generation needs the KV cache that training switched off).
+    model.config.use_cache = True
     summary = {}
     if trainer.is_world_process_zero():
         from ..adapters.model import save_adapter
 
-        save_adapter(model, out / "adapter", extra={"base": cfg.model.quantized or cfg.model.name})
+        base_dir = _save_base(cfg, model, tokenizer, out)
+        save_adapter(model, out / "adapter", extra={"base": base_dir})
         if device.type == "cuda":
             peak, peak_kind = torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
         else:
@@ -330,10 +338,40 @@ def finetune(cfg: RecipeConfig, resume: bool = False, callbacks: list | None = N
             "base_params": report["base_params"], "steps": result.global_step,
             "final_loss": float(result.training_loss), "train_time_s": train_time, "init_time_s": init_time,
             "peak_memory_gb": peak, "peak_memory_kind": peak_kind, "world_size": world,
-            "resumed_from": ckpt.name if ckpt else None, "device": str(device),
+            "resumed_from": ckpt.name if ckpt else None, "device": str(device), "base": base_dir,
         }
         atomic_write_json(out / "run.json", summary)
         plot_loss(out / "log.jsonl", out / "loss.png", title=f"{summary['method']} ({summary['bits']}-bit)")
         log.info("run done: %d steps, final loss %.4f, %.1fs -> %s", result.global_step, result.training_loss,
                  train_time, out)
+        if cfg.eval.datasets:
+            summary["eval"] = evaluate_run(cfg, out, base_dir)
     return summary
+
+
+def _save_base(cfg: RecipeConfig, model, tokenizer, out: Path) -> str:
+    """The base the adapter was trained on: a quantized base is saved to ``RUN/base`` (LoftQ and ApiQ-bw change
+    the quantized weights, and no other copy exists); a float base is named by its path or hub id."""
+    if cfg.model.quantized:
+        return str(Path(cfg.model.quantized).resolve())
+    if not cfg.quant.enabled:
+        return _model_path(cfg)
+    from ..adapters.model import without_adapters
+    from ..quant.serialization import save_quantized
+
+    with without_adapters(model) as base:
+        save_quantized(base, out / "base", cfg.quant.to_quant_config(), tokenizer=tokenizer, source=cfg.model.name,
+                       extra={"adapter_init": cfg.adapter.init})
+    return str((out / "base").resolve())
+
+
+def evaluate_run(cfg: RecipeConfig, out: Path, base_dir: str) -> dict:
+    """``lowbit evaluate`` of the trained adapter on ``cfg.eval.datasets``; results land in the run directory
+    (``<set>.jsonl`` and ``summary.json``, read by ``lowbit compare``)."""
+    from ..eval.run import EvalConfig, run_evaluation
+
+    e = cfg.eval
+    ecfg = EvalConfig(model=base_dir, adapter=str(out / "adapter"), datasets=list(e.datasets), data_dir=e.data_dir,
+                      out=str(out), limit=e.limit, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                      variant=cfg.data.prompt if cfg.data.prompt in ("apiq", "llm-adapters") else "apiq")
+    return run_evaluation(ecfg)
