@@ -185,12 +185,20 @@ def _fmt(v: float | None) -> str:
 # ------------------------------------------------------------------------------------------------------- demo
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.quantization_only:
+        from .demo_quant import run_demo as run_quant_demo
+
+        try:
+            run_quant_demo(out_dir=Path(args.out), quick=args.quick, model_dir=args.model)
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: {e}") from None
+        return 0
+    if args.model:
+        raise SystemExit("error: --model applies to --quantization-only; the comparison uses the embedded tiny "
+                         "model and its recipes (run `lowbit finetune` on your own model instead)")
     from .demo import run_demo
 
-    try:
-        run_demo(out_dir=Path(args.out), quick=args.quick, model_dir=args.model)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}") from None
+    run_demo(out_dir=Path(args.out), quick=args.quick)
     return 0
 
 
@@ -296,10 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model to packed low-bit storage")
     add_quantize_args(q)
     q.set_defaults(func=cmd_quantize)
-    d = sub.add_parser("demo", help="quantize the embedded tiny model with every method and print the table")
+    d = sub.add_parser("demo", help="the whole comparison on the embedded tiny model (quantize, init, train, "
+                       "evaluate, compare)")
     d.add_argument("--out", default="demo_out")
     d.add_argument("--quick", action="store_true", help="fewer methods and test problems (for tests)")
-    d.add_argument("--model", default=None, help="model directory (default: the embedded tiny model)")
+    d.add_argument("--model", default=None, help="with --quantization-only: model directory (default: tiny)")
+    d.add_argument("--quantization-only", action="store_true",
+                   help="only the quantization table (perplexity, output error per method and bit width)")
     d.set_defaults(func=cmd_demo)
     ft = sub.add_parser("finetune", help="run a recipe: quantize -> init adapters -> train -> save")
     ft.add_argument("recipe", help="recipe YAML (a path, or the name of a built-in recipe such as tiny-diablo-2bit)")

@@ -1,86 +1,180 @@
-"""``lowbit demo``: the embedded tiny arithmetic LLaMA quantized at 4 and 2 bits with RTN, GPTQ, MagR+GPTQ and
-NormalFloat; held-out perplexity, output error and accuracy on the four synthetic test families before fine-tuning.
+"""``lowbit demo``: the DiaBlo-vs-CLoQ-vs-baselines comparison on the embedded tiny model, end to end.
 
-The base model was pre-trained on general arithmetic text but never on the instruction/rationale format, so its
-accuracy before fine-tuning is near zero by design; the fine-tuning issues extend this demo with adapters.
+1. Quantized bases, computed once and cached under ``OUT/bases`` (NF, GPTQ, MagR+GPTQ at 4 and 2 bits), with
+   held-out perplexity against full precision (the damage fine-tuning must repair).
+2. One fine-tuning run per (bits, method) — QLoRA, GPTQ-LoRA, LoftQ, ApiQ-bw, CLoQ, DiaBlo (MagR), calibrated
+   DiaBlo — plus full-precision LoRA and DiaBlo references, each the built-in ``tiny-*`` recipe with the same
+   demo budget (steps, batch, evaluation problems). Methods on the same base share the cached one.
+3. ``lowbit compare`` over the runs: the markdown table (printed), ``results.json`` and ``comparison.png``.
+
+Everything is cached: a run whose directory already holds ``run.json`` and ``summary.json`` for the same settings
+is skipped, so a second ``lowbit demo`` only redoes what changed.
 """
 
 from __future__ import annotations
 
-import copy
+import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from ._io import atomic_write_json
+from ._io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-# (method, bits, group size, label)
-FULL_VARIANTS = [
-    ("rtn", 4, 64, "RTN"), ("gptq", 4, 64, "GPTQ"), ("magr-gptq", 4, 64, "MagR+GPTQ"), ("nf", 4, 64, "NF4"),
-    ("rtn", 2, 64, "RTN"), ("rtn", 2, -1, "RTN per-channel"), ("gptq", 2, 64, "GPTQ"),
-    ("magr-gptq", 2, 64, "MagR+GPTQ"), ("nf", 2, 64, "NF2"),
+# (recipe key, label, base) — base = (quantization method) of the shared cached base, or None when the method
+# quantizes by itself (LoftQ, ApiQ-bw) or runs in full precision.
+METHODS = [
+    ("qlora", "QLoRA", "nf"), ("gptq-lora", "GPTQ-LoRA", "gptq"), ("loftq", "LoftQ", None),
+    ("apiq-bw", "ApiQ-bw", None), ("cloq", "CLoQ", "magr-gptq"), ("diablo", "DiaBlo (MagR)", "magr-gptq"),
+    ("diablo-calibrated", "DiaBlo calibrated (MagR)", "magr-gptq"),
 ]
-QUICK_VARIANTS = [("rtn", 4, 64, "RTN"), ("gptq", 4, 64, "GPTQ"), ("rtn", 2, 64, "RTN"), ("gptq", 2, 64, "GPTQ")]
+QUICK_METHODS = ["gptq-lora", "cloq", "diablo", "diablo-calibrated"]
 
 
-def run_demo(out_dir: Path, quick: bool = False, model_dir: str | Path | None = None, n_eval: int | None = None
-             ) -> list[dict]:
+@dataclass
+class DemoBudget:
+    """The equal training and evaluation budget of every method."""
+
+    steps: int = 60
+    batch_size: int = 16
+    lr: float = 3e-3
+    n_eval: int = 40
+    max_new_tokens: int = 80
+    calib_samples: int = 32
+    apiq_epochs: int = 2
+
+    def overrides(self) -> list[str]:
+        return [f"train.max_steps={self.steps}", f"train.batch_size={self.batch_size}", f"train.lr={self.lr}",
+                "train.logging_steps=5", f"train.save_steps={max(self.steps, 1)}", f"eval.limit={self.n_eval}",
+                f"eval.max_new_tokens={self.max_new_tokens}", f"calibration.nsamples={self.calib_samples}",
+                f"adapter.apiq_epochs={self.apiq_epochs}"]
+
+
+QUICK_BUDGET = DemoBudget(steps=6, batch_size=8, n_eval=4, max_new_tokens=24, calib_samples=8, apiq_epochs=1)
+
+
+def _runs(quick: bool) -> list[tuple[str, str, int | None, str | None]]:
+    """(run name, recipe, bits, base method) in table order."""
+    keys = QUICK_METHODS if quick else [m[0] for m in METHODS]
+    runs = [("fp-lora", "tiny-lora-fp", None, None)]
+    if not quick:
+        runs.append(("fp-diablo", "tiny-diablo-fp", None, None))
+    for bits in (4, 2):
+        for key, _, base in METHODS:
+            if key in keys:
+                runs.append((f"{bits}bit-{key}", f"tiny-{key}-{bits}bit", bits, base))
+    return runs
+
+
+def _base_dir(out: Path, method: str, bits: int) -> Path:
+    return out / "bases" / f"{method}-{bits}bit"
+
+
+def build_bases(out: Path, needed: set[tuple[str, int]], calib_samples: int) -> list[dict]:
+    """Quantize the tiny model once per (method, bits) into ``OUT/bases`` (skipped when cached); returns rows
+    with held-out perplexity."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data.synthetic import FAMILIES, test_split
-    from .eval.accuracy import accuracy
     from .eval.perplexity import perplexity
     from .models.tiny import calibration_ids, heldout_text_ids, tiny_model_dir
     from .quant.model import QuantConfig, quantize_model
+    from .quant.serialization import load_quantized, save_quantized
 
-    out_dir = Path(out_dir)
-    model_dir = Path(model_dir) if model_dir else tiny_model_dir()
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"model directory {model_dir} has no config.json; pass a Hugging Face model "
-                                f"directory with --model, or omit it to use the embedded tiny model")
-    n_eval = n_eval or (10 if quick else 50)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    seqlen = 256
-    calib = calibration_ids(tok, nsamples=16 if quick else 64, seqlen=seqlen)
-    held = heldout_text_ids(tok, n_docs=300 if quick else 1500)
-    tests = {f: test_split(f, n_eval, seed=0) for f in FAMILIES}
-
-    def measure(model) -> dict:
-        accs = {f: accuracy(model, tok, tests[f], f, max_new_tokens=48)[0] for f in FAMILIES}
-        return {"ppl": perplexity(model, held, seqlen, max_windows=24), "accuracy": accs,
-                "avg_accuracy": sum(accs.values()) / len(accs)}
-
-    rows = [{"bits": 16, "method": "full precision", "group_size": None, "rel_output_error": 0.0, "seconds": 0.0,
-             **measure(base)}]
-    log.info("full precision: ppl %.3f", rows[0]["ppl"])
-    for method, bits, g, label in (QUICK_VARIANTS if quick else FULL_VARIANTS):
-        model = copy.deepcopy(base)
-        cfg = QuantConfig(method=method, bits=bits, group_size=g)
-        t0 = time.perf_counter()
-        report = quantize_model(model, cfg, calib, progress=False)
-        dt = time.perf_counter() - t0
-        errs = [r["rel_output_error"] for r in report if "rel_output_error" in r]
-        rows.append({"bits": bits, "method": label, "group_size": g, "rel_output_error": sum(errs) / len(errs),
-                     "seconds": dt, **measure(model)})
-        log.info("%d-bit %-16s ppl %.3f (%.1fs)", bits, label, rows[-1]["ppl"], dt)
-    atomic_write_json(out_dir / "results.json", {"model": str(model_dir), "n_eval_per_family": n_eval,
-                                                  "rows": rows})
-    print(format_table(rows))
-    print(f"\n(model: {model_dir}; {n_eval} test problems per family; results: {out_dir / 'results.json'})")
+    src = tiny_model_dir()
+    tok = AutoTokenizer.from_pretrained(src)
+    held = heldout_text_ids(tok, n_docs=400)
+    fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    cache = out / "bases" / "perplexity.json"
+    ppl = json.loads(cache.read_text()) if cache.is_file() else {}
+    if "fp" not in ppl:
+        ppl["fp"] = perplexity(fp, held, 256, max_windows=16)
+    rows = [{"base": "full precision", "bits": 16, "ppl": ppl["fp"], "ratio": 1.0, "seconds": 0.0}]
+    calib = None
+    for method, bits in sorted(needed, key=lambda x: (-x[1], x[0])):
+        d = _base_dir(out, method, bits)
+        key = f"{method}-{bits}"
+        t = 0.0
+        if not (d / "quant_config.json").is_file():
+            if calib is None:
+                calib = calibration_ids(tok, calib_samples, 256)
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+            t0 = time.perf_counter()
+            quantize_model(model, QuantConfig(method=method, bits=bits, group_size=64), calib, progress=False)
+            t = time.perf_counter() - t0
+            save_quantized(model, d, QuantConfig(method=method, bits=bits, group_size=64), tokenizer=tok,
+                           source="tiny")
+            ppl.pop(key, None)
+        if key not in ppl:
+            ppl[key] = perplexity(load_quantized(d), held, 256, max_windows=16)
+        rows.append({"base": method, "bits": bits, "ppl": ppl[key], "ratio": ppl[key] / ppl["fp"], "seconds": t})
+        log.info("base %s %d-bit: held-out ppl %.3f (%.2fx full precision)", method, bits, ppl[key],
+                 ppl[key] / ppl["fp"])
+    atomic_write_json(cache, ppl)
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    lines = ["| bits | method | group | held-out ppl | ppl ratio | mean rel. output error | accuracy before "
-             "fine-tuning (avg %) | quantize time (s) |", "|---|---|---|---|---|---|---|---|"]
-    fp = rows[0]["ppl"]
+def _cached(run_dir: Path, overrides: list[str]) -> bool:
+    """A finished run with the same settings (its ``config.yaml`` holds what the overrides produce)."""
+    if not ((run_dir / "run.json").is_file() and (run_dir / "summary.json").is_file()):
+        return False
+    stamp = run_dir / "demo_overrides.json"
+    return stamp.is_file() and json.loads(stamp.read_text()) == overrides
+
+
+def run_demo(out_dir: str | Path = "demo_out", quick: bool = False, budget: DemoBudget | None = None) -> dict:
+    """Run (or reuse) every comparison run; print and write the table. Returns ``results.json``'s content."""
+    from .eval.compare import compare_table, load_run, plot_runs
+    from .recipes.config import load_recipe
+    from .recipes.finetune import finetune
+
+    out = Path(out_dir)
+    budget = budget or (QUICK_BUDGET if quick else DemoBudget())
+    t_start = time.perf_counter()
+    runs = _runs(quick)
+    needed = {(base, bits) for _, _, bits, base in runs if base is not None}
+    base_rows = build_bases(out, needed, budget.calib_samples)
+    done = []
+    for i, (name, recipe, bits, base) in enumerate(runs):
+        run_dir = out / "runs" / name
+        overrides = [*budget.overrides(), f"output_dir={run_dir}"]
+        if base is not None:
+            overrides.append(f"model.quantized={_base_dir(out, base, bits).resolve()}")
+        if _cached(run_dir, overrides):
+            log.info("[%d/%d] %s: cached", i + 1, len(runs), name)
+        else:
+            log.info("[%d/%d] %s: %s", i + 1, len(runs), name, recipe)
+            cfg = load_recipe(recipe, overrides)
+            if run_dir.exists():
+                import shutil
+
+                shutil.rmtree(run_dir)  # a stale or half-finished run of other settings
+            finetune(cfg)
+            atomic_write_text(run_dir / "demo_overrides.json", json.dumps(overrides))
+        done.append(load_run(run_dir))
+    table = compare_table(done)
+    plot_runs(done, out / "comparison.png")
+    results = {"budget": budget.__dict__, "quick": quick, "bases": base_rows,
+               "runs": [{k: v for k, v in r.items() if k != "summary"} | {"accuracy": _accs(r)} for r in done],
+               "seconds": time.perf_counter() - t_start}
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "comparison.md", table + "\n")
+    print(format_bases(base_rows))
+    print()
+    print(table)
+    print(f"\n(equal budget per method: {budget.steps} steps x batch {budget.batch_size}, lr {budget.lr}; "
+          f"{budget.n_eval} test problems per family; {results['seconds']:.0f}s; results in {out})")
+    return results
+
+
+def _accs(run: dict) -> dict:
+    return {k: v.get("accuracy") for k, v in run["summary"]["datasets"].items()}
+
+
+def format_bases(rows: list[dict]) -> str:
+    lines = ["| bits | base | held-out ppl | ppl / full precision | quantize time (s) |", "|---|---|---|---|---|"]
     for r in rows:
-        g = "-" if r["group_size"] is None else ("channel" if r["group_size"] == -1 else str(r["group_size"]))
-        lines.append(f"| {r['bits']} | {r['method']} | {g} | {r['ppl']:.3f} | {r['ppl'] / fp:.2f} | "
-                     f"{r['rel_output_error']:.4f} | {r['avg_accuracy']:.1f} | {r['seconds']:.1f} |")
+        lines.append(f"| {r['bits']} | {r['base']} | {r['ppl']:.3f} | {r['ratio']:.2f} | {r['seconds']:.1f} |")
     return "\n".join(lines)

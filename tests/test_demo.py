@@ -10,7 +10,7 @@ from lowbit.models.tiny import TINY_MODEL_DIR
 
 @pytest.mark.skipif(not (TINY_MODEL_DIR / "config.json").is_file(), reason="tiny model not built")
 def test_demo_quick(tmp_path, capsys):
-    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--quantization-only", "--quick", "--out", str(tmp_path)]) == 0
     table = capsys.readouterr().out
     assert "| 16 | full precision |" in table and "| 2 | GPTQ | 64 |" in table and "| 4 | RTN | 64 |" in table
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
@@ -28,4 +28,25 @@ def test_demo_quick(tmp_path, capsys):
 
 def test_demo_missing_model(tmp_path):
     with pytest.raises(SystemExit, match="has no config.json"):
-        main(["demo", "--quick", "--out", str(tmp_path), "--model", str(tmp_path / "nope")])
+        main(["demo", "--quantization-only", "--quick", "--out", str(tmp_path), "--model", str(tmp_path / "nope")])
+
+
+def test_comparison_demo_quick_has_every_row_and_reuses_its_cache(tmp_path, capsys):
+    from lowbit.demo import QUICK_METHODS, _runs
+
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    names = [r["name"] for r in results["runs"]]
+    assert names == [name for name, *_ in _runs(quick=True)]
+    assert len(names) == 1 + 2 * len(QUICK_METHODS)
+    for r in results["runs"]:
+        assert r["method"] and r["bits"] in (2, 4, 16)
+        for acc in r["accuracy"].values():
+            assert 0 <= acc <= 100
+        assert f"| {r['bits']} | {r['method']} |" in out
+    assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    # a rerun trains nothing
+    mtimes = {p: p.stat().st_mtime for p in tmp_path.glob("runs/*/run.json")}
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    assert {p: p.stat().st_mtime for p in tmp_path.glob("runs/*/run.json")} == mtimes

@@ -19,6 +19,7 @@ dequantised base); DiaBlo uses the same layout with ``peft_type = "LOWBIT_DIABLO
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -203,7 +204,8 @@ def _set_lora(w: LoRALinear, A: torch.Tensor, B: torch.Tensor, scaling: float) -
 
 
 def apply_adapters(model: nn.Module, config: AdapterConfig, calibration: torch.Tensor | None = None,
-                   quant: QuantConfig | None = None, progress: bool = True) -> dict:
+                   quant: QuantConfig | None = None, progress: bool = True,
+                   quantized_base: nn.Module | None = None) -> dict:
     """Wrap ``model``'s target projections with adapters (in place), quantizing first when ``quant`` is given.
 
     Args:
@@ -213,6 +215,10 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, calibration: torch.T
         calibration: ``(nsamples, seqlen)`` token ids, needed by ``cloq``, ``calibrated``, ``apiq-bw`` and by
             calibrated quantizers (GPTQ, MagR).
         quant: how to quantize the base (``None``: keep the model's linears as they are).
+        quantized_base: the same model already quantized with ``quant`` (e.g. loaded from a cache with
+            ``load_quantized``); its packed layers are reused instead of quantizing again, while ``H`` for the
+            calibrated inits is still collected from ``model``'s full-precision pass. Not used by ``loftq`` and
+            ``apiq-bw``, which quantize with their own procedures.
     Returns:
         A report: ``trainable``, ``base_params``, ``percent``, ``modules`` (count), ``quant_report``.
     Everything except the adapter parameters is frozen.
@@ -278,7 +284,16 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, calibration: torch.T
                         w.blocks.copy_(diablo_calibrated_init(W, Q, H, config.num_blocks, damp=config.damp))
             return w
 
-        quant_report = quantize_model(model, quant, calibration, progress=progress, on_linear=on_linear)
+        pre = None
+        if quantized_base is not None:
+            from ..quant.model import quantized_modules
+
+            pre = {n: copy.deepcopy(m).to(next(model.parameters()).device)
+                   for n, m in quantized_modules(quantized_base).items()}
+            if not pre:
+                raise ValueError("quantized_base holds no QuantLinear layers")
+        quant_report = quantize_model(model, quant, calibration, progress=progress, on_linear=on_linear,
+                                      precomputed=pre)
     else:
         for name in names:
             _set(model, name, _make_wrapper(model.get_submodule(name), config))

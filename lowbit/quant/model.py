@@ -245,7 +245,8 @@ def quantize_linear(linear: nn.Linear, cfg: QuantConfig, H: torch.Tensor | None)
 
 
 def quantize_model(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | None = None,
-                   progress: bool = True, on_linear: OnLinear | None = None) -> list[dict]:
+                   progress: bool = True, on_linear: OnLinear | None = None,
+                   precomputed: dict[str, QuantLinear] | None = None) -> list[dict]:
     """Quantize ``model``'s decoder linears in place, replacing them with :class:`QuantLinear`.
 
     Args:
@@ -260,6 +261,8 @@ def quantize_model(model: nn.Module, config: QuantConfig, calibration: torch.Ten
         its full-precision weight and ``H`` (``None`` without calibration) still exist; the module it returns
         replaces the linear, and the calibration inputs of later layers flow through it. This is how calibrated
         adapter initialisations (CLoQ, calibrated DiaBlo) share the one calibration pass.
+    precomputed: ``{full module name: QuantLinear}`` already quantized with ``config`` (a cached base): those
+        linears are taken as they are instead of being quantized again; ``H`` is still collected for them.
     """
     from tqdm.auto import tqdm
 
@@ -296,7 +299,15 @@ def quantize_model(model: nn.Module, config: QuantConfig, calibration: torch.Ten
                         h.remove()
                 Hs = {k: v[0] for k, v in Hs.items()}
             for name, lin in linears.items():
-                qlin, stats = quantize_linear(lin, config, Hs[name])
+                full = f"{spec.layers}.{i}.{name}"
+                if precomputed is not None and full in precomputed:
+                    qlin = precomputed[full]
+                    W, Q = lin.weight.detach().float(), qlin.dequantize(torch.float32)
+                    stats = {"rel_weight_error": float((W - Q).norm() / W.norm().clamp(min=1e-30)), "time_s": 0.0}
+                    if Hs[name] is not None:
+                        stats["rel_output_error"] = output_error(W, Q, Hs[name])
+                else:
+                    qlin, stats = quantize_linear(lin, config, Hs[name])
                 qlin.to(lin.weight.device)
                 new = on_linear(i, name, lin, qlin, Hs[name]) if on_linear is not None else qlin
                 parent, _, child = name.rpartition(".")

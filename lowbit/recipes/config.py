@@ -210,11 +210,29 @@ def _build(cls, values: dict, where: str):
     kwargs = {}
     for k, v in values.items():
         sub = _SECTIONS.get(k) if cls is RecipeConfig else None
-        kwargs[k] = _build(sub, v or {}, f"{k}.") if sub is not None else v
+        kwargs[k] = _build(sub, v or {}, f"{k}.") if sub is not None else _coerce(v, fields[k].type, f"{where}{k}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ValueError(f"invalid recipe{' section ' + where.rstrip('.') if where else ''}: {e}") from None
+
+
+def _coerce(value: Any, annotation: str, key: str) -> Any:
+    """YAML reads ``3e-4`` (no dot) as a string and users write ``lr=1e-3``: convert numbers by the field's type."""
+    kinds = [t.strip() for t in str(annotation).split("|")]
+    if not isinstance(value, str) or "str" in kinds:
+        if isinstance(value, int) and not isinstance(value, bool) and "float" in kinds and "int" not in kinds:
+            return float(value)
+        return value
+    for kind, conv in (("int", int), ("float", float)):
+        if kind in kinds:
+            try:
+                return conv(value)
+            except ValueError:
+                pass
+    if kinds and kinds[0] in ("int", "float"):
+        raise ValueError(f"recipe key {key} must be a number ({annotation}), got {value!r}")
+    return value
 
 
 _SECTIONS = {"model": ModelSection, "quant": QuantSection, "calibration": CalibrationSection,

@@ -186,18 +186,30 @@ def build_model(cfg: RecipeConfig, tokenizer, device: torch.device) -> tuple[tor
     from ..adapters.model import apply_adapters
 
     acfg = cfg.adapter.to_adapter_config()
+    quantized_base = None
     if cfg.model.quantized:
-        from ..quant.serialization import load_quantized
+        from ..quant.model import QuantConfig
+        from ..quant.serialization import load_quantized, read_quant_meta
 
-        model = load_quantized(cfg.model.quantized, device=device)
-        quant = None
+        qbase = load_quantized(cfg.model.quantized, device=device)
+        if acfg.init in ("cloq", "calibrated"):
+            # The closed forms need W and H: the float model runs the calibration pass, the cached packed
+            # layers are reused as they are.
+            q = dict(read_quant_meta(cfg.model.quantized)["quantization"])
+            quant, quantized_base = QuantConfig(**q), qbase
+            model = AutoModelForCausalLM.from_pretrained(_model_path(cfg), dtype=getattr(torch, cfg.model.dtype))
+            model.to(device)
+        elif acfg.init in ("loftq", "apiq-bw"):
+            raise ValueError(f"init {acfg.init!r} quantizes the base itself; unset model.quantized and set quant.*")
+        else:
+            model, quant = qbase, None
     else:
         model = AutoModelForCausalLM.from_pretrained(_model_path(cfg), dtype=getattr(torch, cfg.model.dtype))
         model.to(device)
         quant = cfg.quant.to_quant_config() if cfg.quant.enabled else None
     needs_calib = acfg.needs_calibration or (quant is not None and quant.needs_calibration)
     calib = calibration_windows(cfg, tokenizer) if needs_calib else None
-    report = apply_adapters(model, acfg, calib, quant=quant)
+    report = apply_adapters(model, acfg, calib, quant=quant, quantized_base=quantized_base)
     return model, report
 
 
@@ -331,8 +343,7 @@ def finetune(cfg: RecipeConfig, resume: bool = False, callbacks: list | None = N
             peak, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "cpu_max_rss"
         summary = {
             "method": cfg.method or f"{cfg.adapter.adapter}-{cfg.adapter.init}",
-            "bits": cfg.quant.bits if (cfg.quant.enabled or cfg.model.quantized) else 16,
-            "quant_method": cfg.quant.method if cfg.quant.enabled else None,
+            **_bits_and_method(cfg),
             "adapter": cfg.adapter.adapter, "init": cfg.adapter.init,
             "trainable_params": report["trainable"], "trainable_percent": report["percent"],
             "base_params": report["base_params"], "steps": result.global_step,
@@ -347,6 +358,17 @@ def finetune(cfg: RecipeConfig, resume: bool = False, callbacks: list | None = N
         if cfg.eval.datasets:
             summary["eval"] = evaluate_run(cfg, out, base_dir)
     return summary
+
+
+def _bits_and_method(cfg: RecipeConfig) -> dict:
+    if cfg.model.quantized:
+        from ..quant.serialization import read_quant_meta
+
+        q = read_quant_meta(cfg.model.quantized)["quantization"]
+        return {"bits": q["bits"], "quant_method": q["method"]}
+    if cfg.quant.enabled:
+        return {"bits": cfg.quant.bits, "quant_method": cfg.quant.method}
+    return {"bits": 16, "quant_method": None}
 
 
 def _save_base(cfg: RecipeConfig, model, tokenizer, out: Path) -> str:

@@ -185,3 +185,20 @@ def test_loftq_quantizes_the_layers_without_adapter_too(fp_model):
         assert isinstance(getattr(layer.self_attn, name), QuantLinear)
     for name in ("gate_proj", "up_proj", "down_proj"):
         assert isinstance(getattr(layer.mlp, name), QuantLinear)
+
+
+def test_cached_quantized_base_is_reused_exactly_and_cloq_still_helps(fp_model, calib):
+    # A cached base is the one every method of a comparison shares; CLoQ's H still comes from the calibration pass
+    # (through the already adapted earlier layers), so only the adapters differ from a zero-init run on that base.
+    quant = QuantConfig(method="gptq", bits=2, group_size=32)
+    base = copy.deepcopy(fp_model)
+    quantize_model(base, quant, calib, progress=False)
+    cached = copy.deepcopy(fp_model)
+    apply_adapters(cached, AdapterConfig(init="cloq", rank=8), calib, quant=quant, progress=False,
+                   quantized_base=base)
+    for name, m in adapter_modules(cached).items():
+        assert torch.equal(m.base.qweight, base.get_submodule(name).qweight)
+    zero = copy.deepcopy(base)
+    apply_adapters(zero, AdapterConfig(rank=8), progress=False)
+    ref = _logits(fp_model, calib)
+    assert _kl(ref, _logits(cached, calib)) < _kl(ref, _logits(zero, calib))

@@ -35,3 +35,10 @@ def test_overrides_and_errors():
         load_recipe(None, ["train.schedule=cosinus"])
     with pytest.raises(FileNotFoundError, match="built-in recipes"):
         load_recipe("no-such-recipe")
+
+
+def test_numbers_without_a_dot_and_bad_numbers():
+    cfg = load_recipe(None, ["train.lr=3e-3", "train.epochs=2", "adapter.alpha=16"])
+    assert cfg.train.lr == 3e-3 and isinstance(cfg.train.epochs, float) and cfg.adapter.alpha == 16.0
+    with pytest.raises(ValueError, match="train.lr must be a number"):
+        load_recipe(None, ["train.lr=fast"])
