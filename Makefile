@@ -30,8 +30,15 @@ test-all: setup
 demo: setup
 	$(VENV)/bin/lowbit demo
 
+# Every benchmark script; each writes benchmarks/results/<name>.json and .md. `make bench BENCH_ARGS=--quick` for
+# a fast smoke run (then mind that results/ is overwritten; add --out-dir DIR to BENCH_ARGS to keep them).
 bench: setup
-	$(VPY) benchmarks/bench_quantlinear.py
+	$(VPY) benchmarks/bench_adapters.py $(BENCH_ARGS)
+	$(VPY) benchmarks/bench_quantlinear.py $(BENCH_ARGS)
+	$(VPY) benchmarks/bench_quantize.py $(BENCH_ARGS)
+	$(VPY) benchmarks/bench_init.py $(BENCH_ARGS)
+	$(VPY) benchmarks/bench_train_tiny.py $(BENCH_ARGS)
+	$(VPY) benchmarks/bench_generate.py $(BENCH_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check lowbit tests benchmarks

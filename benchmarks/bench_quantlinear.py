@@ -1,74 +1,228 @@
-"""Packed `QuantLinear` vs dense `nn.Linear`: forward+backward time (frozen weight, input gradient) and bytes/weight.
+"""Packed `QuantLinear` vs dense `nn.Linear` and bitsandbytes `Linear4bit` (NF4): forward+backward time (frozen
+weight, input gradient), dequantisation speed, and bytes per weight.
 
-Ratios are against an fp32 `nn.Linear` run in the same process. Writes `benchmarks/results/quantlinear.json` and
-prints a markdown table. Usage: `python benchmarks/bench_quantlinear.py [--shape 4096x4096] [--tokens 2048]`.
+QuantLinear is built as ``QuantLinear.from_quantized(rtn_quantize(W, bits, g))`` (uniform 2/3/4/8 bits, groups of
+64 and 128) and ``from_quantized(nf_quantize(W, 4, 64))`` (NF4, the bitsandbytes format). One step is a forward
+pass on ``x`` (requires grad) and a backward pass of a fixed dense upstream gradient; all candidates of a group run
+interleaved and are reported as medians and as ratios to an fp32 ``nn.Linear`` in the same group. The bf16 group
+(``nn.Linear`` bf16, QuantLinear/bnb with bf16 compute) uses ``--bf16-tokens`` on CPUs without native bf16
+(emulated bf16 matmuls are ~10x slower than fp32 there). Bytes per weight are counted from the stored tensors:
+``bits + 32/g`` for QuantLinear (fp16 scale + zero per group), plus ``32/out`` for an act-order ``g_idx``.
+Dequantisation: the effective bandwidth (packed bytes read + dense bytes written) / time; on CUDA also as a
+fraction of the device's peak and of its measured copy bandwidth.
+
+Usage: ``python benchmarks/bench_quantlinear.py [--quick] [--shape 4096x4096] [--tokens 2048] [--repeats 5]``.
 """
 
 from __future__ import annotations
 
-import argparse
-import platform
 import statistics
-import time
-from pathlib import Path
 
 import torch
+from _common import (
+    base_parser,
+    bf16_note,
+    gpu_peak_bandwidth_gbs,
+    header_line,
+    interleaved,
+    machine_info,
+    md_table,
+    measured_copy_bandwidth_gbs,
+    setup,
+    summary,
+    write_results,
+)
 from torch import nn
 
-from lowbit._io import atomic_write_json
-from lowbit.quant import QuantLinear, rtn_quantize
+from lowbit.quant import QuantLinear, nf_quantize, rtn_quantize
+
+BITS = (8, 4, 3, 2)
+GROUPS = (128, 64)
 
 
-def _time(fn, repeats: int) -> list[float]:
-    fn()  # warm-up
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+def _buffer_bytes(m: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in m.buffers())
 
 
-def _fwd_bwd(layer: nn.Module, x: torch.Tensor):
+def _bnb_linear(W: torch.Tensor, compute_dtype: torch.dtype):
+    """bitsandbytes NF4 (QLoRA defaults: blocks of 64, double-quantised absmax) holding ``W``; or the error."""
+    try:
+        import bitsandbytes as bnb
+
+        out, inp = W.shape
+        lin = bnb.nn.Linear4bit(inp, out, bias=False, compute_dtype=compute_dtype, quant_type="nf4",
+                                compress_statistics=True, device="cpu")
+        lin.weight = bnb.nn.Params4bit(W.detach().cpu().clone(), requires_grad=False, quant_type="nf4",
+                                       compress_statistics=True)
+        lin = lin.to(W.device)  # quantizes
+        qs = lin.weight.quant_state
+        nbytes = lin.weight.data.numel() * lin.weight.data.element_size()
+        for t in (qs.absmax, qs.code, getattr(qs, "offset", None)):
+            nbytes += 0 if t is None else t.numel() * t.element_size()
+        if getattr(qs, "state2", None) is not None:
+            nbytes += sum(t.numel() * t.element_size() for t in (qs.state2.absmax, qs.state2.code))
+        x = torch.randn(2, inp, device=W.device, dtype=compute_dtype, requires_grad=True)
+        lin(x).float().sum().backward()  # it must run forward and backward here
+        return lin, nbytes, f"bitsandbytes {bnb.__version__}"
+    except Exception as e:  # noqa: BLE001 - report any failure instead of aborting the benchmark
+        return None, None, f"bitsandbytes unavailable: {type(e).__name__}: {e}"[:300]
+
+
+def _bnb_dequant(lin):
+    from bitsandbytes.functional import dequantize_4bit
+
+    return lambda: dequantize_4bit(lin.weight.data, lin.weight.quant_state)
+
+
+def _step(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor):
     def run():
         xi = x.detach().requires_grad_(True)
-        layer(xi).sum().backward()
+        layer(xi).backward(gy)
     return run
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="2048x2048", help="OUTxIN (LLaMA-2-7B: 4096x4096, 11008x4096, 4096x11008)")
-    ap.add_argument("--tokens", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "quantlinear.json"))
+    ap = base_parser(__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="4096x4096", help="OUTxIN (LLaMA-2-7B: 4096x4096, 11008x4096, 4096x11008)")
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--bf16-tokens", type=int, default=None,
+                    help="tokens of the bf16 group (default: --tokens on GPUs and bf16-capable CPUs, else 512)")
+    ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 group")
     args = ap.parse_args()
-    out_f, in_f = map(int, args.shape.split("x"))
+    dev = setup(args)
+    info = machine_info(dev)
+    if args.quick:
+        out_f, in_f, tokens, repeats = 256, 512, 64, args.repeats or 1
+    else:
+        out_f, in_f = map(int, args.shape.lower().split("x"))
+        tokens, repeats = args.tokens, args.repeats or 5
+    native_bf16 = dev.type == "cuda" or info["isa"]["avx512_bf16"] or info["isa"]["amx_bf16"]
+    bf16_tokens = args.bf16_tokens or (tokens if native_bf16 or args.quick else min(tokens, 512))
+
     torch.manual_seed(0)
-    W = torch.randn(out_f, in_f) * 0.02
-    x = torch.randn(args.tokens, in_f)
-    dense = nn.Linear(in_f, out_f, bias=False)
-    dense.weight.data.copy_(W)
-    dense.weight.requires_grad_(False)
-    base = _time(_fwd_bwd(dense, x), args.repeats)
-    rows = [{"layer": "nn.Linear fp32", "bits_per_weight": 32.0, "median_s": statistics.median(base),
-             "spread_s": max(base) - min(base), "ratio_vs_fp32": 1.0}]
-    for bits in (8, 4, 3, 2):
-        for g in (128, 64):
-            q = QuantLinear.from_quantized(rtn_quantize(W, bits, g))
-            ts = _time(_fwd_bwd(q, x), args.repeats)
-            nbytes = sum(b.numel() * b.element_size() for b in q.buffers())
-            rows.append({"layer": f"QuantLinear {bits}-bit g{g}", "bits_per_weight": 8 * nbytes / W.numel(),
-                         "median_s": statistics.median(ts), "spread_s": max(ts) - min(ts),
-                         "ratio_vs_fp32": statistics.median(ts) / statistics.median(base)})
-    result = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "shape": [out_f, in_f], "tokens": args.tokens,
-              "repeats": args.repeats, "rows": rows}
-    atomic_write_json(args.out, result)
-    print(f"forward+backward, {out_f}x{in_f}, {args.tokens} tokens, {torch.get_num_threads()} threads")
-    print("| layer | bits/weight | median ms | ratio vs fp32 |\n|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['layer']} | {r['bits_per_weight']:.3f} | {1e3 * r['median_s']:.1f} | {r['ratio_vs_fp32']:.2f} |")
+    W = torch.randn(out_f, in_f, device=dev) * 0.02
+    dense = nn.Linear(in_f, out_f, bias=False, device=dev).requires_grad_(False)
+    dense.weight.copy_(W)
+
+    qlayers: dict[str, tuple[QuantLinear, float]] = {}
+    for bits in BITS:
+        for g in GROUPS:
+            qlayers[f"QuantLinear {bits}-bit g{g}"] = (QuantLinear.from_quantized(rtn_quantize(W, bits, g)),
+                                                       bits + 32 / g)
+    qlayers["QuantLinear NF4 g64"] = (QuantLinear.from_quantized(nf_quantize(W, 4, 64)), 4 + 16 / 64)
+    bnb32, bnb_bytes, bnb_status = _bnb_linear(W, torch.float32)
+    print(bnb_status, flush=True)
+
+    # ---- fp32 group
+    x = torch.randn(tokens, in_f, device=dev)
+    gy = torch.randn(tokens, out_f, device=dev)
+    cands = {"nn.Linear fp32": dense, **{k: m for k, (m, _) in qlayers.items()}}
+    if bnb32 is not None:
+        cands["bnb Linear4bit NF4 (fp32 compute)"] = bnb32
+    ts = interleaved({k: _step(m, x, gy) for k, m in cands.items()}, repeats, device=dev)
+    base = statistics.median(ts["nn.Linear fp32"])
+    rows = []
+    for k, m in cands.items():
+        if k == "nn.Linear fp32":
+            bpw, formula = 32.0, 32.0
+        elif k.startswith("bnb"):
+            bpw, formula = 8 * bnb_bytes / W.numel(), 4 + 8 / 64 + 32 / (64 * 256)
+        else:
+            bpw, formula = 8 * _buffer_bytes(m) / W.numel(), qlayers[k][1]
+        rows.append({"layer": k, "compute": "fp32", "tokens": tokens, "bits_per_weight": bpw,
+                     "bits_per_weight_formula": formula, **summary(ts[k]),
+                     "ratio_vs_fp32_linear": statistics.median(ts[k]) / base})
+
+    # ---- bf16 group (its own fp32 baseline, same token count)
+    if not args.no_bf16:
+        xb = torch.randn(bf16_tokens, in_f, device=dev)
+        gyb = torch.randn(bf16_tokens, out_f, device=dev)
+        dense16 = nn.Linear(in_f, out_f, bias=False, device=dev, dtype=torch.bfloat16).requires_grad_(False)
+        dense16.weight.copy_(W)
+        b16 = {"nn.Linear fp32": (dense, torch.float32), "nn.Linear bf16": (dense16, torch.bfloat16)}
+        for k in ("QuantLinear 4-bit g128", "QuantLinear 2-bit g64", "QuantLinear NF4 g64"):
+            src = qlayers[k][0]
+            q16 = QuantLinear.from_quantized(src.to_quantized(), compute_dtype=torch.bfloat16)
+            b16[k + " (bf16 compute)"] = (q16, torch.bfloat16)
+        bnb16, _, _ = _bnb_linear(W, torch.bfloat16)
+        if bnb16 is not None:
+            b16["bnb Linear4bit NF4 (bf16 compute)"] = (bnb16, torch.bfloat16)
+        ts16 = interleaved({k: _step(m, xb.to(dt), gyb.to(dt)) for k, (m, dt) in b16.items()},
+                           max(1, repeats // 2) if not native_bf16 else repeats, device=dev)
+        base16 = statistics.median(ts16["nn.Linear fp32"])
+        for k in b16:
+            if k == "nn.Linear fp32":
+                continue
+            rows.append({"layer": k, "compute": "bf16", "tokens": bf16_tokens, "bits_per_weight": None,
+                         "bits_per_weight_formula": None, **summary(ts16[k]),
+                         "ratio_vs_fp32_linear": statistics.median(ts16[k]) / base16,
+                         "fp32_linear_median_s_same_tokens": base16})
+
+    # ---- dequantisation alone (fp32 output)
+    deq = {k: (lambda m=m: m.dequantize(torch.float32)) for k, (m, _) in qlayers.items()}
+    if bnb32 is not None:
+        deq["bnb Linear4bit NF4 (fp32 compute)"] = _bnb_dequant(bnb32)
+    tdq = interleaved(deq, repeats, device=dev)
+    peak_bw = gpu_peak_bandwidth_gbs(dev) if dev.type == "cuda" else None
+    copy_bw = measured_copy_bandwidth_gbs(dev) if dev.type == "cuda" else None
+    dq_rows = []
+    for k in deq:
+        stored = (_buffer_bytes(qlayers[k][0]) if k in qlayers else bnb_bytes)
+        moved = stored + 4 * W.numel()
+        med = statistics.median(tdq[k])
+        gbs = moved / med / 1e9
+        dq_rows.append({"layer": k, **summary(tdq[k]), "bytes_moved": moved, "effective_gbs": gbs,
+                        "fraction_of_peak_bandwidth": gbs / peak_bw if peak_bw else None,
+                        "fraction_of_copy_bandwidth": gbs / copy_bw if copy_bw else None})
+
+    # ---- storage of an act-order layer (g_idx) without quantizing one
+    act = {f"{b}-bit g{g} act-order": 8 * _buffer_bytes(QuantLinear(in_f, out_f, b, g, act_order=True)) / W.numel()
+           for b in (4, 2) for g in (128, 64)}
+
+    def row(name):
+        return next((r for r in rows if r["layer"] == name), None)
+
+    def ratio(a, b):
+        ra, rb = row(a), row(b)
+        return None if ra is None or rb is None else ra["median_s"] / rb["median_s"]
+
+    headline = {
+        "4bit_g128_vs_fp32_linear": row("QuantLinear 4-bit g128")["ratio_vs_fp32_linear"],
+        "4bit_g64_vs_fp32_linear": row("QuantLinear 4-bit g64")["ratio_vs_fp32_linear"],
+        "2bit_g128_vs_fp32_linear": row("QuantLinear 2-bit g128")["ratio_vs_fp32_linear"],
+        "2bit_g64_vs_fp32_linear": row("QuantLinear 2-bit g64")["ratio_vs_fp32_linear"],
+        "nf4_vs_bnb_fp32": ratio("QuantLinear NF4 g64", "bnb Linear4bit NF4 (fp32 compute)"),
+        "4bit_g128_vs_bnb_fp32": ratio("QuantLinear 4-bit g128", "bnb Linear4bit NF4 (fp32 compute)"),
+        "nf4_vs_bnb_bf16": ratio("QuantLinear NF4 g64 (bf16 compute)", "bnb Linear4bit NF4 (bf16 compute)"),
+        "bf16_linear_vs_fp32_linear": (row("nn.Linear bf16") or {}).get("ratio_vs_fp32_linear"),
+    }
+    result = {"benchmark": "quantlinear", "machine": info, "device": str(dev), "shape": [out_f, in_f],
+              "tokens": tokens, "bf16_tokens": None if args.no_bf16 else bf16_tokens, "repeats": repeats,
+              "quick": args.quick, "bitsandbytes": bnb_status, "bf16_note": bf16_note(info), "rows": rows,
+              "dequantize": dq_rows, "act_order_bits_per_weight": act, "headline": headline}
+
+    def bpw(r):
+        if r["bits_per_weight"] is None:
+            return None
+        return f"{r['bits_per_weight']:.3f} ({r['bits_per_weight_formula']:.3f})"
+
+    t1 = md_table(["layer", "compute", "tokens", "bits/weight (formula)", "median ms", "spread ms", "× fp32 Linear"],
+                  [[r["layer"], r["compute"], r["tokens"], bpw(r), 1e3 * r["median_s"], 1e3 * r["spread_s"],
+                    r["ratio_vs_fp32_linear"]] for r in rows])
+    t2 = md_table(["dequantise (fp32 out)", "median ms", "effective GB/s"]
+                  + (["% of peak", "% of copy bw"] if dev.type == "cuda" else []),
+                  [[r["layer"], 1e3 * r["median_s"], r["effective_gbs"]]
+                   + ([100 * r["fraction_of_peak_bandwidth"] if r["fraction_of_peak_bandwidth"] else None,
+                       100 * r["fraction_of_copy_bandwidth"]] if dev.type == "cuda" else []) for r in dq_rows])
+    notes = ["act-order adds the int32 g_idx: " + ", ".join(f"{k} = {v:.3f} bits/weight" for k, v in act.items()),
+             bnb_status if bnb32 is None else f"{bnb_status}: NF4, blocks of 64, double-quantised absmax (QLoRA "
+                                              f"defaults); its bits/weight formula is 4 + 8/64 + 32/(64·256)"]
+    if bf16_note(info):
+        notes.append(bf16_note(info))
+    md = (f"### QuantLinear: forward+backward of a frozen {out_f}×{in_f} layer (input gradient)\n\n"
+          f"{header_line(info)}; median of {repeats} interleaved runs (bf16 group: its own fp32 baseline).\n\n"
+          f"{t1}\n\n{t2}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    write_results(args.out_dir, "quantlinear", result, md)
 
 
 if __name__ == "__main__":

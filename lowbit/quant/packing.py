@@ -11,9 +11,16 @@ lowest bits"; for 3 bits, codes 10 and 21 of each run straddle a word boundary, 
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+# Codes per "unit" of whole bytes: a unit is lcm(bits, 8) bits (1 byte for 2/4/8 bits, 3 bytes for 3 bits).
+CODES_PER_UNIT = {2: 4, 3: 8, 4: 2, 8: 1}
+# In memory, little-endian int32 words of a run are exactly the run's little-endian bitstream, byte by byte:
+# byte j holds stream bits [8j, 8j + 8). The byte-level unpacking below relies on that.
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 def packed_size(n: int, bits: int) -> int:
@@ -65,6 +72,36 @@ def pack(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
     return out.movedim(-1, dim)
 
 
+def code_planes(stream: torch.Tensor, bits: int) -> list[torch.Tensor]:
+    """Split a packed bitstream, viewed as bytes, into the codes at each position of its byte units.
+
+    ``stream`` is uint8 ``(..., nbytes)`` (``packed.view(torch.uint8)`` of whole 32-code runs, or a run-aligned
+    slice of it). With ``k = CODES_PER_UNIT[bits]``, plane ``j`` ``(..., nbytes·8 / (bits·k))`` holds codes
+    ``j, k + j, 2k + j, …``, as uint8 (2/4/8 bits) or int32 (3 bits). Only byte-sized integer ops over
+    ``1/k`` of the codes each: no int32 tensor the size of the weight is ever made.
+    """
+    k = CODES_PER_UNIT[bits]
+    mask = (1 << bits) - 1
+    if bits == 8:
+        return [stream]
+    if bits == 3:  # 3 bytes = 8 codes: assemble each unit into the low 24 bits of an int32
+        b = stream.unflatten(-1, (-1, 3)).to(torch.int32)
+        v = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+    else:
+        v = stream
+    return [v & mask if j == 0 else (v >> (j * bits)) & mask for j in range(k)]
+
+
+def packed_bytes(packed: torch.Tensor) -> torch.Tensor | None:
+    """int32 words ``(..., W)`` -> their little-endian bitstream as uint8 ``(..., 4W)`` (a view when the last
+    dimension is contiguous), or ``None`` on a big-endian host (callers then use :func:`unpack`)."""
+    if not _LITTLE_ENDIAN:
+        return None
+    if packed.stride(-1) != 1:
+        packed = packed.contiguous()
+    return packed.view(torch.uint8)
+
+
 def unpack(packed: torch.Tensor, bits: int, n: int, dim: int = -1) -> torch.Tensor:
     """Inverse of :func:`pack`: int32 words -> ``n`` codes (uint8) along ``dim``."""
     if bits not in SUPPORTED_BITS:
@@ -74,8 +111,14 @@ def unpack(packed: torch.Tensor, bits: int, n: int, dim: int = -1) -> torch.Tens
         raise ValueError(f"{packed.shape[-1]} words cannot hold {n} codes of {bits} bits "
                          f"(expected {packed_size(n, bits)})")
     mask = (1 << bits) - 1
-    if 32 % bits == 0:
-        # Fast path: no code straddles a word.
+    stream = packed_bytes(packed) if packed.dtype == torch.int32 else None
+    if stream is not None:
+        planes = code_planes(stream, bits)
+        if len(planes) == 1:  # 8 bits: the bytes are the codes; copy, never alias the packed storage
+            return stream[..., :n].clone().movedim(-1, dim)
+        codes = torch.stack(planes, dim=-1).reshape(*packed.shape[:-1], -1)
+    elif 32 % bits == 0:
+        # No code straddles a word.
         per = 32 // bits
         shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)
         codes = (packed.unsqueeze(-1) >> shifts) & mask  # (..., W, per)
