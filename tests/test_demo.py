@@ -31,6 +31,7 @@ def test_demo_missing_model(tmp_path):
         main(["demo", "--quantization-only", "--quick", "--out", str(tmp_path), "--model", str(tmp_path / "nope")])
 
 
+@pytest.mark.slow  # ~2-4 min on 2 cores: kept out of the default run until the demo's budget is measured
 def test_comparison_demo_quick_has_every_row_and_reuses_its_cache(tmp_path, capsys):
     from lowbit.demo import QUICK_METHODS, _runs
 
