@@ -5,9 +5,10 @@ QuantLinear is built as ``QuantLinear.from_quantized(rtn_quantize(W, bits, g))``
 64 and 128) and ``from_quantized(nf_quantize(W, 4, 64))`` (NF4, the bitsandbytes format). One step is a forward
 pass on ``x`` (requires grad) and a backward pass of a fixed dense upstream gradient; all candidates of a group run
 interleaved and are reported as medians and as ratios to an fp32 ``nn.Linear`` in the same group. The bf16 group
-(``nn.Linear`` bf16, QuantLinear/bnb with bf16 compute) uses ``--bf16-tokens`` on CPUs without native bf16
-(emulated bf16 matmuls are ~10x slower than fp32 there). Bytes per weight are counted from the stored tensors:
-``bits + 32/g`` for QuantLinear (fp16 scale + zero per group), plus ``32/out`` for an act-order ``g_idx``.
+(``nn.Linear`` bf16, QuantLinear/bnb with bf16 compute) uses ``--bf16-tokens`` on CPUs without native bf16 (bf16
+matmuls fall back to a scalar kernel there, tens of times slower than fp32). Bytes per weight are counted from the
+stored tensors: ``bits + 32/g`` for QuantLinear (fp16 scale + zero per group), plus ``32/out`` for an act-order
+``g_idx``.
 Dequantisation: the effective bandwidth (packed bytes read + dense bytes written) / time; on CUDA also as a
 fraction of the device's peak and of its measured copy bandwidth.
 
@@ -86,7 +87,7 @@ def main() -> None:
     ap.add_argument("--shape", default="4096x4096", help="OUTxIN (LLaMA-2-7B: 4096x4096, 11008x4096, 4096x11008)")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--bf16-tokens", type=int, default=None,
-                    help="tokens of the bf16 group (default: --tokens on GPUs and bf16-capable CPUs, else 512)")
+                    help="tokens of the bf16 group (default: --tokens on GPUs and bf16-capable CPUs, else 128)")
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 group")
     args = ap.parse_args()
     dev = setup(args)
@@ -97,7 +98,7 @@ def main() -> None:
         out_f, in_f = map(int, args.shape.lower().split("x"))
         tokens, repeats = args.tokens, args.repeats or 5
     native_bf16 = dev.type == "cuda" or info["isa"]["avx512_bf16"] or info["isa"]["amx_bf16"]
-    bf16_tokens = args.bf16_tokens or (tokens if native_bf16 or args.quick else min(tokens, 512))
+    bf16_tokens = args.bf16_tokens or (tokens if native_bf16 or args.quick else min(tokens, 128))
 
     torch.manual_seed(0)
     W = torch.randn(out_f, in_f, device=dev) * 0.02

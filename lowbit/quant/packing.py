@@ -89,7 +89,8 @@ def code_planes(stream: torch.Tensor, bits: int) -> list[torch.Tensor]:
         v = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
     else:
         v = stream
-    return [v & mask if j == 0 else (v >> (j * bits)) & mask for j in range(k)]
+    top = 8 // bits - 1 if bits != 3 else -1  # the highest code of a byte needs no mask after the shift
+    return [v & mask if j == 0 else v >> (j * bits) if j == top else (v >> (j * bits)) & mask for j in range(k)]
 
 
 def packed_bytes(packed: torch.Tensor) -> torch.Tensor | None:

@@ -11,29 +11,23 @@ frees the dense weight. The weight is frozen; gradients flow to the input only, 
 dequantises again rather than keeping the dense weight alive in the autograd graph (the bitsandbytes approach),
 so activation memory during adapter training does not include any full-precision base weights.
 
-Speed (CPU): on the common layout (no act-order ``g_idx``, ``in`` a multiple of 32, groups a multiple of 8
-inputs) the weight is rebuilt straight from the packed bytes — byte-sized integer ops, one conversion into the
-output and two in-place float ops — and, on CPU, in slices of about ``_CHUNK_ELEMS`` weights that are multiplied
-as soon as they are built (rows of ``W`` in the forward pass, column blocks in the backward pass). A slice
-buffer is reused, so the dense ``(out, in)`` weight is never allocated: freshly allocated large tensors cost a
-page fault per 4 KiB on first touch, more than the dequantisation itself. Results equal a full dequantise
-followed by one matmul up to fp32 summation order.
+Dequantisation speed: on the common layout (no act-order ``g_idx``, ``in`` a multiple of 32, groups a multiple
+of 8 inputs, little-endian host) the weight is rebuilt straight from the packed bytes: byte-sized integer ops
+split the codes (:func:`~lowbit.quant.packing.code_planes`), one conversion writes them into the output, and two
+in-place float ops apply zero and scale (a 256-entry byte table for NormalFloat codebooks). That is a handful of
+passes over the weight and a single allocation (on CPU, a fresh large tensor costs a page fault per 4 KiB on first
+touch, as much as the arithmetic); the result is bit-identical to the reference ``s * (codes - z)``. Other layouts
+take the general path (:func:`~lowbit.quant.packing.unpack`, then the same formula).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .packing import CODES_PER_UNIT, code_planes, pack, packed_bytes, packed_size, unpack
 from .qweight import QuantizedWeight, check_bits, check_group_size
-
-# Weights per dequantised slice in the CPU matmul (2^22 = 16 MiB in fp32; a 4096×4096 layer takes 4 slices).
-# Smaller slices stay in cache but each costs a few more parallel regions, which get expensive when other
-# processes compete for the cores.
-_CHUNK_ELEMS = 1 << 22
 
 
 def _fast_stream(qweight: torch.Tensor, g_idx: torch.Tensor | None, bits: int, in_features: int,
@@ -46,26 +40,41 @@ def _fast_stream(qweight: torch.Tensor, g_idx: torch.Tensor | None, bits: int, i
 
 def _fill(buf: torch.Tensor, stream: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
           codebook: torch.Tensor | None, bits: int, g: int) -> None:
-    """Write the dense weight of a block whose packed bytes are ``stream`` ``(r, c·bits/8)`` into ``buf``
-    ``(r, c)`` (contiguous, in the compute dtype); ``scales``/``zeros`` ``(r, c/g)`` are the block's groups.
+    """Write the dense weight whose packed bytes are ``stream`` ``(r, c·bits/8)`` into ``buf`` ``(r, c)``
+    (contiguous, in the compute dtype); ``scales``/``zeros`` ``(r, c/g)``.
 
     Same arithmetic as the reference ``s * (codes - z)`` / ``s * codebook[codes]`` in ``buf.dtype``, so the
     result is bit-identical to it.
     """
     r, c = buf.shape
-    planes = code_planes(stream, bits)
-    k = len(planes)
+    k = CODES_PER_UNIT[bits]
     G = c // g
-    W = buf.view(r, G, g // k, k)  # W[..., j] = codes at positions ≡ j (mod k)
-    if zeros is not None:
-        for j, p in enumerate(planes):
-            W[..., j].copy_(p.reshape(r, G, g // k))
-        buf.view(r, G, g).sub_(zeros.to(buf.dtype)[..., None]).mul_(scales.to(buf.dtype)[..., None])
-    else:
+    if zeros is None and 8 % bits == 0:
+        # Codebook: one gather from a 256-entry table of the k values each byte holds, in stream order.
+        byte = torch.arange(256, device=buf.device)
         cb = codebook.to(buf.dtype)
-        for j, p in enumerate(planes):
-            W[..., j].copy_(cb[p.reshape(r, G, g // k).long()])
+        table = torch.stack([cb[(byte >> (j * bits)) & ((1 << bits) - 1)] for j in range(k)], dim=1)  # (256, k)
+        torch.index_select(table, 0, stream.reshape(-1).to(torch.int32), out=buf.view(-1, k))
         buf.view(r, G, g).mul_(scales.to(buf.dtype)[..., None])
+        return
+    W = buf.view(r, G, g // k, k)  # W[..., j] = codes at positions ≡ j (mod k)
+    planes = [p.reshape(r, G, g // k) for p in code_planes(stream, bits)]
+    s = scales.to(buf.dtype)[..., None]  # (r, G, 1)
+    if (zeros is not None and buf.device.type == "cpu" and buf.dtype in (torch.float32, torch.float64)
+            and bool((zeros == zeros.round()).all())):
+        # One fused pass per plane: c·s - z·s. With fp16 s and integer codes/zeros both products are exact in fp32
+        # (≤ 8 + 11 and 11 + 11 significant bits), so the sum is (c - z)·s rounded once, as in the reference.
+        # (CPU only: the integrality check would make a GPU wait for the host.)
+        zs = -(zeros.to(buf.dtype) * scales.to(buf.dtype))[..., None]
+        for j, p in enumerate(planes):
+            torch.addcmul(zs, p, s, out=W[..., j])
+        return
+    cb = None if zeros is not None else codebook.to(buf.dtype)  # (a 3-bit codebook)
+    for j, p in enumerate(planes):
+        W[..., j].copy_(p if cb is None else cb[p.long()])
+    if zeros is not None:
+        buf.view(r, G, g).sub_(zeros.to(buf.dtype)[..., None])
+    buf.view(r, G, g).mul_(s)
 
 
 def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -95,70 +104,22 @@ def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
     return s * codebook.to(dtype)[codes.long()]
 
 
-def _sliced(module: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
-    """The packed bytes if ``module`` should be multiplied slice by slice for an input on ``x``'s device.
-
-    Not under autocast: ``mm(out=...)`` bypasses it, and the plain matmul keeps autocast's dtype choice."""
-    if (x.device.type != "cpu" or module.out_features * module.in_features <= _CHUNK_ELEMS
-            or torch.is_autocast_enabled(x.device.type)):
-        return None
-    return _fast_stream(module.qweight, module.g_idx, module.bits, module.in_features, module._group)
-
-
-def _matmul_wt(x: torch.Tensor, m: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
-    """``x @ W^T`` for 2-D ``x`` ``(T, in)`` in ``dtype`` -> ``(T, out)``."""
-    stream = _sliced(m, x)
-    if stream is None:
-        return x @ m.dequantize(dtype).t()
-    out_f, in_f, g = m.out_features, m.in_features, m._group
-    rows = max(1, _CHUNK_ELEMS // in_f)
-    y = torch.empty(x.shape[0], out_f, dtype=dtype, device=x.device)
-    buf = torch.empty(min(rows, out_f) * in_f, dtype=dtype, device=x.device)
-    for r0 in range(0, out_f, rows):
-        r1 = min(r0 + rows, out_f)
-        Wr = buf[: (r1 - r0) * in_f].view(r1 - r0, in_f)
-        _fill(Wr, stream[r0:r1], m.scales[r0:r1], None if m.zeros is None else m.zeros[r0:r1], m.codebook,
-              m.bits, g)
-        torch.mm(x, Wr.t(), out=y[:, r0:r1])
-    return y
-
-
-def _matmul_w(gy: torch.Tensor, m: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
-    """``gy @ W`` for 2-D ``gy`` ``(T, out)`` in ``dtype`` -> ``(T, in)`` (the input gradient)."""
-    stream = _sliced(m, gy)
-    out_f, in_f, g = m.out_features, m.in_features, m._group
-    step = math.lcm(32, g)  # column blocks start on whole 32-code runs and whole groups
-    cols = (_CHUNK_ELEMS // out_f) // step * step
-    if stream is None or not 0 < cols < in_f:
-        return gy @ m.dequantize(dtype)
-    gx = torch.empty(gy.shape[0], in_f, dtype=dtype, device=gy.device)
-    buf = torch.empty(out_f * cols, dtype=dtype, device=gy.device)
-    for c0 in range(0, in_f, cols):
-        c1 = min(c0 + cols, in_f)
-        Wc = buf[: out_f * (c1 - c0)].view(out_f, c1 - c0)
-        _fill(Wc, stream[:, c0 * m.bits // 8: c1 * m.bits // 8], m.scales[:, c0 // g: c1 // g],
-              None if m.zeros is None else m.zeros[:, c0 // g: c1 // g], m.codebook, m.bits, g)
-        torch.mm(gy, Wc, out=gx[:, c0:c1])
-    return gx
-
-
 class _DequantMatmul(torch.autograd.Function):
     """``y = x @ W^T`` with ``W`` rebuilt from packed storage in forward and again in backward."""
 
     @staticmethod
     def forward(ctx, x, module: QuantLinear, dtype: torch.dtype):  # type: ignore[override]
+        W = module.dequantize(dtype)
         ctx.module = module
         ctx.dtype = dtype
-        y = _matmul_wt(x.reshape(-1, module.in_features), module, dtype)
-        return y.view(*x.shape[:-1], module.out_features)
+        return x @ W.t()
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        m = ctx.module
-        gx = _matmul_w(grad_out.to(ctx.dtype).reshape(-1, m.out_features), m, ctx.dtype)
-        return gx.view(*grad_out.shape[:-1], m.in_features), None, None
+        W = ctx.module.dequantize(ctx.dtype)
+        return grad_out.to(ctx.dtype) @ W, None, None
 
 
 class QuantLinear(nn.Module):
@@ -227,10 +188,6 @@ class QuantLinear(nn.Module):
                                codebook=None if self.codebook is None else self.codebook.float())
 
     @property
-    def _group(self) -> int:
-        return self.in_features if self.group_size == -1 else self.group_size
-
-    @property
     def weight_dtype(self) -> torch.dtype:
         return self.scales.dtype
 
@@ -248,7 +205,7 @@ class QuantLinear(nn.Module):
         if xc.requires_grad and torch.is_grad_enabled():
             y = _DequantMatmul.apply(xc, self, dtype)
         else:
-            y = _matmul_wt(xc.reshape(-1, self.in_features), self, dtype).view(*xc.shape[:-1], self.out_features)
+            y = F.linear(xc, self.dequantize(dtype))
         if self.bias is not None:
             y = y + self.bias.to(dtype)
         return y.to(x.dtype) if x.is_floating_point() else y

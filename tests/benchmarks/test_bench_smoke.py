@@ -1,0 +1,118 @@
+"""Smoke tests of the benchmark scripts: each runs end to end with ``--quick`` into a temporary directory and
+writes its JSON (machine, torch, threads, load average, medians and spreads) and markdown table.
+
+The scripts run as subprocesses exactly as ``make bench`` runs them (``python benchmarks/<script>.py``), on one
+thread so that other jobs on a small shared machine cannot stall them. The fast ones together take well under a
+minute on a 2-core CPU; the tiny-model training benchmark (one subprocess per configuration) and GPTQModel's
+quantizer (a slow import) are marked slow.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "benchmarks"
+
+
+def run_script(name: str, out_dir: Path, *extra: str) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GPTQMODEL_CPU_WORKERS": "2",
+           "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, str(BENCH / f"bench_{name}.py"), "--quick", "--threads", "1", "--out-dir", str(out_dir),
+           *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300, check=False)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    result = json.loads((out_dir / f"{name}.json").read_text())
+    md = (out_dir / f"{name}.md").read_text()
+    assert md.startswith("### ") and "|---" in md and md in proc.stdout + "\n"
+    m = result["machine"]
+    assert m["torch"] == torch.__version__ and m["threads"] == 1
+    assert len(m["loadavg_start"]) == 3 and len(m["loadavg_end"]) == 3
+    assert "avx512_bf16" in m["isa"]
+    return result
+
+
+def _timed_rows(rows: list[dict]) -> None:
+    assert rows
+    for r in rows:
+        assert r["median_s"] > 0 and r["spread_s"] >= 0
+
+
+def test_adapters(tmp_path):
+    res = run_script("adapters", tmp_path)
+    _timed_rows(res["rows"])
+    by = {r["candidate"]: r for r in res["rows"]}
+    assert set(by) >= {"base only", "LoRA", "DiaBlo", "DiaBlo einsum (reference)"}
+    # Equal trainable parameters to within one LoRA rank step.
+    lora, dia = by["LoRA"], by["DiaBlo"]
+    inp, out = lora["shape_in_out"]
+    assert abs(lora["trainable_params"] - dia["trainable_params"]) <= (inp + out) / 2
+    assert by["DiaBlo"]["saved_for_backward_bytes"] > 0
+    assert res["diablo_over_lora"]
+
+
+def test_quantlinear(tmp_path):
+    res = run_script("quantlinear", tmp_path)
+    _timed_rows(res["rows"])
+    by = {r["layer"]: r for r in res["rows"]}
+    for bits in (8, 4, 3, 2):
+        for g in (128, 64):
+            r = by[f"QuantLinear {bits}-bit g{g}"]
+            # in_features is a multiple of 32 here: storage is exactly bits + 32/g (fp16 scale + zero per group).
+            assert r["bits_per_weight"] == pytest.approx(bits + 32 / g)
+    assert "nn.Linear bf16" in by and "QuantLinear 4-bit g128 (bf16 compute)" in by
+    assert res["act_order_bits_per_weight"]["4-bit g128 act-order"] == pytest.approx(4.25 + 32 / res["shape"][0])
+    assert all(r["effective_gbs"] > 0 for r in res["dequantize"])
+    assert res["bitsandbytes"]  # a version or the reason it could not run
+    assert res["headline"]["4bit_g128_vs_fp32_linear"] > 0
+
+
+def test_quantize_lowbit(tmp_path):
+    res = run_script("quantize", tmp_path, "--no-gptqmodel")
+    _timed_rows(res["rows"])
+    errs = {r["method"].split(" ")[0]: r["rel_output_error"] for r in res["rows"] if r["rel_output_error"]}
+    assert errs["GPTQ"] < errs["RTN"]  # the calibrated quantizer wins on the calibrated objective
+
+
+@pytest.mark.slow
+def test_quantize_with_gptqmodel(tmp_path):
+    if importlib.util.find_spec("gptqmodel") is None:
+        pytest.skip("gptqmodel not installed")
+    res = run_script("quantize", tmp_path)
+    gptq = [r for r in res["rows"] if r["method"].startswith("GPTQ")]
+    assert len(gptq) == 2
+    # Same algorithm, same inputs: the two implementations reach the same output error.
+    assert gptq[0]["rel_output_error"] == pytest.approx(gptq[1]["rel_output_error"], rel=0.05)
+    assert list(res["headline"].values())[0] > 0
+
+
+def test_init(tmp_path):
+    res = run_script("init", tmp_path)
+    by = {r["method"].split(" (")[0]: r for r in res["rows"]}
+    assert set(by) == {"CLoQ", "calibrated DiaBlo", "LoftQ 1 iteration", "LoftQ 5 iterations"}
+    assert all(r["seconds"] > 0 for r in res["rows"])
+    assert by["CLoQ"]["objective"] < 1 and by["calibrated DiaBlo"]["objective"] < 1  # both reduce the error
+
+
+def test_generate(tmp_path):
+    res = run_script("generate", tmp_path)
+    _timed_rows(res["rows"])
+    assert res["identical_outputs"] is True
+
+
+@pytest.mark.slow
+def test_train_tiny(tmp_path):
+    res = run_script("train_tiny", tmp_path)
+    _timed_rows(res["rows"])
+    measured = [r for r in res["rows"] if r["ru_maxrss_bytes"]]
+    assert measured and all(r["memory_error"] is None for r in res["rows"])
+    by = {r["config"]: r for r in res["rows"]}
+    assert by["2-bit diablo"]["base_bytes"] < by["fp32 lora"]["base_bytes"] / 4
