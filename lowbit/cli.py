@@ -208,7 +208,8 @@ def cmd_pretrain_tiny(args: argparse.Namespace) -> int:
     try:
         cfg = PretrainConfig(steps=args.steps, seed=args.seed, hidden=args.hidden, layers=args.layers,
                              intermediate=args.intermediate, batch_size=args.batch_size, lr=args.lr,
-                             threads=args.threads)
+                             threads=args.threads, outlier_fraction=args.outlier_fraction,
+                             outlier_factor=args.outlier_factor)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     out = Path(args.out)
@@ -328,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("pretrain-tiny", help="pre-train lowbit's embedded tiny arithmetic LLaMA from scratch")
     pt.add_argument("--out", required=True)
     for flag, typ in (("steps", int), ("seed", int), ("hidden", int), ("layers", int), ("intermediate", int),
-                      ("batch_size", int), ("lr", float), ("threads", int)):
+                      ("batch_size", int), ("lr", float), ("threads", int), ("outlier_fraction", float),
+                      ("outlier_factor", float)):
         pt.add_argument(f"--{flag.replace('_', '-')}", type=typ, default=getattr(pdef, flag))
     pt.add_argument("--overwrite", action="store_true")
     pt.set_defaults(func=cmd_pretrain_tiny)

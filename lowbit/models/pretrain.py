@@ -5,7 +5,9 @@ equations, chained computations and numbers in short narrative text (:func:`lowb
 — and, for ``worked_fraction`` of the documents, worked problems in plain prose
 (:func:`lowbit.data.synthetic.worked_corpus`, test problems excluded). It never sees the instruction/response format
 nor "The answer is", so that fine-tuning on the Math10K-style split has real work to do, as with LLaMA-2 on
-Math10K. The tokenizer is a byte-level BPE with single-digit tokens trained on that corpus
+Math10K. Last, a few LLaMA-like outlier input channels are added to every decoder linear without changing the
+function (:mod:`lowbit.models.outliers`), so that 2-bit round-to-nearest damages the model as it does LLaMA. The
+tokenizer is a byte-level BPE with single-digit tokens trained on that corpus
 plus the training split's text (so the prompt words exist as tokens); the embedding matrix is padded to a multiple
 of 64 rows so that every linear dimension is divisible by 64.
 """
@@ -44,6 +46,10 @@ class PretrainConfig:
     worked_fraction: float = 0.5
     seed: int = 0
     threads: int | None = None
+    # LLaMA-like outlier input channels added after training without changing the function (models/outliers.py):
+    # this share of every decoder linear's input channels gets ×outlier_factor (0 disables).
+    outlier_fraction: float = 0.02
+    outlier_factor: float = 8.0
 
     def __post_init__(self) -> None:
         for name in ("hidden", "intermediate", "vocab_size"):
@@ -51,6 +57,9 @@ class PretrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be divisible by 64 (quantization groups)")
         if self.hidden % self.heads:
             raise ValueError(f"hidden {self.hidden} must be divisible by heads {self.heads}")
+        if not 0.0 <= self.outlier_fraction <= 1.0 or self.outlier_factor <= 0:
+            raise ValueError(f"outlier_fraction must be in [0, 1] and outlier_factor > 0, got "
+                             f"{self.outlier_fraction}, {self.outlier_factor}")
         if not 0.0 <= self.worked_fraction <= 1.0:
             raise ValueError(f"worked_fraction must be in [0, 1], got {self.worked_fraction}")
         if self.steps <= 0 or self.batch_size <= 0 or self.seqlen <= 1:
@@ -160,6 +169,10 @@ def pretrain_tiny(out_dir: str | Path, cfg: PretrainConfig, progress: bool = Tru
             "command": f"lowbit pretrain-tiny --out {out_dir} --steps {cfg.steps} --seed {cfg.seed}",
             "loss_every_50": losses[::50]}
     model = model.half()
+    if cfg.outlier_fraction > 0:
+        from .outliers import add_outlier_channels
+
+        info["outliers"] = add_outlier_channels(model, cfg.outlier_fraction, cfg.outlier_factor, seed=cfg.seed)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)

@@ -43,10 +43,22 @@ def test_loads_with_plain_transformers_and_dims_divisible_by_64(tiny):
         assert torch.isfinite(model(input_ids=ids).logits).all()
 
 
+def test_outlier_channels_are_in_the_weights(tiny):
+    """pretrain.json records the channels lowbit.models.outliers scaled; they are the large columns of the weights."""
+    _, model = tiny
+    info = json.loads((TINY_MODEL_DIR / "pretrain.json").read_text())["outliers"]
+    assert info["factor"] == 8.0 and len(info["layers"]) == len(model.model.layers)
+    for layer, rec in zip(model.model.layers, info["layers"]):
+        for w, cols in ((layer.self_attn.q_proj.weight, rec["qkv_in"]), (layer.mlp.down_proj.weight, rec["down_in"])):
+            norms = w.norm(dim=0)
+            mask = torch.zeros_like(norms, dtype=torch.bool)
+            mask[cols] = True
+            assert norms[mask].min() > 2 * norms[~mask].median()
+
+
 def test_quantization_quality(tiny):
-    """4-bit GPTQ within 10% of full-precision held-out ppl (issue 3's target, met). 2-bit RTN damages the model
-    measurably but far less than the issue's ">= 3x" target (measured ~1.03-1.06x; README explains): the test pins
-    what holds — the damage is visible and ordered — rather than the missed target."""
+    """Issue 3's targets: 4-bit GPTQ within 10% of full-precision held-out ppl; 2-bit RTN (group 64, min-max) at
+    least triples it (measured 5.96x), while 2-bit GPTQ repairs most of that damage."""
     import copy
 
     from lowbit.eval.perplexity import perplexity
@@ -59,7 +71,10 @@ def test_quantization_quality(tiny):
     g4 = copy.deepcopy(model)
     quantize_model(g4, QuantConfig(method="gptq", bits=4, group_size=64), calib, progress=False)
     r2 = copy.deepcopy(model)
-    quantize_model(r2, QuantConfig(method="rtn", bits=2, group_size=-1), None, progress=False)
-    p4, p2 = perplexity(g4, held, 256, max_windows=12), perplexity(r2, held, 256, max_windows=12)
+    quantize_model(r2, QuantConfig(method="rtn", bits=2, group_size=64), None, progress=False)
+    g2 = copy.deepcopy(model)
+    quantize_model(g2, QuantConfig(method="gptq", bits=2, group_size=64), calib, progress=False)
+    p4, p2, pg2 = (perplexity(m, held, 256, max_windows=12) for m in (g4, r2, g2))
     assert p4 <= 1.10 * fp, (fp, p4)
-    assert p2 >= 1.02 * fp and p2 > p4, (fp, p4, p2)
+    assert p2 >= 3.0 * fp, (fp, p2)
+    assert pg2 < 0.5 * p2, (pg2, p2)
