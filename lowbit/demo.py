@@ -39,7 +39,7 @@ class DemoBudget:
 
     steps: int = 30
     batch_size: int = 16
-    lr: float = 3e-3
+    lr: float = 5e-3
     n_eval: int = 30
     max_new_tokens: int = 80
     calib_samples: int = 32
@@ -74,6 +74,19 @@ def _runs(quick: bool) -> list[tuple[str, str, int | None, str | None]]:
     return runs
 
 
+def model_fingerprint() -> str:
+    """SHA-256 (first 16 hex digits) of the embedded model's weights: caches built from another checkpoint are stale."""
+    import hashlib
+
+    from .models.tiny import tiny_model_dir
+
+    h = hashlib.sha256()
+    with open(tiny_model_dir() / "model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def _base_dir(out: Path, method: str, bits: int) -> Path:
     return out / "bases" / f"{method}-{bits}bit"
 
@@ -95,6 +108,9 @@ def build_bases(out: Path, needed: set[tuple[str, int]], calib_samples: int, mag
     fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     cache = out / "bases" / "perplexity.json"
     ppl = json.loads(cache.read_text()) if cache.is_file() else {}
+    source = model_fingerprint()
+    if ppl.get("source") != source:  # built from another checkpoint of the tiny model: rebuild everything
+        ppl = {"source": source}
     if "fp" not in ppl:
         ppl["fp"] = perplexity(fp, held, 256, max_windows=16)
     rows = [{"base": "full precision", "bits": 16, "ppl": ppl["fp"], "ratio": 1.0, "seconds": 0.0}]
@@ -104,7 +120,7 @@ def build_bases(out: Path, needed: set[tuple[str, int]], calib_samples: int, mag
         key = f"{method}-{bits}"
         t = 0.0
         qcfg = QuantConfig(method=method, bits=bits, group_size=64, magr_iters=magr_iters)
-        if _base_settings(d) != qcfg.to_dict():
+        if _base_settings(d) != qcfg.to_dict() or key not in ppl:
             if calib is None:
                 calib = calibration_ids(tok, calib_samples, 256)
             model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
@@ -115,6 +131,7 @@ def build_bases(out: Path, needed: set[tuple[str, int]], calib_samples: int, mag
             ppl.pop(key, None)
         if key not in ppl:
             ppl[key] = perplexity(load_quantized(d), held, 256, max_windows=16)
+        atomic_write_json(cache, ppl)  # per base: a killed demo keeps what it built
         rows.append({"base": method, "bits": bits, "ppl": ppl[key], "ratio": ppl[key] / ppl["fp"], "seconds": t})
         log.info("base %s %d-bit: held-out ppl %.3f (%.2fx full precision)", method, bits, ppl[key],
                  ppl[key] / ppl["fp"])
@@ -153,13 +170,14 @@ def run_demo(out_dir: str | Path = "demo_out", quick: bool = False, budget: Demo
     runs = _runs(quick)
     needed = {(base, bits) for _, _, bits, base in runs if base is not None}
     base_rows = build_bases(out, needed, budget.calib_samples, budget.magr_iters)
+    fingerprint = model_fingerprint()
     done = []
     for i, (name, recipe, bits, base) in enumerate(runs):
         run_dir = out / "runs" / name
         overrides = [*budget.overrides(), f"output_dir={run_dir}"]
         if base is not None:
             overrides.append(f"model.quantized={_base_dir(out, base, bits).resolve()}")
-        stamp = {"recipe": recipe, "overrides": overrides,
+        stamp = {"recipe": recipe, "overrides": overrides, "model": fingerprint,
                  "base": _base_settings(_base_dir(out, base, bits)) if base is not None else None}
         if _cached(run_dir, stamp):
             log.info("[%d/%d] %s: cached", i + 1, len(runs), name)

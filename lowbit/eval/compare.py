@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -115,7 +114,8 @@ def _label(run: dict) -> str:
 
 
 def plot_runs(runs: list[dict], path: str | Path) -> Path:
-    """A grouped bar chart (one group per set plus "avg", one bar per run) written atomically as PNG."""
+    """One horizontal bar panel per set plus "avg" (one bar per run, in table order, coloured by bit width, value
+    printed), written atomically as PNG. Readable with a dozen or more runs, unlike one grouped bar chart."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; must precede pyplot
@@ -123,17 +123,23 @@ def plot_runs(runs: list[dict], path: str | Path) -> Path:
 
     cols = _columns(runs)
     groups = [display_name(c) for c in cols] + ["avg"]
-    width = 0.8 / len(runs)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(groups) * (len(runs) + 1)), 4.0))
-    for k, r in enumerate(runs):
-        vals = [_acc(r, c) for c in cols] + [_avg(r, cols)]
-        xs = [g + (k - (len(runs) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, [math.nan if v is None else v for v in vals], width, label=_label(r))
-    ax.set_xticks(range(len(groups)), groups)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    labels = [_label(r) for r in runs]
+    palette = {16: "#4c72b0", 32: "#4c72b0", 8: "#64b5cd", 4: "#55a868", 3: "#ccb974", 2: "#c44e52"}
+    colors = [palette.get(r.get("bits"), "#8172b2") for r in runs]
+    fig, axes = plt.subplots(1, len(groups), sharey=True,
+                             figsize=(2.4 * len(groups) + 2.5, 0.32 * len(runs) + 1.2), squeeze=False)
+    ys = list(range(len(runs)))[::-1]  # first run on top
+    for j, (ax, title) in enumerate(zip(axes[0], groups)):
+        vals = [_acc(r, cols[j]) if j < len(cols) else _avg(r, cols) for r in runs]
+        ax.barh(ys, [0.0 if v is None else v for v in vals], color=colors, height=0.75)
+        for y, v in zip(ys, vals):
+            ax.text((v or 0.0) + 1.5, y, "n/a" if v is None else f"{v:.1f}", va="center", fontsize=7)
+        ax.set_xlim(0, 100)
+        ax.set_title(title, fontsize=10, fontweight="bold" if title == "avg" else "normal")
+        ax.grid(axis="x", alpha=0.3)
+        ax.tick_params(axis="x", labelsize=8)
+    axes[0][0].set_yticks(ys, labels, fontsize=8)
+    fig.supxlabel("accuracy (%)", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
