@@ -2,8 +2,14 @@
 
 Objective: with ``E = W - Q`` (full-precision minus dequantised weight) and calibration inputs ``X``, choose
 rank-``r`` ``B A`` minimising ``‖X (E - B A)^T‖_F``. Closed form (METHODS.md §2): with ``R^T R = H = X^T X`` and
-the SVD ``R E^T = U Σ V^T``, ``(B A)^T = R^{-1} U_r Σ_r V_r^T``; the optimum is ``Σ_{i>r} σ_i²``. We split it
-balanced: ``A = Σ_r^{1/2} U_r^T R^{-T}``, ``B = V_r Σ_r^{1/2}``. ``H`` is damped by ``λ = damp·mean(diag H)``;
+the SVD ``R E^T = U Σ V^T``, ``(B A)^T = R^{-1} U_r Σ_r V_r^T``; the optimum is ``Σ_{i>r} σ_i²``. METHODS.md
+splits it ``A = Σ_r^{1/2} U_r^T R^{-T}``, ``B = V_r Σ_r^{1/2}``, and notes that the objective does not fix the
+split. That split depends on the scale of ``H``: ``H → kH`` multiplies ``A`` by ``k^{-1/4}`` and ``B`` by ``k^{1/4}``
+(``H = X^T X`` over 16K tokens made ``B`` ~10× larger than ``A`` on the tiny model), and Adam's per-parameter step
+size then moves ``B A`` ~10× faster along ``A`` than a zero-init LoRA moves: CLoQ-initialised training stalled at
+loss ~1.0 (2-bit, lr 5e-3) where GPTQ-LoRA reached 0.2. So each rank-one component is rescaled to equal norms,
+``‖B_{:,i}‖ = ‖A_{i,:}‖`` — the product, hence the objective, is unchanged, and the split no longer depends on the
+scale of ``H``. ``H`` is damped by ``λ = damp·mean(diag H)``;
 eigen-directions of (undamped, ``damp=0``) ``H`` that carry no energy get a pseudo-inverse, so a rank-deficient
 ``H`` gives a finite answer that leaves those unseen directions at zero.
 """
@@ -32,6 +38,10 @@ def cloq_init(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, rank: int, damp
     root = S[:rank].sqrt()
     A = (R_pinv @ U[:, :rank] * root[None, :]).T
     B = Vh[:rank].T * root[None, :]
+    # Equal norms per component (see the module docstring); a zero component stays zero.
+    na, nb = A.norm(dim=1), B.norm(dim=0)
+    c = torch.where((na > 0) & (nb > 0), (na / nb.clamp_min(1e-300)).sqrt(), torch.ones_like(na))
+    A, B = A / c[:, None], B * c[None, :]
     dtype = W.dtype if W.is_floating_point() and W.dtype != torch.float16 else torch.float32
     return A.to(dtype).contiguous(), B.to(dtype).contiguous()
 

@@ -73,3 +73,20 @@ def test_float32_inputs_and_bad_input():
         cloq_init(W, Q, H[:10, :10], 4)
     with pytest.raises(ValueError, match="NaN"):
         cloq_init(W * float("nan"), Q, H, 4)
+
+
+def test_split_is_balanced_per_component_and_independent_of_h_scale():
+    """The product is the METHODS.md closed form; each component has ‖B_:,i‖ = ‖A_i,:‖, and scaling H (more
+    calibration tokens) changes neither factor — with METHODS.md's raw split it moves them by k^{∓1/4}."""
+    W, Q, X, H = _setup()
+    r = 6
+    A, B = cloq_init(W, Q, H, r, damp=0.0)
+    assert torch.allclose(A.norm(dim=1), B.norm(dim=0), rtol=1e-10)
+    # Same product as the unbalanced closed form A^T = R^{-1} U_r Σ_r^{1/2}, B^T = Σ_r^{1/2} V_r^T.
+    R = torch.linalg.cholesky(H).T
+    U, S, Vh = torch.linalg.svd(R @ (W - Q).T, full_matrices=False)
+    product = (torch.linalg.solve(R, U[:, :r] * S[:r]) @ Vh[:r]).T
+    assert torch.allclose(B @ A, product, rtol=0, atol=1e-9 * product.abs().max())
+    A2, B2 = cloq_init(W, Q, 1e4 * H, r, damp=0.0)
+    assert torch.allclose(A2.abs(), A.abs(), rtol=1e-8, atol=1e-12)
+    assert torch.allclose(B2.abs(), B.abs(), rtol=1e-8, atol=1e-12)
