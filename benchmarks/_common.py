@@ -155,20 +155,11 @@ def summary(ts: list[float]) -> dict:
 
 # ----------------------------------------------------------------------------------------------- memory
 
-def _vm_hwm_bytes() -> int | None:
+def _proc_status_bytes(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes, or None where there is none."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _vm_rss_bytes() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -199,12 +190,12 @@ def peak_memory_delta(fn: Callable[[], object], device: torch.device) -> dict:
         fn()
         torch.cuda.synchronize(device)
         return {"peak_delta_bytes": torch.cuda.max_memory_allocated(device) - before, "how": "cuda max_allocated"}
-    before = _vm_rss_bytes()
+    before = _proc_status_bytes("VmRSS")
     if before is None or not _reset_hwm():
         fn()
         return {"peak_delta_bytes": None, "how": "unavailable"}
     fn()
-    return {"peak_delta_bytes": max(0, _vm_hwm_bytes() - before), "how": "VmHWM - VmRSS (cpu)"}
+    return {"peak_delta_bytes": max(0, _proc_status_bytes("VmHWM") - before), "how": "VmHWM - VmRSS (cpu)"}
 
 
 def saved_tensor_bytes(fn: Callable[[], object], module: torch.nn.Module | None = None) -> int:

@@ -91,9 +91,10 @@ def _base_dir(out: Path, method: str, bits: int) -> Path:
     return out / "bases" / f"{method}-{bits}bit"
 
 
-def build_bases(out: Path, needed: set[tuple[str, int]], calib_samples: int, magr_iters: int = 200) -> list[dict]:
+def build_bases(out: Path, needed: set[tuple[str, int]], calib_samples: int, magr_iters: int = 200,
+                source: str | None = None) -> list[dict]:
     """Quantize the tiny model once per (method, bits) into ``OUT/bases`` (skipped when cached); returns rows
-    with held-out perplexity."""
+    with held-out perplexity. ``source`` is the tiny model's :func:`model_fingerprint` (computed when None)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -105,13 +106,13 @@ def build_bases(out: Path, needed: set[tuple[str, int]], calib_samples: int, mag
     src = tiny_model_dir()
     tok = AutoTokenizer.from_pretrained(src)
     held = heldout_text_ids(tok, n_docs=400)
-    fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     cache = out / "bases" / "perplexity.json"
     ppl = json.loads(cache.read_text()) if cache.is_file() else {}
-    source = model_fingerprint()
+    source = source or model_fingerprint()
     if ppl.get("source") != source:  # built from another checkpoint of the tiny model: rebuild everything
         ppl = {"source": source}
     if "fp" not in ppl:
+        fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
         ppl["fp"] = perplexity(fp, held, 256, max_windows=16)
     rows = [{"base": "full precision", "bits": 16, "ppl": ppl["fp"], "ratio": 1.0, "seconds": 0.0}]
     calib = None
@@ -169,8 +170,8 @@ def run_demo(out_dir: str | Path = "demo_out", quick: bool = False, budget: Demo
     t_start = time.perf_counter()
     runs = _runs(quick)
     needed = {(base, bits) for _, _, bits, base in runs if base is not None}
-    base_rows = build_bases(out, needed, budget.calib_samples, budget.magr_iters)
     fingerprint = model_fingerprint()
+    base_rows = build_bases(out, needed, budget.calib_samples, budget.magr_iters, source=fingerprint)
     done = []
     for i, (name, recipe, bits, base) in enumerate(runs):
         run_dir = out / "runs" / name
