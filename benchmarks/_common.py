@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from anywhere, without installing
     sys.path.insert(0, str(ROOT))
 
-from lowbit._io import atomic_write_json, atomic_write_text  # noqa: E402
+from lowbit.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------- arguments
 

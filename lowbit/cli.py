@@ -110,7 +110,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .eval.perplexity import perplexity
-    from .quant.calibration import split_calibration, tokenize_sources
+    from .data.calibration import split_calibration, tokenize_sources
     from .quant.model import quantize_model
     from .quant.serialization import config_fingerprint, save_quantized
 
@@ -152,7 +152,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                "mean_rel_output_error": _mean(r.get("rel_output_error") for r in report),
                "mean_rel_weight_error": _mean(r["rel_weight_error"] for r in report), "seconds": elapsed}
     save_quantized(model, out, qcfg, tokenizer=tok, source=args.model, extra={"summary": summary})
-    from ._io import atomic_write_json, atomic_write_text
+    from .io import atomic_write_json, atomic_write_text
 
     atomic_write_json(out / "layer_errors.json", report)
     atomic_write_text(out / "layer_errors.md", _error_table(report) + "\n")
@@ -186,7 +186,7 @@ def _fmt(v: float | None) -> str:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.quantization_only:
-        from .demo_quant import run_demo as run_quant_demo
+        from .recipes.demo_quant import run_demo as run_quant_demo
 
         try:
             run_quant_demo(out_dir=Path(args.out), quick=args.quick, model_dir=args.model)
@@ -196,14 +196,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.model:
         raise SystemExit("error: --model applies to --quantization-only; the comparison uses the embedded tiny "
                          "model and its recipes (run `lowbit finetune` on your own model instead)")
-    from .demo import run_demo
+    from .recipes.demo import run_demo
 
     run_demo(out_dir=Path(args.out), quick=args.quick)
     return 0
 
 
 def cmd_pretrain_tiny(args: argparse.Namespace) -> int:
-    from .models.pretrain import PretrainConfig, pretrain_tiny
+    from .recipes.pretrain_tiny import PretrainConfig, pretrain_tiny
 
     try:
         cfg = PretrainConfig(steps=args.steps, seed=args.seed, hidden=args.hidden, layers=args.layers,
@@ -286,7 +286,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .eval.run import evaluate_command
+    from .recipes.evaluate import evaluate_command
 
     return evaluate_command(args)
 
@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--rank", type=int, default=64)
     pa.add_argument("--num-blocks", type=int, default=64)
     pa.set_defaults(func=cmd_params)
-    from .models.pretrain import PretrainConfig  # no heavy imports: defaults come from the config dataclass
+    from .recipes.pretrain_tiny import PretrainConfig  # no heavy imports: defaults come from the config dataclass
 
     pdef = PretrainConfig()
     pt = sub.add_parser("pretrain-tiny", help="pre-train lowbit's embedded tiny arithmetic LLaMA from scratch")

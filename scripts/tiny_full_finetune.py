@@ -1,7 +1,7 @@
 """Feasibility check for the embedded tiny model: full-parameter fine-tuning on the synthetic Math10K-style
 training split, then greedy accuracy on the four synthetic test families.
 
-    python scripts/tiny_full_finetune.py --model lowbit/models/tiny_arith --steps 400 --out ft_check.json
+    python scripts/tiny_full_finetune.py --model lowbit/tiny/tiny_arith --steps 400 --out ft_check.json
 
 This is the "is >= 60% within reach" measurement of issue 3 (adapter fine-tuning comes with the recipes).
 """
@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lowbit._io import atomic_write_json
+from lowbit.io import atomic_write_json
 from lowbit.data.prompts import format_prompt
 from lowbit.data.synthetic import FAMILIES, make_dataset
 from lowbit.eval.accuracy import accuracy

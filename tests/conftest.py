@@ -1,4 +1,9 @@
 import os
+import sys
+from pathlib import Path
+
+# Test helpers (tiny_models.py) are imported by name.
+sys.path.insert(0, str(Path(__file__).parent))
 
 # No hub access here (and none needed): every model and tokenizer in the tests is built locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,6 +27,6 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A random tiny LLaMA (hidden 64, 2 layers) with tokenizer and calib.txt, saved once per session."""
-    from lowbit.models.tiny import save_random_llama
+    from tiny_models import save_random_llama
 
     return save_random_llama(tmp_path_factory.mktemp("tiny_llama"), hidden=64, layers=2, heads=4, intermediate=128)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from lowbit.cli import main
-from lowbit.models.tiny import TINY_MODEL_DIR
+from lowbit.tiny import TINY_MODEL_DIR
 
 
 @pytest.mark.skipif(not (TINY_MODEL_DIR / "config.json").is_file(), reason="tiny model not built")
@@ -33,7 +33,7 @@ def test_demo_missing_model(tmp_path):
 
 def test_comparison_demo_quick_has_every_row_and_reuses_its_cache(tmp_path, capsys):
     """Issue 7, acceptance 4 (92 s on 2 idle cores): every row, accuracies in [0, 100], a rerun reuses the cache."""
-    from lowbit.demo import QUICK_METHODS, _runs
+    from lowbit.recipes.demo import QUICK_METHODS, _runs
 
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -55,7 +55,7 @@ def test_comparison_demo_quick_has_every_row_and_reuses_its_cache(tmp_path, caps
 
 def test_base_cache_is_rebuilt_for_another_tiny_checkpoint(tmp_path, monkeypatch):
     """The bases and their perplexities are keyed by the tiny model's weights: another checkpoint starts afresh."""
-    import lowbit.demo as demo
+    import lowbit.recipes.demo as demo
 
     monkeypatch.setattr(demo, "model_fingerprint", lambda: "old")
     cache = tmp_path / "bases" / "perplexity.json"
@@ -74,6 +74,6 @@ def test_base_cache_is_rebuilt_for_another_tiny_checkpoint(tmp_path, monkeypatch
 def test_model_fingerprint_is_the_weights_hash():
     import hashlib
 
-    from lowbit.demo import model_fingerprint
+    from lowbit.recipes.demo import model_fingerprint
 
     assert model_fingerprint() == hashlib.sha256((TINY_MODEL_DIR / "model.safetensors").read_bytes()).hexdigest()[:16]

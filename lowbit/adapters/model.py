@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._io import atomic_dir, atomic_write_json
+from ..io import atomic_dir, atomic_write_json
 from ..quant.model import QuantConfig, arch_spec, quantize_model
 from ..quant.qlinear import QuantLinear
 from .cloq import cloq_init

@@ -58,7 +58,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowbit._io import atomic_write_text
+from lowbit.io import atomic_write_text
 
 __all__ = [
     "FAMILIES",

@@ -1,6 +1,6 @@
 """Accuracy of a model on Math10K-format test records in memory (generation + the published answer extraction).
 
-``lowbit evaluate`` (:mod:`lowbit.eval.run`) is the resumable, file-writing version of the same computation.
+``lowbit evaluate`` (:mod:`lowbit.recipes.evaluate`) is the resumable, file-writing version of the same computation.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from torch import nn
 
 from ..data.prompts import format_prompt
 from .answers import score_generation
-from .datasets import kind_of
+from ..data.testsets import kind_of
 from .generate import generate
 
 CHOICE_SETS = ("aqua",)

@@ -16,8 +16,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from .._io import atomic_write_text
-from .datasets import display_name, known_datasets
+from ..io import atomic_write_text
+from ..data.testsets import display_name, known_datasets
 
 log = logging.getLogger(__name__)
 

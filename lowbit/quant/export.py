@@ -57,7 +57,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._io import atomic_dir, atomic_write_json
+from ..io import atomic_dir, atomic_write_json
 from .packing import pack
 from .qlinear import QuantLinear
 from .qweight import default_group_index

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._io import atomic_dir, atomic_write_json
+from ..io import atomic_dir, atomic_write_json
 from .model import QuantConfig, quantized_modules
 from .qlinear import QuantLinear
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TINY = "tiny"  # the embedded model (lowbit/models/tiny_arith)
+TINY = "tiny"  # the embedded model (lowbit/tiny/tiny_arith)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json, atomic_write_text
 from .config import TINY, RecipeConfig, dump_recipe
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def load_training_records(cfg: RecipeConfig) -> list[dict]:
 
 def _model_path(cfg: RecipeConfig) -> str:
     if cfg.model.name == TINY:
-        from ..models.tiny import TINY_MODEL_DIR
+        from ..tiny import TINY_MODEL_DIR
 
         return str(TINY_MODEL_DIR)
     return cfg.model.name
@@ -169,10 +169,10 @@ def calibration_windows(cfg: RecipeConfig, tokenizer) -> torch.Tensor:
     """``(nsamples, seqlen)`` calibration token ids from ``cfg.calibration``."""
     c = cfg.calibration
     if c.sources == [TINY]:
-        from ..models.tiny import calibration_ids
+        from ..tiny import calibration_ids
 
         return calibration_ids(tokenizer, c.nsamples, c.seqlen)
-    from ..quant.calibration import split_calibration, tokenize_sources
+    from ..data.calibration import split_calibration, tokenize_sources
 
     ids = tokenize_sources(tokenizer, c.sources)
     windows, _ = split_calibration(ids, c.nsamples, c.seqlen, seed=c.seed)
@@ -277,7 +277,7 @@ def finetune(cfg: RecipeConfig, resume: bool = False, callbacks: list | None = N
                                 train_on_prompt=cfg.data.train_on_prompt)
     log.info("training data: %d examples (%s)", len(train_ds), cfg.data.source)
     if cfg.eval.datasets:  # a missing test file must not surface only after training
-        from ..eval.datasets import resolve_datasets
+        from ..data.testsets import resolve_datasets
 
         resolve_datasets(list(cfg.eval.datasets), cfg.eval.data_dir)
 
@@ -390,7 +390,7 @@ def _save_base(cfg: RecipeConfig, model, tokenizer, out: Path) -> str:
 def evaluate_run(cfg: RecipeConfig, out: Path, base_dir: str) -> dict:
     """``lowbit evaluate`` of the trained adapter on ``cfg.eval.datasets``; results land in the run directory
     (``<set>.jsonl`` and ``summary.json``, read by ``lowbit compare``)."""
-    from ..eval.run import EvalConfig, run_evaluation
+    from .evaluate import EvalConfig, run_evaluation
 
     e = cfg.eval
     ecfg = EvalConfig(model=base_dir, adapter=str(out / "adapter"), datasets=list(e.datasets), data_dir=e.data_dir,

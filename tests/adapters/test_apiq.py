@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lowbit.adapters.apiq import apiq_bw, lwc_quantize, lwc_to_quantized
-from lowbit.models.tiny import random_llama
+from tiny_models import random_llama
 from lowbit.quant.model import capture_layer_inputs
 from lowbit.quant.rtn import rtn_quantize
 

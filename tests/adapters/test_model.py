@@ -6,7 +6,7 @@ import torch
 
 from lowbit.adapters import AdapterConfig, DiaBloLinear, LoRALinear, apply_adapters, load_adapter, save_adapter
 from lowbit.adapters.model import adapter_modules, count_parameters, expected_trainable
-from lowbit.models.tiny import random_llama
+from tiny_models import random_llama
 from lowbit.quant.model import QuantConfig, dequantize_model, quantize_model
 
 

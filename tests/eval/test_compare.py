@@ -63,7 +63,7 @@ def test_missing_summary_is_a_clear_error(tmp_path):
 
 def test_compare_real_evaluate_output(tmp_path):
     """A summary written by `lowbit evaluate` (fake generator) is read by compare."""
-    from lowbit.eval.run import EvalConfig, run_evaluation
+    from lowbit.recipes.evaluate import EvalConfig, run_evaluation
 
     def gen(prompts):
         yield list(range(len(prompts))), ["The answer is 3."] * len(prompts)

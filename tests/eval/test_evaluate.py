@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from lowbit.cli import main
-from lowbit.eval import run as run_mod
-from lowbit.eval.run import EvalConfig, read_rows, run_evaluation
+from lowbit.recipes import evaluate as run_mod
+from lowbit.recipes.evaluate import EvalConfig, read_rows, run_evaluation
 
 DATA = Path(os.environ.get("LOWBIT_DATA_DIR") or Path(__file__).resolve().parents[3] / "shared" / "data")
 PAPER_SETS = ["gsm8k", "svamp", "mawps", "aqua"]
@@ -49,7 +49,7 @@ def oracle_for(records_by_set: dict[str, list[dict]], cfg: EvalConfig):
 
 @needs_data
 def test_oracle_scores_100_on_the_real_test_files(tmp_path):
-    from lowbit.eval.datasets import load_records, resolve_datasets
+    from lowbit.data.testsets import load_records, resolve_datasets
 
     cfg = EvalConfig(model="oracle", datasets=PAPER_SETS, data_dir=str(DATA), out=str(tmp_path), progress=False)
     records = {s.name: load_records(s) for s in resolve_datasets(PAPER_SETS, DATA)}
@@ -264,7 +264,7 @@ def _save_lora(model, out):
                     reason="lowbit.adapters.load_adapter not written yet")
 def test_real_adapter_for_another_base(tmp_path, monkeypatch):
     import lowbit.eval.generate as gen_mod
-    from lowbit.models.tiny import random_llama
+    from tiny_models import random_llama
 
     adapter = _save_lora(random_llama(hidden=64, layers=2, intermediate=128), tmp_path / "adapter")
     monkeypatch.setattr(gen_mod, "iter_generate", lambda *a, **k: pytest.fail("generation started"))
@@ -280,7 +280,7 @@ def test_matching_adapter_and_quantized_base(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowbit.models.tiny import tiny_model_dir
+    from lowbit.tiny import tiny_model_dir
     from lowbit.quant.model import QuantConfig, quantize_model
     from lowbit.quant.serialization import load_quantized, save_quantized
 

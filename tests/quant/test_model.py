@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lowbit.cli import main
-from lowbit.models.tiny import random_llama
+from tiny_models import random_llama
 from lowbit.quant import QuantLinear, gptq_quantize
 from lowbit.quant.model import QuantConfig, capture_layer_inputs, quantize_model
 from lowbit.quant.serialization import load_quantized, save_quantized

@@ -1,9 +1,4 @@
-"""Small LLaMA models and a local BPE tokenizer, built without any download — for tests, the demo and CI.
-
-``random_llama`` gives a randomly initialised ``LlamaForCausalLM``; ``arithmetic_corpus`` a deterministic
-text corpus of short arithmetic statements used to train the tokenizer and to calibrate and score quantization
-when no other text is at hand.
-"""
+"""Test fixtures: random tiny LLaMA models and a local BPE tokenizer, built without any download."""
 
 from __future__ import annotations
 
@@ -12,32 +7,7 @@ from pathlib import Path
 
 import torch
 
-# The embedded pre-trained tiny arithmetic LLaMA (built by `lowbit pretrain-tiny`; see its pretrain.json).
-TINY_MODEL_DIR = Path(__file__).parent / "tiny_arith"
-
-
-def tiny_model_dir() -> Path:
-    """Path of the embedded tiny model; raises with the regeneration command if it is missing."""
-    if not (TINY_MODEL_DIR / "config.json").is_file():
-        raise FileNotFoundError(f"the embedded tiny model is missing at {TINY_MODEL_DIR}; rebuild it with "
-                                f"`lowbit pretrain-tiny --out {TINY_MODEL_DIR} --steps 1500 --seed 0`")
-    return TINY_MODEL_DIR
-
-
-def heldout_text_ids(tokenizer, n_docs: int = 1500, seed: int = 12345) -> torch.Tensor:
-    """1-D token ids of held-out pre-training-style text (a seed the pre-training corpus never uses)."""
-    from ..data.synthetic import pretrain_corpus
-    from .pretrain import concat_with_eos
-
-    return torch.tensor(concat_with_eos(tokenizer, pretrain_corpus(n_docs, seed=seed)))
-
-
-def calibration_ids(tokenizer, nsamples: int = 64, seqlen: int = 256, seed: int = 777) -> torch.Tensor:
-    """``(nsamples, seqlen)`` calibration windows of pre-training-style text (disjoint seed)."""
-    ids = heldout_text_ids(tokenizer, n_docs=max(200, nsamples * seqlen // 20), seed=seed)
-    if len(ids) < nsamples * seqlen:
-        raise ValueError(f"calibration text too short: {len(ids)} < {nsamples * seqlen} tokens")
-    return ids[: nsamples * seqlen].view(nsamples, seqlen)
+from lowbit.tiny.tokenizer import build_tokenizer
 
 _NAMES = ["Ann", "Ben", "Carla", "Dev", "Emma", "Farid", "Gina", "Hugo"]
 _ITEMS = ["apples", "books", "coins", "marbles", "pencils", "stickers", "cards", "shells"]
@@ -65,8 +35,6 @@ def arithmetic_corpus(n: int = 2000, seed: int = 0) -> list[str]:
 
 def make_tokenizer(corpus: list[str] | None = None, vocab_size: int = 320):
     """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``corpus`` (digits always split)."""
-    from .pretrain import build_tokenizer
-
     return build_tokenizer(corpus if corpus is not None else arithmetic_corpus(), vocab_size)
 
 

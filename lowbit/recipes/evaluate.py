@@ -31,11 +31,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .._io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json, atomic_write_text
 from ..data.prompts import format_prompt
-from .answers import VARIANTS as CHOICE_RULES
-from .answers import score_generation
-from .datasets import DatasetSpec, known_datasets, load_records, resolve_datasets
+from ..eval.answers import VARIANTS as CHOICE_RULES
+from ..eval.answers import score_generation
+from ..data.testsets import DatasetSpec, known_datasets, load_records, resolve_datasets
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def resolve_model(model: str) -> tuple[str, bool]:
                              f"'{TINY_ALIAS}' for the embedded tiny model")
         return str(p.resolve()), False
     if model == TINY_ALIAS:
-        from ..models.tiny import tiny_model_dir
+        from ..tiny import tiny_model_dir
 
         return str(tiny_model_dir().resolve()), False
     if p.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
@@ -327,7 +327,7 @@ def run_evaluation(cfg: EvalConfig, generate_batches: BatchGenerator | None = No
     if generate_batches is None and any(missing.values()):
         import torch
 
-        from .generate import iter_generate
+        from ..eval.generate import iter_generate
 
         t0 = time.perf_counter()
         model, tok, loaded = load_model(model_path, adapter_path, device, cfg.dtype)

@@ -6,7 +6,7 @@ equations, chained computations and numbers in short narrative text (:func:`lowb
 (:func:`lowbit.data.synthetic.worked_corpus`, test problems excluded). It never sees the instruction/response format
 nor "The answer is", so that fine-tuning on the Math10K-style split has real work to do, as with LLaMA-2 on
 Math10K. Last, a few LLaMA-like outlier input channels are added to every decoder linear without changing the
-function (:mod:`lowbit.models.outliers`), so that 2-bit round-to-nearest damages the model as it does LLaMA. The
+function (:mod:`lowbit.tiny.outliers`), so that 2-bit round-to-nearest damages the model as it does LLaMA. The
 tokenizer is a byte-level BPE with single-digit tokens trained on that corpus
 plus the training split's text (so the prompt words exist as tokens); the embedding matrix is padded to a multiple
 of 64 rows so that every linear dimension is divisible by 64.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_dir, atomic_write_json
+from ..io import atomic_dir, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class PretrainConfig:
     worked_fraction: float = 0.5
     seed: int = 0
     threads: int | None = None
-    # LLaMA-like outlier input channels added after training without changing the function (models/outliers.py):
+    # LLaMA-like outlier input channels added after training without changing the function (lowbit/tiny/outliers.py):
     # this share of every decoder linear's input channels gets ×outlier_factor (0 disables).
     outlier_fraction: float = 0.02
     outlier_factor: float = 8.0
@@ -66,30 +66,6 @@ class PretrainConfig:
             raise ValueError("steps, batch_size must be > 0 and seqlen > 1")
 
 
-def build_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   padding_side="left")
-
-
-def concat_with_eos(tok, docs: list[str]) -> list[int]:
-    """Token ids of ``docs``, each followed by EOS, concatenated."""
-    ids: list[int] = []
-    for e in tok(docs, add_special_tokens=False)["input_ids"]:
-        ids.extend(e)
-        ids.append(tok.eos_token_id)
-    return ids
-
-
 def _blocks(tok, docs: list[str], seqlen: int) -> torch.Tensor:
     ids = concat_with_eos(tok, docs)
     n = len(ids) // seqlen
@@ -104,6 +80,7 @@ def pretrain_tiny(out_dir: str | Path, cfg: PretrainConfig, progress: bool = Tru
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ..data.synthetic import generate_split, pretrain_corpus, worked_corpus
+    from ..tiny.tokenizer import build_tokenizer, concat_with_eos
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -170,7 +147,7 @@ def pretrain_tiny(out_dir: str | Path, cfg: PretrainConfig, progress: bool = Tru
             "loss_every_50": losses[::50]}
     model = model.half()
     if cfg.outlier_fraction > 0:
-        from .outliers import add_outlier_channels
+        from ..tiny.outliers import add_outlier_channels
 
         info["outliers"] = add_outlier_channels(model, cfg.outlier_fraction, cfg.outlier_factor, seed=cfg.seed)
     with atomic_dir(out_dir) as tmp:
@@ -179,7 +156,3 @@ def pretrain_tiny(out_dir: str | Path, cfg: PretrainConfig, progress: bool = Tru
         atomic_write_json(tmp / "pretrain.json", info)
     log.info("tiny model: held-out ppl %.3f, %.0fs -> %s", heldout_ppl, elapsed, out_dir)
     return info
-
-
-def load_info(model_dir: str | Path) -> dict:
-    return json.loads((Path(model_dir) / "pretrain.json").read_text())

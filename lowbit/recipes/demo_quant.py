@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_write_json
+from ..io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +32,11 @@ def run_demo(out_dir: Path, quick: bool = False, model_dir: str | Path | None = 
              ) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data.synthetic import FAMILIES, test_split
-    from .eval.accuracy import accuracy
-    from .eval.perplexity import perplexity
-    from .models.tiny import calibration_ids, heldout_text_ids, tiny_model_dir
-    from .quant.model import QuantConfig, quantize_model
+    from ..data.synthetic import FAMILIES, test_split
+    from ..eval.accuracy import accuracy
+    from ..eval.perplexity import perplexity
+    from ..tiny import calibration_ids, heldout_text_ids, tiny_model_dir
+    from ..quant.model import QuantConfig, quantize_model
 
     out_dir = Path(out_dir)
     model_dir = Path(model_dir) if model_dir else tiny_model_dir()

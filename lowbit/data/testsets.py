@@ -109,7 +109,7 @@ def load_records(spec: DatasetSpec, limit: int | None = None, synthetic_seed: in
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
     if spec.family is not None:
-        from ..data.synthetic import test_split
+        from .synthetic import test_split
 
         return test_split(spec.family, limit or SYNTHETIC_N, seed=synthetic_seed)
     try:

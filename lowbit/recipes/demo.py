@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def model_fingerprint() -> str:
     """SHA-256 (first 16 hex digits) of the embedded model's weights: caches built from another checkpoint are stale."""
     import hashlib
 
-    from .models.tiny import tiny_model_dir
+    from ..tiny import tiny_model_dir
 
     h = hashlib.sha256()
     with open(tiny_model_dir() / "model.safetensors", "rb") as f:
@@ -98,10 +98,10 @@ def build_bases(out: Path, needed: set[tuple[str, int]], calib_samples: int, mag
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .eval.perplexity import perplexity
-    from .models.tiny import calibration_ids, heldout_text_ids, tiny_model_dir
-    from .quant.model import QuantConfig, quantize_model
-    from .quant.serialization import load_quantized, save_quantized
+    from ..eval.perplexity import perplexity
+    from ..tiny import calibration_ids, heldout_text_ids, tiny_model_dir
+    from ..quant.model import QuantConfig, quantize_model
+    from ..quant.serialization import load_quantized, save_quantized
 
     src = tiny_model_dir()
     tok = AutoTokenizer.from_pretrained(src)
@@ -141,7 +141,7 @@ def build_bases(out: Path, needed: set[tuple[str, int]], calib_samples: int, mag
 
 
 def _base_settings(d: Path) -> dict | None:
-    from .quant.serialization import read_quant_meta
+    from ..quant.serialization import read_quant_meta
 
     if not (d / "quant_config.json").is_file():
         return None
@@ -161,9 +161,9 @@ def _cached(run_dir: Path, stamp: dict) -> bool:
 
 def run_demo(out_dir: str | Path = "demo_out", quick: bool = False, budget: DemoBudget | None = None) -> dict:
     """Run (or reuse) every comparison run; print and write the table. Returns ``results.json``'s content."""
-    from .eval.compare import compare_table, load_run, plot_runs
-    from .recipes.config import load_recipe
-    from .recipes.finetune import finetune
+    from ..eval.compare import compare_table, load_run, plot_runs
+    from .config import load_recipe
+    from .finetune import finetune
 
     out = Path(out_dir)
     budget = budget or (QUICK_BUDGET if quick else DemoBudget())

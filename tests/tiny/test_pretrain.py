@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lowbit.models.pretrain import PretrainConfig, pretrain_tiny
+from lowbit.recipes.pretrain_tiny import PretrainConfig, pretrain_tiny
 
 
 def _cfg(**kw):

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from lowbit.models.outliers import add_outlier_channels
+from lowbit.tiny.outliers import add_outlier_channels
 from lowbit.quant.rtn import rtn_quantize
 
 

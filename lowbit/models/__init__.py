@@ -1,1 +1,0 @@
-"""Model builders: small LLaMA models and tokenizers made locally (no hub access needed)."""
