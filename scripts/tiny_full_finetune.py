@@ -3,7 +3,7 @@ training split, then greedy accuracy on the four synthetic test families.
 
     python scripts/tiny_full_finetune.py --model lowbit/tiny/tiny_arith --steps 400 --out ft_check.json
 
-This is the "is >= 60% within reach" measurement of issue 3 (adapter fine-tuning comes with the recipes).
+This is the "is >= 60% within reach" measurement of the tiny model (adapter fine-tuning comes with the recipes).
 """
 
 from __future__ import annotations

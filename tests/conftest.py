@@ -30,3 +30,15 @@ def tiny_llama_dir(tmp_path_factory):
     from tiny_models import save_random_llama
 
     return save_random_llama(tmp_path_factory.mktemp("tiny_llama"), hidden=64, layers=2, heads=4, intermediate=128)
+
+
+@pytest.fixture(scope="session")
+def real_data_dir():
+    """The folder of the real Math10K files (``lowbit.data.testsets.default_data_dir()``), or skip the test."""
+    from lowbit.data.testsets import default_data_dir
+
+    d = default_data_dir()
+    if d is None or not (Path(d) / "gsm8k" / "test.json").is_file():
+        pytest.skip("real data not found: set LOWBIT_DATA_DIR to a folder holding gsm8k/test.json, SVAMP/test.json, "
+                    "mawps/test.json, AQuA/test.json, ... (default ../shared/data beside the checkout)")
+    return Path(d)

@@ -1,17 +1,32 @@
-"""Adapters on quantized bases (DiaBlo, LoRA) and their initialisations — METHODS.md §2–3.
+"""Adapters on quantized bases and their initialisations: LoRA (Hu et al. 2021) and DiaBlo (Gurses et al. 2025);
+CLoQ (Deng et al. 2025), LoftQ (Li et al. 2023), ApiQ-bw (Liao et al. 2024) and a calibrated DiaBlo init.
 
-Layering: pure tensor initialisations (``cloq``, ``loftq``, ``diablo_calibrated``, ``apiq``) and the thin
-``nn.Module`` wrappers (``lora``, ``diablo``) below; ``model`` (apply, count, save, load) on top.
+Layering: ``base`` (the :class:`~lowbit.adapters.base.AdapterLayer` wrapper class) → ``registry`` (adapters and
+initialisations by name) → ``config`` (:class:`AdapterConfig`) → one file per adapter (``lora``, ``diablo``) and per
+initialisation (``cloq``, ``diablo_calibrated``, ``loftq``, ``apiq`` on ``lwc``), each registering itself beside its
+algorithm → ``model`` (apply, count) and ``storage`` (save, load in PEFT's layout).
+
+Adding an adapter: subclass ``AdapterLayer`` in a new file, decorate it with ``@register_adapter("name")`` and import
+the file below. Adding an initialisation: decorate its function with ``@register_init("name", ...)`` next to the
+algorithm and import the file below.
 """
 
+from . import apiq, cloq, diablo, diablo_calibrated, loftq, lora  # noqa: F401  (importing registers them)
+from .apiq import apiq_bw
+from .base import AdapterLayer
 from .cloq import cloq_init
+from .config import AdapterConfig
 from .diablo import DiaBloLinear
 from .diablo_calibrated import diablo_calibrated_init
 from .loftq import loftq_init
 from .lora import LoRALinear
-from .model import AdapterConfig, apply_adapters, count_parameters, load_adapter, save_adapter
+from .model import adapter_modules, apply_adapters, count_parameters, expected_trainable, without_adapters
+from .registry import ADAPTERS, INITS, register_adapter, register_init
+from .storage import load_adapter, read_adapter_config, save_adapter, set_adapter_weights
 
 __all__ = [
-    "DiaBloLinear", "LoRALinear", "cloq_init", "diablo_calibrated_init", "loftq_init", "AdapterConfig",
-    "apply_adapters", "count_parameters", "load_adapter", "save_adapter",
+    "AdapterConfig", "AdapterLayer", "ADAPTERS", "INITS", "register_adapter", "register_init", "apply_adapters",
+    "adapter_modules", "count_parameters", "expected_trainable", "without_adapters", "save_adapter",
+    "load_adapter", "read_adapter_config", "set_adapter_weights", "DiaBloLinear", "LoRALinear", "cloq_init",
+    "loftq_init", "diablo_calibrated_init", "apiq_bw",
 ]

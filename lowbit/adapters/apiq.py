@@ -1,5 +1,5 @@
-"""ApiQ-bw: block-wise joint initialisation of LoRA and the weight quantizer (Liao et al. 2024, arXiv 2402.05147;
-reference code BaohaoLiao/ApiQ). See METHODS.md §2.
+"""ApiQ-bw: block-wise joint initialisation of LoRA and the weight quantizer (Liao et al. 2024, "ApiQ: Finetuning of
+2-Bit Quantized Large Language Model", arXiv 2402.05147; reference code BaohaoLiao/ApiQ).
 
 Objective, per decoder block ``ℓ`` and in order ``ℓ = 0, 1, …``::
 
@@ -9,13 +9,14 @@ where ``X_fp`` are the full-precision model's inputs to block ``ℓ`` and ``X_q`
 quantized-and-adapted blocks ``0 … ℓ-1`` (so each block also learns to undo the error accumulated before it).
 In ``q_block`` every quantized linear ``W`` ``(out, in)`` (``targets``) becomes ``Q(W; γ, β) + (α/r)·B @ A`` if it
 also carries LoRA (``lora_targets``, a subset of ``targets``), else just ``Q(W; γ, β)``; the clipping of every
-quantized linear and the LoRA factors of the adapted ones are trained jointly. The DiaBlo table's "ApiQ-bw 112M"
-setting is ``targets=None`` (all seven projections quantized) with ``lora_targets=["q_proj", "k_proj", "v_proj",
-"up_proj", "down_proj"]``:
+quantized linear and the LoRA factors of the adapted ones are trained jointly. The "ApiQ-bw 112M" setting of the
+DiaBlo paper's comparison (Gurses et al. 2025, arXiv 2506.03230) is ``targets=None`` (all seven projections
+quantized) with ``lora_targets=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]``:
 
 - ``Q`` is uniform asymmetric per-(row, group) fake quantization with learnable weight clipping (LWC, from
-  OmniQuant): the range ``[xmin·σ(β), xmax·σ(γ)]`` with ``xmin = min(min w, 0)``, ``xmax = max(max w, 0)`` of
-  the group, ``γ, β`` of shape ``(out, G)`` initialised to 4 (σ(4) ≈ 0.982), straight-through rounding;
+  OmniQuant, Shao et al. 2023, arXiv 2308.13137): the range ``[xmin·σ(β), xmax·σ(γ)]`` with
+  ``xmin = min(min w, 0)``, ``xmax = max(max w, 0)`` of the group, ``γ, β`` of shape ``(out, G)`` initialised to 4
+  (σ(4) ≈ 0.982), straight-through rounding;
 - ``A`` ``(r, in)`` is initialised Kaiming-uniform with ``a = √5`` and ``B`` ``(out, r)`` to zero. This is what
   the reference does: it wraps the model with PEFT's default ``LoraConfig`` (``init_lora_weights=True``) before
   calibrating, so the block starts as plain (slightly clipped) RTN.
@@ -29,10 +30,11 @@ lowbit's RTN convention) and the scale is fp16-representable (lowbit's storage),
 lowbit's RTN; training runs in float32 rather than fp16 autocast; a final partial batch is used, not dropped; the
 frozen block propagates ``X_q`` with ``Q + s·B@A`` merged in float32. The reference's 2-bit script also adds an
 auxiliary loss ``MSE(fp_block(X_q), q_block(X_q))`` (``--aug_loss``) and uses symmetric quantization; neither is
-part of the objective specified in METHODS.md §2, and neither is implemented.
+part of the block-wise objective above, and neither is implemented.
 
-Layers: :func:`lwc_quantize` / :func:`lwc_to_quantized` are pure tensor functions; :func:`apiq_bw` is the
-model-level driver built on :mod:`lowbit.quant.model`'s input capture and batched layer runs.
+Layers: the clipping quantizer lives in :mod:`lowbit.adapters.lwc`; :func:`apiq_bw` is the model-level driver,
+built on :mod:`lowbit.quant.calibrate`'s input capture and batched layer runs; the registered initialisation
+``init="apiq-bw"`` puts its result into LoRA wrappers.
 """
 
 from __future__ import annotations
@@ -45,130 +47,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.model import ArchSpec, _run_layer, _targets_of, arch_spec, capture_layer_inputs
-from ..quant.qweight import QuantizedWeight, check_bits, check_group_size, params_from_range, quantize_codes
+from ..quant.arch import ArchSpec, arch_spec, set_submodule, target_groups
+from ..quant.calibrate import capture_layer_inputs, run_layer
+from ..quant.qweight import QuantizedWeight, check_bits, check_group_size
+from .base import quantized_linear
+from .lwc import LwcLoRALinear
+from .registry import make_adapter, register_init
 
 log = logging.getLogger(__name__)
-
-# Reference initial value of the clipping logits γ, β: σ(4) ≈ 0.982, i.e. almost min-max.
-LWC_INIT = 4.0
-
-
-def _clipped_groups(W: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, group_size: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``W`` ``(out, in)`` -> grouped weight ``(out, G, g)`` and the clipped range ``xmin, xmax`` ``(out, G)``."""
-    if W.dim() != 2:
-        raise ValueError(f"W must be a 2-D (out, in) tensor, got shape {tuple(W.shape)}")
-    out, inp = W.shape
-    g = check_group_size(inp, group_size)
-    n_groups = inp // g
-    for name, t in (("gamma", gamma), ("beta", beta)):
-        if tuple(t.shape) != (out, n_groups):
-            raise ValueError(f"{name} must have shape ({out}, {n_groups}) for W {tuple(W.shape)} and group_size "
-                             f"{group_size}, got {tuple(t.shape)}")
-    Wg = W.float().reshape(out, n_groups, g)
-    # The base weight is frozen: its range is a constant, only the clipping factors learn. Detaching also makes
-    # the gradient w.r.t. W exactly the straight-through identity (no extra term through min/max).
-    Wd = Wg.detach()
-    xmin = Wd.amin(dim=-1).clamp(max=0) * torch.sigmoid(beta.float())
-    xmax = Wd.amax(dim=-1).clamp(min=0) * torch.sigmoid(gamma.float())
-    return Wg, xmin, xmax
-
-
-def lwc_quantize(W: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, bits: int, group_size: int
-                 ) -> torch.Tensor:
-    """Differentiable fake quantization of ``W`` ``(out, in)`` with learnable clipping; returns ``(out, in)`` fp32.
-
-    Per (row, group): range ``[min(min w, 0)·σ(β), max(max w, 0)·σ(γ)]``, scale and integer zero point from
-    :func:`~lowbit.quant.qweight.params_from_range` (so the scale is fp16-representable, as in every lowbit
-    quantizer), ``W_hat = scale·(clamp(round(w/scale) + zero, 0, 2^bits-1) - zero)``.
-
-    Args:
-        W: ``(out, in)`` weight; treated as a constant for the range, gradient w.r.t. ``W`` is straight-through
-            (1 where the code is not clamped, 0 where it is).
-        gamma, beta: ``(out, in // group_size)`` clipping logits of the upper/lower bound (``(out, 1)`` for
-            ``group_size=-1``).
-        bits: 2, 3, 4 or 8. group_size: inputs per group, or -1 for one group per row.
-    Gradients: straight-through for ``round``; ``γ, β`` receive the gradient through the scale (the zero point is
-    rounded without STE, as in the reference).
-    """
-    check_bits(bits)
-    Wg, xmin, xmax = _clipped_groups(W, gamma, beta, group_size)
-    maxq = 2**bits - 1
-    scale_q, zero = params_from_range(xmin.detach(), xmax.detach(), bits, sym=False)
-    # The forward value is params_from_range's fp16-representable scale, but the gradient comes from the exact
-    # fp32 range: back-propagating through the fp16 cast would flush small gradients to zero.
-    raw = (xmax - xmin) / maxq
-    scale = (scale_q + (raw - raw.detach()))[..., None]  # (out, G, 1)
-    zero = zero[..., None]
-    x = Wg / scale
-    # Written as "value + (x - x)" so the forward value is bit-identical to quantize_codes' torch.round.
-    codes = torch.clamp(torch.round(x).detach() + (x - x.detach()) + zero, 0, maxq)
-    return (scale * (codes - zero)).reshape(W.shape)
-
-
-@torch.no_grad()
-def lwc_to_quantized(W: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, bits: int, group_size: int
-                     ) -> QuantizedWeight:
-    """The :class:`QuantizedWeight` (codes ``(out, in)``, scales/zeros ``(out, G)``) whose ``dequantize()`` equals
-    :func:`lwc_quantize` ``(W, gamma, beta, bits, group_size)``; built like :func:`~lowbit.quant.rtn.rtn_quantize`
-    from the clipped range instead of the min-max range."""
-    check_bits(bits)
-    Wg, xmin, xmax = _clipped_groups(W, gamma, beta, group_size)
-    scale, zero = params_from_range(xmin, xmax, bits, sym=False)
-    codes = quantize_codes(Wg, scale[..., None], zero[..., None], bits).reshape(W.shape)
-    return QuantizedWeight(codes=codes.to(torch.uint8), scales=scale, zeros=zero, bits=bits, group_size=group_size,
-                           sym=False, method="apiq")
-
-
-class _LwcLoRALinear(nn.Module):
-    """Training stand-in for one ``nn.Linear``: ``x @ (Q(W; γ, β) + s·B@A)^T + b`` with ``s = α/r``, or
-    ``x @ Q(W; γ, β)^T + b`` (learnable clipping only, ``lora_A = lora_B = None``) when ``lora`` is False.
-
-    After :meth:`freeze` it computes with the final quantized weight and fixed LoRA merged into one matrix.
-    """
-
-    def __init__(self, linear: nn.Linear, bits: int, group_size: int, rank: int, alpha: float,
-                 generator: torch.Generator, lora: bool = True) -> None:
-        super().__init__()
-        out, inp = linear.weight.shape
-        dev = linear.weight.device
-        n_groups = inp // check_group_size(inp, group_size)
-        self.bits, self.group_size, self.scaling = bits, group_size, alpha / rank
-        self.register_buffer("weight", linear.weight.detach().float().clone())
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
-        self.gamma = nn.Parameter(torch.full((out, n_groups), LWC_INIT, device=dev))
-        self.beta = nn.Parameter(torch.full((out, n_groups), LWC_INIT, device=dev))
-        self.frozen: torch.Tensor | None = None
-        if not lora:
-            # Clipping only; nothing is drawn from the generator.
-            self.lora_A = self.lora_B = None
-            return
-        A = torch.empty(rank, inp)
-        # PEFT / nn.Linear initialisation (bound 1/sqrt(in)); drawn on the CPU so the seed means the same everywhere.
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
-        self.lora_A = nn.Parameter(A.to(dev))  # (r, in)
-        self.lora_B = nn.Parameter(torch.zeros(out, rank, device=dev))  # (out, r)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.frozen is not None:
-            return F.linear(x, self.frozen, self.bias)
-        Wq = lwc_quantize(self.weight, self.gamma, self.beta, self.bits, self.group_size)
-        y = F.linear(x, Wq, self.bias)
-        if self.lora_A is None:
-            return y
-        return y + self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
-
-    @torch.no_grad()
-    def freeze(self) -> tuple[QuantizedWeight, torch.Tensor | None, torch.Tensor | None]:
-        qw = lwc_to_quantized(self.weight, self.gamma, self.beta, self.bits, self.group_size)
-        if self.lora_A is None:
-            self.frozen = qw.dequantize()
-            return qw, None, None
-        A, B = self.lora_A.detach().clone(), self.lora_B.detach().clone()
-        self.frozen = qw.dequantize() + self.scaling * (B @ A)
-        return qw, A, B
-
 
 def _to_float32(obj):
     """Cast the floating tensors in (nested tuples/dicts of) layer keyword arguments to float32."""
@@ -193,7 +79,7 @@ def _lora_names(spec: ArchSpec, names: list[str], targets: list[str] | None,
     if isinstance(lora_targets, str):
         raise ValueError(f"lora_targets must be a list of module names, got the string {lora_targets!r}; use "
                          f"[{lora_targets!r}]")
-    selected = {n for grp in _targets_of(spec, lora_targets) for n in grp}  # raises on unknown names
+    selected = {n for grp in target_groups(spec, lora_targets) for n in grp}  # raises on unknown names
     quantized = set(names)
     every = [n for grp in spec.groups for n in grp]
 
@@ -215,7 +101,7 @@ def _validate(model: nn.Module, calibration: torch.Tensor, bits: int, group_size
     if isinstance(targets, str):
         raise ValueError(f"targets must be a list of module names, got the string {targets!r}; use [{targets!r}]")
     spec = arch_spec(model)
-    names = [n for grp in _targets_of(spec, targets) for n in grp]
+    names = [n for grp in target_groups(spec, targets) for n in grp]
     lora_names = _lora_names(spec, names, targets, lora_targets)
     if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.numel() == 0 \
             or calibration.is_floating_point():
@@ -299,15 +185,13 @@ def apiq_bw(model: nn.Module, calibration: torch.Tensor, bits: int, group_size: 
     for i in bar:
         # Work on a float32 copy: the model itself is never modified.
         block = copy.deepcopy(layers[i]).float().eval().requires_grad_(False)
-        fp_out = _run_layer(block, fp_in, kwargs_list, batch_size)
+        fp_out = run_layer(block, fp_in, kwargs_list, batch_size)
         adapted = {}
         for name in names:
-            parent, _, child = name.rpartition(".")
-            owner = block.get_submodule(parent) if parent else block
-            adapted[name] = _LwcLoRALinear(getattr(owner, child), bits, group_size, rank, alpha, generator,
+            adapted[name] = LwcLoRALinear(block.get_submodule(name), bits, group_size, rank, alpha, generator,
                                            lora=name in lora_names)
-            setattr(owner, child, adapted[name])
-        mse_start = _mse(_run_layer(block, q_in, kwargs_list, batch_size), fp_out)
+            set_submodule(block, name, adapted[name])
+        mse_start = _mse(run_layer(block, q_in, kwargs_list, batch_size), fp_out)
 
         if epochs > 0:
             lora_params = [p for m in adapted.values() if m.lora_A is not None for p in (m.lora_A, m.lora_B)]
@@ -329,7 +213,7 @@ def apiq_bw(model: nn.Module, calibration: torch.Tensor, bits: int, group_size: 
 
         for name, m in adapted.items():
             result[f"{spec.layers}.{i}.{name}"] = m.freeze()
-        q_in = _run_layer(block, q_in, kwargs_list, batch_size)
+        q_in = run_layer(block, q_in, kwargs_list, batch_size)
         mse_end = _mse(q_in, fp_out)
         log.info("ApiQ-bw block %d: output MSE %.4e -> %.4e (%.1f%% lower)", i, mse_start, mse_end,
                  100 * (1 - mse_end / mse_start) if mse_start > 0 else 0.0)
@@ -337,3 +221,24 @@ def apiq_bw(model: nn.Module, calibration: torch.Tensor, bits: int, group_size: 
         fp_in = fp_out
         del block, adapted
     return result
+
+
+@register_init("apiq-bw", adapters=("lora",), needs_calibration=True, quantizes_base=True, quantizers=("rtn",))
+def _apiq_bw_init(model: nn.Module, names: list[str], cfg, quant, calibration: torch.Tensor, progress: bool
+                  ) -> list[dict]:
+    """Every linear ``quant`` covers learns its clipping; only the adapter targets carry LoRA."""
+    res = apiq_bw(model, calibration, quant.bits, group_size=quant.group_size, rank=cfg.rank, alpha=cfg.alpha,
+                  targets=quant.targets, lora_targets=list(cfg.targets), epochs=cfg.apiq_epochs,
+                  lr_lora=cfg.apiq_lr_lora, lr_clip=cfg.apiq_lr_clip, weight_decay=cfg.apiq_weight_decay,
+                  progress=progress)
+    root = math.sqrt(cfg.alpha / cfg.rank)  # apiq_bw's factors are for the plain alpha/r scaling
+    adapted = set(names)
+    for name, (qw, A, B) in res.items():
+        qlin = quantized_linear(qw, model.get_submodule(name))
+        if name in adapted:
+            w = make_adapter(qlin, cfg)
+            w.set_delta(A * root, B * root)
+            set_submodule(model, name, w)
+        else:
+            set_submodule(model, name, qlin)
+    return []

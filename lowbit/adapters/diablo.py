@@ -1,10 +1,13 @@
-"""DiaBlo: block-diagonal adapters (arXiv 2506.03230, 2025; reference code ziyangjoy/DiaBlo).
+"""DiaBlo: block-diagonal adapters (Gurses et al. 2025, "DiaBlo: Diagonal Blocks Are Sufficient For Finetuning",
+arXiv 2506.03230; reference code ziyangjoy/DiaBlo).
 
-``y = base(x) + x @ D`` where ``D`` ``(in, out)`` is block-diagonal with ``N`` FP32 blocks ``D_j`` of shape
-``(ceil(in/N), ceil(out/N))``, zero-initialised, no scaling factor. When ``N`` does not divide a dimension the
-input is zero-padded to ``N·ceil(in/N)`` and the output truncated to ``out``: the last block's padded rows never
-see data (their gradient is zero) and its padded columns are discarded. Memory and FLOPs equal LoRA's at equal
-trainable-parameter count (``in·out/N`` vs ``r(in+out)``).
+Objective: fine-tune only the diagonal blocks of each adapted weight, ``y = base(x) + x @ D`` where ``D``
+``(in, out)`` is block-diagonal with ``N`` FP32 blocks ``D_j`` of shape ``(ceil(in/N), ceil(out/N))``,
+zero-initialised, no scaling factor. When ``N`` does not divide a dimension the input is zero-padded to
+``N·ceil(in/N)`` and the output truncated to ``out``: the last block's padded rows never see data (their gradient
+is zero) and its padded columns are discarded. Memory and FLOPs equal LoRA's at equal trainable-parameter count
+(``in·out/N`` vs ``r(in+out)``). Saved in PEFT's directory layout with ``peft_type = "LOWBIT_DIABLO"`` and one
+tensor per module, ``<module>.diablo_blocks``.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._base import base_shape, base_weight, freeze
-from .lora import _check_float_base, _device_of
+from .base import AdapterLayer, device_of
+from .registry import register_adapter
 
 
 def block_shape(in_features: int, out_features: int, num_blocks: int) -> tuple[int, int, int]:
@@ -58,56 +61,60 @@ def dense_to_blocks(D: torch.Tensor, num_blocks: int) -> torch.Tensor:
     return torch.stack([Dp[j * bi:(j + 1) * bi, j * bo:(j + 1) * bo] for j in range(N)])
 
 
-class DiaBloLinear(nn.Module):
+@register_adapter("diablo")
+class DiaBloLinear(AdapterLayer):
     """``base`` (``nn.Linear`` or ``QuantLinear``, frozen) plus an FP32 block-diagonal adapter.
 
     Trainable parameter ``blocks`` ``(N, ceil(in/N), ceil(out/N))``, zero-initialised.
     """
 
-    def __init__(self, base: nn.Module, num_blocks: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        inp, out = base_shape(base)
-        N, bi, bo = block_shape(inp, out, num_blocks)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.base = base
-        freeze(base)
-        self.in_features, self.out_features, self.num_blocks = inp, out, N
-        self.blocks = nn.Parameter(torch.zeros(N, bi, bo, dtype=torch.float32, device=_device_of(base)))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
+    title = "DiaBlo"
+    stored_params = {"diablo_blocks": "blocks"}
+    peft_type = "LOWBIT_DIABLO"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if self.merged:
-            return y
-        with torch.autocast(x.device.type, enabled=False):  # FP32 adapter even under autocast of the base
-            z = diablo_delta(self.dropout(x).float(), self.blocks, self.out_features)
-        return y + z.to(y.dtype)
+    def __init__(self, base: nn.Module, num_blocks: int, dropout: float = 0.0) -> None:
+        super().__init__(base, dropout)
+        N, bi, bo = block_shape(self.in_features, self.out_features, num_blocks)
+        self.num_blocks = N
+        self.blocks = nn.Parameter(torch.zeros(N, bi, bo, dtype=torch.float32, device=device_of(base)))
+
+    @classmethod
+    def from_config(cls, base: nn.Module, cfg) -> DiaBloLinear:
+        return cls(base, cfg.num_blocks, cfg.dropout)
+
+    @classmethod
+    def state_shapes(cls, in_features: int, out_features: int, cfg) -> dict[str, tuple[int, ...]]:
+        return {"diablo_blocks": block_shape(in_features, out_features, cfg.num_blocks)}
+
+    @classmethod
+    def summary(cls, cfg) -> str:
+        return f"diablo N={cfg.num_blocks}"
+
+    @classmethod
+    def peft_config(cls, cfg, base_name: str | None) -> dict:
+        return {"peft_type": cls.peft_type, "task_type": "CAUSAL_LM", "num_blocks": cfg.num_blocks,
+                "dropout": cfg.dropout, "target_modules": sorted(cfg.targets), "base_model_name_or_path": base_name}
+
+    @classmethod
+    def config_from_peft(cls, peft: dict) -> dict:
+        targets = peft["target_modules"]
+        return {"num_blocks": int(peft["num_blocks"]), "dropout": float(peft.get("dropout", 0.0)),
+                "targets": list(targets) if not isinstance(targets, str) else [targets]}
+
+    def set_blocks(self, blocks: torch.Tensor) -> None:
+        """Load ``blocks`` ``(N, ceil(in/N), ceil(out/N))``."""
+        if tuple(blocks.shape) != tuple(self.blocks.shape):
+            raise ValueError(f"DiaBlo blocks of shape {tuple(blocks.shape)} do not fit this layer "
+                             f"({tuple(self.blocks.shape)})")
+        with torch.no_grad():
+            self.blocks.copy_(blocks)
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return diablo_delta(x, self.blocks, self.out_features)
 
     def delta_weight(self) -> torch.Tensor:
         """The adapter as a weight delta ``(out, in)`` float32 (``D^T``)."""
         return blocks_to_dense(self.blocks, self.in_features, self.out_features).t()
-
-    def as_dense(self) -> torch.Tensor:
-        """Effective dense weight ``W_base + D^T`` ``(out, in)`` float32 (the base dequantised if quantized)."""
-        W = base_weight(self.base)
-        return W if self.merged else W + self.delta_weight().detach()
-
-    def merge(self) -> None:
-        """``W += block_diag(D)[:in, :out]^T`` into a float base; not possible for a quantized base."""
-        _check_float_base(self.base, "merge")
-        if not self.merged:
-            with torch.no_grad():
-                self.base.weight += self.delta_weight().to(self.base.weight.dtype)
-            self.merged = True
-
-    def unmerge(self) -> None:
-        _check_float_base(self.base, "unmerge")
-        if self.merged:
-            with torch.no_grad():
-                self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
-            self.merged = False
 
     def extra_repr(self) -> str:
         N, bi, bo = self.blocks.shape

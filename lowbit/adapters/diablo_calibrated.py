@@ -1,10 +1,11 @@
-"""Calibrated DiaBlo initialisation (new in lowbit): CLoQ's idea for block-diagonal adapters.
+"""Calibrated DiaBlo initialisation (new in lowbit): the idea of CLoQ (Deng et al. 2025, arXiv 2501.18475) applied
+to the block-diagonal adapters of DiaBlo (Gurses et al. 2025, arXiv 2506.03230).
 
 Objective: with ``E = W - Q`` and calibration inputs ``X`` (``H = X^T X``), choose the block-diagonal ``D``
 ``(in, out)`` of a :class:`~lowbit.adapters.DiaBloLinear` minimising ``‖X (E^T - D)‖_F``. Output block ``j`` only
 reads input block ``j``, so the problem decouples into ``N`` least-squares problems with the closed form
-``D_j = (H_jj + λI)^{-1} [H E^T]_jj`` (METHODS.md §2). With ``H = I`` this is the diagonal blocks of ``E^T``.
-One ``(in, in)·(in, out)`` matmul plus ``N`` small solves.
+``D_j = (H_jj + λI)^{-1} [H E^T]_jj``. With ``H = I`` this is the diagonal blocks of ``E^T``. One
+``(in, in)·(in, out)`` matmul plus ``N`` small solves.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._linalg import check_init_inputs, damped
-from .diablo import block_shape
+from .diablo import DiaBloLinear, block_shape, blocks_to_dense
+from .linalg import check_init_inputs, damped
+from .registry import register_init
 
 
 def diablo_calibrated_init(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, num_blocks: int, damp: float = 0.01
@@ -46,9 +48,13 @@ def diablo_calibrated_init(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, nu
 
 def diablo_objective(E: torch.Tensor, H: torch.Tensor, blocks: torch.Tensor) -> float:
     """``‖X (E^T - D)‖_F²`` for the dense ``D`` of ``blocks``, in float64."""
-    from .diablo import blocks_to_dense
-
     out, inp = E.shape
     Dt = blocks_to_dense(blocks.double(), inp, out).T
     R = E.double() - Dt
     return float(((R @ H.double()) * R).sum())
+
+
+@register_init("calibrated", adapters=("diablo",), needs_calibration=True, needs_float_weights=True)
+def _calibrated(wrapper: DiaBloLinear, W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, cfg) -> None:
+    """Inside the calibration pass: the blocks become the closed form above."""
+    wrapper.set_blocks(diablo_calibrated_init(W, Q, H, wrapper.num_blocks, damp=cfg.damp))

@@ -1,26 +1,47 @@
 """LoftQ: LoRA-fine-tuning-aware quantization (Li et al. 2023, arXiv 2310.08659).
 
 Objective: ``min_{Q, A, B} ‖W - Q - B A‖_F`` with ``Q`` on the quantizer's grid and ``B A`` of rank ``r``, by
-alternating ``T`` times (METHODS.md §2): ``Q = deq(quant(W - B A))``; SVD ``W - Q = U S V^T``;
-``B = U_r S_r^{1/2}``, ``A = S_r^{1/2} V_r^T`` (``B A = 0`` before the first step). Quantizers are lowbit's own:
-NormalFloat (``"nf"``, NF4/NF2 as in the paper) or uniform min-max (``"uniform"``, RTN asymmetric).
+alternating ``T`` times: ``Q = deq(quant(W - B A))``; SVD ``W - Q = U S V^T``; ``B = U_r S_r^{1/2}``,
+``A = S_r^{1/2} V_r^T`` (``B A = 0`` before the first step). Data-free. Quantizers are lowbit's own: NormalFloat
+(``"nf"``, NF4/NF2 as in the paper) or uniform min-max (``"uniform"``, RTN asymmetric); as a registered
+initialisation (``init="loftq"``) the quantizer is ``quant.method`` (``nf`` or ``rtn``) with its settings.
 """
 
 from __future__ import annotations
 
-import torch
+import dataclasses
+from collections.abc import Callable
 
+import torch
+from torch import nn
+
+from ..quant import QuantConfig, quantize_model
+from ..quant.arch import arch_spec, relative_name, resolve_targets, set_submodule
 from ..quant.nf import nf_quantize
 from ..quant.qweight import QuantizedWeight, check_weight
 from ..quant.rtn import rtn_quantize
+from .base import quantized_linear
+from .lora import check_rank
+from .registry import make_adapter, register_init
 
 QUANTIZERS = ("nf", "uniform")
 
 
-def _quantize(W: torch.Tensor, bits: int, quantizer: str, group_size: int) -> QuantizedWeight:
-    if quantizer == "nf":
-        return nf_quantize(W, bits, block_size=group_size)
-    return rtn_quantize(W, bits, group_size=group_size)
+def _alternate(W: torch.Tensor, quantize: Callable[[torch.Tensor], QuantizedWeight], rank: int, iters: int,
+               history: list[float] | None) -> tuple[QuantizedWeight, torch.Tensor, torch.Tensor]:
+    """The LoftQ iterations on float32 ``W``; returns ``(Q, A, B)`` with ``Q + B A ≈ W``."""
+    lowrank = torch.zeros_like(W)
+    for _ in range(iters):
+        qw = quantize(W - lowrank)
+        E = W - qw.dequantize().float()
+        U, S, Vh = torch.linalg.svd(E.double(), full_matrices=False)
+        root = S[:rank].sqrt()
+        B = (U[:, :rank] * root[None, :]).float()
+        A = (root[:, None] * Vh[:rank]).float()
+        lowrank = B @ A
+        if history is not None:
+            history.append(float((E - lowrank).norm()))
+    return qw, A, B
 
 
 def loftq_init(W: torch.Tensor, bits: int, rank: int, iters: int = 5, quantizer: str = "nf", group_size: int = 64,
@@ -39,23 +60,47 @@ def loftq_init(W: torch.Tensor, bits: int, rank: int, iters: int = 5, quantizer:
         raise ValueError(f"unknown LoftQ quantizer {quantizer!r}; choose one of {QUANTIZERS}")
     if quantizer == "nf" and bits not in (2, 4):
         raise ValueError(f"the NormalFloat quantizer supports bits 2 and 4, got {bits}; use quantizer='uniform'")
-    if not isinstance(rank, int) or not 0 < rank < min(out, inp):
-        raise ValueError(f"rank must be an integer in [1, min(out, in) = {min(out, inp)}), got {rank!r}")
+    check_rank(rank, inp, out)
     if not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters must be a positive integer, got {iters!r}")
     if scaling <= 0:
         raise ValueError(f"LoRA scaling must be > 0, got {scaling}")
-    W = W.float()
-    lowrank = torch.zeros_like(W)
-    for _ in range(iters):
-        qw = _quantize(W - lowrank, bits, quantizer, group_size)
-        E = W - qw.dequantize().float()
-        U, S, Vh = torch.linalg.svd(E.double(), full_matrices=False)
-        root = S[:rank].sqrt()
-        B = (U[:, :rank] * root[None, :]).float()
-        A = (root[:, None] * Vh[:rank]).float()
-        lowrank = B @ A
-        if history is not None:
-            history.append(float((E - lowrank).norm()))
+
+    def quantize(M: torch.Tensor) -> QuantizedWeight:
+        if quantizer == "nf":
+            return nf_quantize(M, bits, block_size=group_size)
+        return rtn_quantize(M, bits, group_size=group_size)
+
+    qw, A, B = _alternate(W.float(), quantize, rank, iters, history)
     s = scaling ** 0.5
     return qw, (A / s).contiguous(), (B / s).contiguous()
+
+
+@register_init("loftq", adapters=("lora",), quantizes_base=True, quantizers=("nf", "rtn"))
+def _loftq(model: nn.Module, names: list[str], cfg, quant: QuantConfig, calibration, progress: bool) -> list[dict]:
+    """Every adapted linear gets LoftQ's quantized base and factors. The linears ``quant`` covers without an adapter
+    get the same quantizer (LoftQ with ``B A = 0``), so that every method of a comparison runs on a fully quantized
+    base. Report: ``{module, loftq_error}`` per adapted linear."""
+    from tqdm.auto import tqdm
+
+    report = []
+    for name in tqdm(names, desc=f"LoftQ {quant.bits}-bit", disable=not progress):
+        lin = model.get_submodule(name)
+        hist: list[float] = []
+        qw, A, B = _alternate(lin.weight.detach().float(), lambda M: quant.quantize(M, None), cfg.rank,
+                              cfg.loftq_iters, hist)
+        w = make_adapter(quantized_linear(qw, lin), cfg)
+        w.set_delta(A, B)
+        set_submodule(model, name, w)
+        report.append({"module": name, "loftq_error": hist})
+    rest = _unadapted(model, quant, set(names))
+    if rest:
+        quantize_model(model, dataclasses.replace(quant, targets=rest), progress=progress)
+    return report
+
+
+def _unadapted(model: nn.Module, quant: QuantConfig, adapted: set[str]) -> list[str]:
+    """Relative names (``self_attn.o_proj``) of the linears ``quant`` covers that carry no adapter."""
+    spec = arch_spec(model)
+    wanted = quant.targets or spec.linears
+    return sorted({relative_name(spec, n) for n in resolve_targets(model, wanted) if n not in adapted})

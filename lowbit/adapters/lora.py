@@ -1,9 +1,11 @@
-"""LoRA (Hu et al. 2021, arXiv 2106.09685) on a frozen float or quantized base, as in QLoRA / GPTQ-LoRA.
+"""LoRA (Hu et al. 2021, arXiv 2106.09685) on a frozen float or quantized base, as in QLoRA (Dettmers et al. 2023,
+arXiv 2305.14314) and GPTQ-LoRA.
 
 ``y = base(x) + s · dropout(x) @ A^T @ B^T`` with ``A`` ``(r, in)``, ``B`` ``(out, r)`` trained in FP32 and
-``s = alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA, Kalajdzievski 2023). Default init as in PEFT: ``A``
-Kaiming-uniform (``a = sqrt(5)``), ``B = 0``, so the wrapped layer starts equal to its base. The adapter branch runs
-in float32 whatever the base dtype and is cast back to the base output's dtype.
+``s = alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA, Kalajdzievski 2023, arXiv 2312.03732). Default init as in
+PEFT: ``A`` Kaiming-uniform (``a = sqrt(5)``), ``B = 0``, so the wrapped layer starts equal to its base. The adapter
+branch runs in float32 whatever the base dtype and is cast back to the base output's dtype. Saved in PEFT's layout
+(``<module>.lora_A.weight``, ``<module>.lora_B.weight``), which ``peft.PeftModel.from_pretrained`` loads.
 """
 
 from __future__ import annotations
@@ -14,37 +16,69 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._base import base_shape, base_weight, freeze
+from .base import AdapterLayer, device_of
+from .registry import register_adapter
 
 
-class LoRALinear(nn.Module):
+def check_rank(rank: int, in_features: int, out_features: int) -> None:
+    """``rank`` must be a positive integer below ``min(in, out)`` (a full-rank adapter is a dense fine-tune)."""
+    if not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+    if rank >= min(in_features, out_features):
+        raise ValueError(f"LoRA rank {rank} must be < min(in, out) = {min(in_features, out_features)} for a "
+                         f"{out_features}x{in_features} layer (a full-rank adapter is a dense fine-tune); choose a "
+                         f"smaller rank")
+
+
+@register_adapter("lora")
+class LoRALinear(AdapterLayer):
     """``base`` (``nn.Linear`` or ``QuantLinear``, frozen) plus a rank-``rank`` FP32 LoRA branch.
 
     Parameters ``lora_A`` ``(rank, in)`` and ``lora_B`` ``(out, rank)``; ``scaling`` = ``alpha/rank``
     (``alpha/sqrt(rank)`` with ``rslora``).
     """
 
+    title = "LoRA"
+    stored_params = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}
+    peft_type = "LORA"
+
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False) -> None:
-        super().__init__()
-        inp, out = base_shape(base)
-        if not isinstance(rank, int) or rank <= 0:
-            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
-        if rank >= min(inp, out):
-            raise ValueError(f"LoRA rank {rank} must be < min(in, out) = {min(inp, out)} for a {out}x{inp} layer "
-                             f"(a full-rank adapter is a dense fine-tune); choose a smaller rank")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.base = base
-        freeze(base)
-        self.in_features, self.out_features = inp, out
+        super().__init__(base, dropout)
+        inp, out = self.in_features, self.out_features
+        check_rank(rank, inp, out)
         self.rank, self.alpha, self.rslora = rank, float(alpha), bool(rslora)
         self.scaling = self.alpha / (math.sqrt(rank) if rslora else rank)
-        dev = _device_of(base)
+        dev = device_of(base)
         self.lora_A = nn.Parameter(torch.empty(rank, inp, dtype=torch.float32, device=dev))
         self.lora_B = nn.Parameter(torch.zeros(out, rank, dtype=torch.float32, device=dev))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
+
+    @classmethod
+    def from_config(cls, base: nn.Module, cfg) -> LoRALinear:
+        return cls(base, cfg.rank, cfg.alpha, cfg.dropout, rslora=cfg.rslora)
+
+    @classmethod
+    def state_shapes(cls, in_features: int, out_features: int, cfg) -> dict[str, tuple[int, ...]]:
+        check_rank(cfg.rank, in_features, out_features)
+        return {"lora_A.weight": (cfg.rank, in_features), "lora_B.weight": (out_features, cfg.rank)}
+
+    @classmethod
+    def summary(cls, cfg) -> str:
+        return f"lora r={cfg.rank}"
+
+    @classmethod
+    def peft_config(cls, cfg, base_name: str | None) -> dict:
+        return {"peft_type": cls.peft_type, "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha,
+                "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora, "target_modules": sorted(cfg.targets),
+                "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+                "base_model_name_or_path": base_name}
+
+    @classmethod
+    def config_from_peft(cls, peft: dict) -> dict:
+        targets = peft["target_modules"]
+        return {"rank": int(peft["r"]), "alpha": float(peft["lora_alpha"]),
+                "rslora": bool(peft.get("use_rslora", False)), "dropout": float(peft.get("lora_dropout", 0.0)),
+                "targets": list(targets) if not isinstance(targets, str) else [targets]}
 
     def set_factors(self, A: torch.Tensor, B: torch.Tensor) -> None:
         """Load ``A`` ``(r, in)`` and ``B`` ``(out, r)`` (already divided by the scaling)."""
@@ -55,51 +89,19 @@ class LoRALinear(nn.Module):
             self.lora_A.copy_(A.float())
             self.lora_B.copy_(B.float())
 
+    def set_delta(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Set the factors so that the adapter's delta ``s · lora_B @ lora_A`` equals ``B @ A``: each factor is
+        divided by ``sqrt(s)``, splitting the scaling evenly."""
+        s = math.sqrt(self.scaling)
+        self.set_factors(A / s, B / s)
+
     def delta_weight(self) -> torch.Tensor:
         """``s · B @ A`` ``(out, in)`` float32."""
         return self.scaling * (self.lora_B @ self.lora_A)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if self.merged:
-            return y
-        # FP32 adapter even under bf16/fp16 autocast of the base; PEFT's order of operations
-        # (lora_B(lora_A(x)) * s), so PEFT reproduces our logits.
-        with torch.autocast(x.device.type, enabled=False):
-            z = F.linear(F.linear(self.dropout(x).float(), self.lora_A), self.lora_B) * self.scaling
-        return y + z.to(y.dtype)
-
-    def merge(self) -> None:
-        """Fold the adapter into a float base weight (``W += s·B A``); not possible for a quantized base."""
-        _check_float_base(self.base, "merge")
-        if not self.merged:
-            with torch.no_grad():
-                self.base.weight += self.delta_weight().to(self.base.weight.dtype)
-            self.merged = True
-
-    def unmerge(self) -> None:
-        _check_float_base(self.base, "unmerge")
-        if self.merged:
-            with torch.no_grad():
-                self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
-            self.merged = False
-
-    def as_dense(self) -> torch.Tensor:
-        """Effective dense weight ``W_base + s·B A`` ``(out, in)`` float32 (the base dequantised if quantized)."""
-        W = base_weight(self.base)
-        return W if self.merged else W + self.delta_weight().detach()
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # PEFT's order of operations (lora_B(lora_A(x)) * s), so PEFT reproduces our logits.
+        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.rslora}"
-
-
-def _device_of(base: nn.Module) -> torch.device:
-    for t in list(base.parameters()) + list(base.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-def _check_float_base(base: nn.Module, what: str) -> None:
-    if not isinstance(base, nn.Linear):
-        raise TypeError(f"cannot {what} an adapter into a {type(base).__name__} base: only float nn.Linear "
-                        f"weights can absorb it (a quantized base would have to be re-quantized)")

@@ -1,9 +1,12 @@
 """Trainable-parameter tables for adapter configurations on any LLaMA-architecture config, built on the meta
-device (no weights are allocated, so LLaMA-2-7B costs nothing)."""
+device (no weights are allocated, so LLaMA-2-7B costs nothing) — the counts of the DiaBlo paper's comparison with
+LoRA (Gurses et al. 2025, arXiv 2506.03230)."""
 
 from __future__ import annotations
 
-from .model import AdapterConfig, apply_adapters, count_parameters
+from .config import AdapterConfig
+from .model import apply_adapters, count_parameters
+from .registry import ADAPTERS
 
 QKV_UP_DOWN = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 ALL_SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -31,6 +34,5 @@ def param_table(hf_config, rank: int = 64, num_blocks: int = 64) -> list[dict]:
             cfg = AdapterConfig(adapter=adapter, rank=rank, num_blocks=num_blocks, targets=targets)
             apply_adapters(model, cfg, progress=False)
             counts = count_parameters(model)
-            name = f"diablo N={num_blocks}" if adapter == "diablo" else f"lora r={rank}"
-            rows.append({"adapter": name, "targets": label, **counts})
+            rows.append({"adapter": ADAPTERS[adapter].summary(cfg), "targets": label, **counts})
     return rows

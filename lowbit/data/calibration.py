@@ -1,8 +1,9 @@
 """Calibration data for quantization: text sources -> ``(nsamples, seqlen)`` token windows, plus a held-out slice.
 
 Sources are local files (``.txt``; ``.json``/``.jsonl`` records with a ``text`` field, Alpaca/Math10K fields
-``instruction``/``input``/``output``, or GSM8K ``question``/``answer``) or, for users with network access, the
-names ``wikitext2`` and ``c4`` (loaded with ``datasets``). As in the GPTQ reference, calibration samples are
+``instruction``/``input``/``output``, or GSM8K ``question``/``answer``, whose text
+:func:`lowbit.data.records.record_text` takes) or, for users with network access, the names ``wikitext2`` and
+``c4`` (loaded with ``datasets``). As in the GPTQ reference, calibration samples are
 random windows of ``seqlen`` tokens from the concatenated text; the last ``heldout_frac`` of the tokens is kept
 apart for perplexity and never used for calibration.
 """
@@ -15,24 +16,11 @@ from pathlib import Path
 
 import torch
 
+from .records import record_text
+
 log = logging.getLogger(__name__)
 
 HUB_SOURCES = ("wikitext2", "c4")
-
-
-def _record_text(rec) -> str:
-    if isinstance(rec, str):
-        return rec
-    if not isinstance(rec, dict):
-        return ""
-    if "text" in rec:
-        return str(rec["text"])
-    if "question" in rec and "answer" in rec:  # GSM8K jsonl
-        return f"{rec['question']}\n{rec['answer']}"
-    parts = [str(rec[k]) for k in ("instruction", "input", "output") if rec.get(k)]
-    if not parts:  # MAWPS-style or unknown: all string fields
-        parts = [str(v) for v in rec.values() if isinstance(v, str)]
-    return "\n".join(parts)
 
 
 def load_texts(source: str) -> list[str]:
@@ -40,11 +28,11 @@ def load_texts(source: str) -> list[str]:
     p = Path(source)
     if p.is_file():
         if p.suffix == ".jsonl":
-            return [_record_text(json.loads(line)) for line in p.read_text().splitlines() if line.strip()]
+            return [record_text(json.loads(line)) for line in p.read_text().splitlines() if line.strip()]
         if p.suffix == ".json":
             data = json.loads(p.read_text())
             data = data if isinstance(data, list) else data.get("data", [data])
-            return [_record_text(r) for r in data]
+            return [record_text(r) for r in data]
         return [t for t in p.read_text().split("\n\n") if t.strip()]
     if source in HUB_SOURCES:
         from datasets import load_dataset

@@ -1,4 +1,4 @@
-"""Prompt templates of the Math10K setting (METHODS.md §4)."""
+"""Prompt templates of the Math10K setting: the ApiQ/Alpaca prompt and the original LLM-Adapters one."""
 
 from __future__ import annotations
 

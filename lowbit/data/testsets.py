@@ -1,35 +1,80 @@
-"""The evaluation sets: LLM-Adapters' Math10K test files and the synthetic families of the embedded tiny model.
+"""The evaluation-set registry: LLM-Adapters' Math10K test files and the synthetic families of the tiny model.
+
+Every evaluation set is registered once with :func:`register_eval_set`: its name (as given to
+``lowbit evaluate --datasets``), its column title, its answer kind (``"numeric"`` or ``"choice"``) and where its
+records come from -- a ``folder`` of the data directory holding ``test.json`` (LLM-Adapters layout, read by
+:func:`lowbit.data.records.load_llm_adapters_json`, the same reader as the training data), or a
+``loader(limit, seed) -> records`` for a set that needs no files. Adding a set is one module holding its loader
+plus one registration; the built-in sets are registered at the end of this file.
 
 Real sets are read from a data directory laid out like LLM-Adapters' ``dataset/`` folder (``gsm8k/test.json``,
 ``SVAMP/test.json``, ``mawps/test.json``, ``AQuA/test.json``, ...; JSON arrays of ``{instruction, input, output,
-answer}``), given by ``--data-dir`` or the ``LOWBIT_DATA_DIR`` environment variable. Synthetic sets
-(``synthetic-gsm8k``, ``synthetic-svamp``, ``synthetic-mawps``, ``synthetic-aqua``) need no files: they are the
-test split of :mod:`lowbit.data.synthetic` (``test_split(family, n, seed)``, 500 problems unless ``--limit``),
-the problems the tiny model's fine-tuning data excludes.
+answer}``): ``--data-dir``, else the ``LOWBIT_DATA_DIR`` environment variable, else ``../shared/data`` beside
+the checkout when that folder exists (:func:`default_data_dir`). Synthetic sets (``synthetic-gsm8k``,
+``synthetic-svamp``, ``synthetic-mawps``, ``synthetic-aqua``) need no files: they are the test split of
+:mod:`lowbit.data.synthetic` (``test_split(family, n, seed)``, 500 problems unless ``--limit``), the problems the
+tiny model's fine-tuning data excludes.
 """
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .records import Record, llm_adapters_records, load_llm_adapters_json
+from .synthetic import FAMILIES, test_split
+
+__all__ = [
+    "ALL_TEST_SETS",
+    "DATA_DIR_ENV",
+    "PAPER_TEST_SETS",
+    "DatasetSpec",
+    "EvalSet",
+    "default_data_dir",
+    "display_name",
+    "eval_set",
+    "kind_of",
+    "known_datasets",
+    "load_records",
+    "load_test_sets",
+    "register_eval_set",
+    "resolve_datasets",
+    "unregister_eval_set",
+]
+
 DATA_DIR_ENV = "LOWBIT_DATA_DIR"
+#: The repository root: the folder holding the ``lowbit`` package.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+#: The default data directory, ``../shared/data`` beside the checkout (used only when it exists).
+CHECKOUT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 SYNTHETIC_PREFIX = "synthetic-"
 SYNTHETIC_N = 500  # the size of make_dataset's test files
+KINDS = ("numeric", "choice")
+#: The fields an evaluation record must have (``input`` and ``output`` default to ``""``).
+TEST_REQUIRED = ("instruction", "answer")
+#: The four sets of the paper tables: the default of ``lowbit evaluate`` and of the training-set overlap check.
+PAPER_TEST_SETS = ("gsm8k", "svamp", "mawps", "aqua")
 
-# name -> (folder in the data directory, display name in tables). GSM8K, SVAMP, MAWPS, AQuA are the paper's four;
-# AddSub/MultiArith/SingleEq overlap math_10k's MAWPS training data (shared/data/README.md): report with care.
-REAL_SETS = {"gsm8k": ("gsm8k", "GSM8K"), "svamp": ("SVAMP", "SVAMP"), "mawps": ("mawps", "MAWPS"),
-             "aqua": ("AQuA", "AQuA"), "addsub": ("AddSub", "AddSub"), "multiarith": ("MultiArith", "MultiArith"),
-             "singleeq": ("SingleEq", "SingleEq")}
-SYNTHETIC_FAMILIES = ("gsm8k", "svamp", "mawps", "aqua")  # = lowbit.data.synthetic.FAMILIES
-PAPER_SETS = ("gsm8k", "svamp", "mawps", "aqua")
+Loader = Callable[[int | None, int], list[dict]]
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One registered evaluation set: read from ``<data dir>/<folder>/test.json``, or made by ``loader``."""
+
+    name: str
+    display: str
+    kind: str
+    folder: str | None = None
+    loader: Loader | None = None
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
+    """An evaluation set resolved for one run: its name, title, answer kind and test file (real sets)."""
+
     name: str  # canonical name, e.g. "gsm8k" or "synthetic-aqua"; also the stem of its JSONL file
     display: str  # column title, e.g. "GSM8K" or "syn-AQuA"
     kind: str  # "numeric" or "choice"
@@ -37,24 +82,101 @@ class DatasetSpec:
     family: str | None = None  # the family of a synthetic set
 
 
+_REGISTRY: dict[str, EvalSet] = {}
+
+
+def register_eval_set(name: str, *, display: str | None = None, kind: str = "numeric", folder: str | None = None,
+                      loader: Loader | None = None, replace: bool = False):
+    """Register the evaluation set ``name`` (lowercase, no commas or spaces) -> its :class:`EvalSet`.
+
+    ``display``: the column title (default ``name``); ``kind``: ``"numeric"`` (the last number of a generation
+    is compared with the label) or ``"choice"`` (an option letter A-E). Its records come either from
+    ``<data dir>/<folder>/test.json`` or from ``loader(limit, seed) -> records`` (``limit`` None: the set's default
+    size; ``seed``: ``--synthetic-seed``). With neither ``folder`` nor ``loader``, returns a decorator that
+    registers the function it decorates as the loader. Raises ``ValueError`` for a bad name or kind, for both
+    ``folder`` and ``loader``, or for a name already registered (unless ``replace``).
+    """
+    if not name or name != name.strip().lower() or any(c in name for c in ", \t\n"):
+        raise ValueError(f"evaluation-set name {name!r} must be non-empty, lowercase, without commas or spaces")
+    if kind not in KINDS:
+        raise ValueError(f"evaluation set {name!r}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if folder is not None and loader is not None:
+        raise ValueError(f"evaluation set {name!r}: give a folder (test.json in the data directory) or a loader, "
+                         f"not both")
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"evaluation set {name!r} is already registered (pass replace=True to redefine it)")
+    if folder is None and loader is None:
+        def decorator(fn: Loader) -> Loader:
+            register_eval_set(name, display=display, kind=kind, loader=fn, replace=replace)
+            return fn
+
+        return decorator
+    entry = EvalSet(name, display or name, kind, folder=folder, loader=loader)
+    _REGISTRY[name] = entry
+    return entry
+
+
+def unregister_eval_set(name: str) -> EvalSet:
+    """Remove a registered set (e.g. one a test registered) -> its entry; ``ValueError`` if it is not registered."""
+    try:
+        return _REGISTRY.pop(name)
+    except KeyError:
+        raise ValueError(f"evaluation set {name!r} is not registered") from None
+
+
+def eval_set(name: str) -> EvalSet:
+    """The registered set called ``name``, or whose folder is ``name`` (case-insensitive); ``ValueError`` if none."""
+    key = name.strip().lower()
+    if key in _REGISTRY:
+        return _REGISTRY[key]
+    for s in _REGISTRY.values():
+        if s.folder is not None and s.folder.lower() == key:
+            return s
+    raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(known_datasets())}")
+
+
 def kind_of(dataset: str) -> str:
-    """``"choice"`` for AQuA (real or synthetic), else ``"numeric"``."""
-    return "choice" if dataset.lower().removeprefix(SYNTHETIC_PREFIX) == "aqua" else "numeric"
+    """The answer kind of a set: ``"choice"`` for AQuA (real or synthetic), else ``"numeric"`` (also for a name
+    that is not registered)."""
+    s = _REGISTRY.get(dataset.strip().lower())
+    return s.kind if s is not None else "numeric"
 
 
 def known_datasets() -> list[str]:
-    return list(REAL_SETS) + [SYNTHETIC_PREFIX + f for f in SYNTHETIC_FAMILIES]
+    """Every registered name, in registration order (the real sets first)."""
+    return list(_REGISTRY)
 
 
 def display_name(name: str) -> str:
+    """The column title of a set (``"GSM8K"``, ``"syn-AQuA"``); an unregistered name is its own title."""
+    if name in _REGISTRY:
+        return _REGISTRY[name].display
     if name.startswith(SYNTHETIC_PREFIX):
         return "syn-" + display_name(name.removeprefix(SYNTHETIC_PREFIX))
-    return REAL_SETS[name][1] if name in REAL_SETS else name
+    return name
+
+
+def _file_free() -> list[str]:
+    return [n for n, s in _REGISTRY.items() if s.folder is None]
+
+
+def _layout() -> str:
+    """``gsm8k/test.json, SVAMP/test.json, ...``: the files of the paper's sets in a data directory."""
+    return ", ".join(f"{_REGISTRY[n].folder}/test.json" for n in PAPER_TEST_SETS)
+
+
+def default_data_dir() -> Path | None:
+    """Where real sets are read when no directory is given: ``$LOWBIT_DATA_DIR`` if set (existing or not), else
+    ``../shared/data`` beside the checkout (:data:`CHECKOUT_DATA_DIR`) when it exists, else None."""
+    given = os.environ.get(DATA_DIR_ENV)
+    if given:
+        return Path(given).expanduser()
+    return CHECKOUT_DATA_DIR if CHECKOUT_DATA_DIR.is_dir() else None
 
 
 def _find_test_file(data_dir: Path, folder: str) -> Path:
     exact = data_dir / folder / "test.json"
-    if exact.is_file():
+    if exact.is_file() or not data_dir.is_dir():
         return exact
     for child in sorted(data_dir.iterdir()):  # tolerate another capitalisation of the folder (svamp/, aqua/)
         if child.name.lower() == folder.lower() and (child / "test.json").is_file():
@@ -65,64 +187,110 @@ def _find_test_file(data_dir: Path, folder: str) -> Path:
 def resolve_datasets(names: list[str], data_dir: str | Path | None = None) -> list[DatasetSpec]:
     """Check dataset names and files -> one spec per distinct name, in the given order.
 
-    Raises ``ValueError`` naming the bad value and the fix: an unknown name, no data directory for a real set
-    (neither ``data_dir`` nor ``$LOWBIT_DATA_DIR``), a data directory that does not exist, a missing test file.
+    Real sets are read from ``data_dir``, else :func:`default_data_dir`. Raises ``ValueError`` naming the bad value
+    and the fix: an unknown name, no data directory for a real set, a data directory that does not exist, a
+    missing test file.
     """
     names = list(dict.fromkeys(n.strip().lower() for n in names if n.strip()))
     if not names:
         raise ValueError(f"no dataset given; pass --datasets with names from {', '.join(known_datasets())}")
-    unknown = [n for n in names if n not in known_datasets()]
+    unknown = [n for n in names if n not in _REGISTRY]
     if unknown:
         raise ValueError(f"unknown dataset {unknown[0]!r}; choose from {', '.join(known_datasets())} "
                          f"(comma-separated)")
-    real = [n for n in names if n in REAL_SETS]
+    real = [n for n in names if _REGISTRY[n].folder is not None]
     root = None
     if real:
-        given = data_dir or os.environ.get(DATA_DIR_ENV)
+        given = data_dir or default_data_dir()
         if not given:
             raise ValueError(f"dataset {real[0]!r} is read from a data directory, but none was given; pass "
-                             f"--data-dir DIR (a folder holding gsm8k/test.json, SVAMP/test.json, mawps/test.json, "
-                             f"AQuA/test.json, like LLM-Adapters' dataset/ folder) or set {DATA_DIR_ENV}=DIR. "
-                             f"The embedded tiny model's sets need no files: "
-                             f"{', '.join(SYNTHETIC_PREFIX + f for f in SYNTHETIC_FAMILIES)}")
+                             f"--data-dir DIR (a folder holding {_layout()}, like LLM-Adapters' dataset/ folder) "
+                             f"or set {DATA_DIR_ENV}=DIR (the default, {CHECKOUT_DATA_DIR} beside the checkout, "
+                             f"does not exist). The embedded tiny model's sets need no files: "
+                             f"{', '.join(_file_free())}")
         root = Path(given).expanduser()
         if not root.is_dir():
-            src = "--data-dir" if data_dir else DATA_DIR_ENV
-            raise ValueError(f"{src} {str(given)!r} is not a directory; point it at the folder holding "
-                             f"gsm8k/test.json, SVAMP/test.json, mawps/test.json and AQuA/test.json")
+            src = "--data-dir" if data_dir else DATA_DIR_ENV if os.environ.get(DATA_DIR_ENV) else "the data directory"
+            raise ValueError(f"{src} {str(given)!r} is not a directory; point it at the folder holding {_layout()}")
     specs = []
     for n in names:
-        if n in REAL_SETS:
-            path = _find_test_file(root, REAL_SETS[n][0])
+        s = _REGISTRY[n]
+        if s.folder is not None:
+            path = _find_test_file(root, s.folder)
             if not path.is_file():
                 raise ValueError(f"dataset {n!r}: {path} not found; the data directory {str(root)!r} must hold "
-                                 f"{REAL_SETS[n][0]}/test.json (LLM-Adapters' dataset/{REAL_SETS[n][0]}/test.json) "
+                                 f"{s.folder}/test.json (LLM-Adapters' dataset/{s.folder}/test.json) "
                                  f"— fix --data-dir/{DATA_DIR_ENV} or drop {n!r} from --datasets")
-            specs.append(DatasetSpec(n, display_name(n), kind_of(n), path=path))
+            specs.append(DatasetSpec(n, s.display, s.kind, path=path))
         else:
-            specs.append(DatasetSpec(n, display_name(n), kind_of(n), family=n.removeprefix(SYNTHETIC_PREFIX)))
+            family = n.removeprefix(SYNTHETIC_PREFIX) if n.startswith(SYNTHETIC_PREFIX) else None
+            specs.append(DatasetSpec(n, s.display, s.kind, family=family))
     return specs
 
 
-def load_records(spec: DatasetSpec, limit: int | None = None, synthetic_seed: int = 0) -> list[dict]:
-    """The first ``limit`` (default all; synthetic: 500) records ``{instruction, input, output, answer}``."""
+def load_records(spec: DatasetSpec, limit: int | None = None, synthetic_seed: int = 0) -> list[Record]:
+    """The first ``limit`` (default all; synthetic: 500) records ``{instruction, input, output, answer}``.
+
+    Raises ``ValueError`` starting with ``dataset '<name>':`` for a test file that is not a JSON array of records
+    with a string ``instruction`` and ``answer`` (naming the file, record and field), or an unregistered set.
+    """
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
-    if spec.family is not None:
-        from .synthetic import test_split
-
-        return test_split(spec.family, limit or SYNTHETIC_N, seed=synthetic_seed)
     try:
-        records = json.loads(spec.path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"dataset {spec.name!r}: {spec.path} is not valid JSON ({e}); expected a JSON array of "
-                         f"{{instruction, input, output, answer}} records") from None
-    if not isinstance(records, list):
-        raise ValueError(f"dataset {spec.name!r}: {spec.path} holds a {type(records).__name__}, expected a JSON array "
-                         f"of {{instruction, input, output, answer}} records")
-    records = records[:limit]
-    for i, r in enumerate(records):
-        if not isinstance(r, dict) or "instruction" not in r or "answer" not in r:
-            raise ValueError(f"dataset {spec.name!r}: record {i} of {spec.path} lacks 'instruction' or 'answer' "
-                             f"(got {r if not isinstance(r, dict) else sorted(r)})")
-    return records
+        if spec.path is not None:
+            return load_llm_adapters_json(spec.path, required=TEST_REQUIRED)[:limit]
+        s = _REGISTRY.get(spec.name)
+        if s is None or s.loader is None:
+            raise ValueError(f"not a registered set without files; choose from {', '.join(_file_free())}")
+        records = s.loader(limit, synthetic_seed)
+        if not isinstance(records, list):
+            raise ValueError(f"its loader returned a {type(records).__name__}, expected a list of records")
+        return llm_adapters_records(records[:limit], Path(f"<{spec.name} loader>"), required=TEST_REQUIRED)
+    except ValueError as e:
+        raise ValueError(f"dataset {spec.name!r}: {e}") from None
+
+
+def load_test_sets(data_dir: str | Path, names: Sequence[str] = PAPER_TEST_SETS) -> dict[str, list[Record]]:
+    """``{folder: records of data_dir/<folder>/test.json}`` for the sets ``names`` (registered names or folders).
+
+    Raises ``FileNotFoundError`` for a missing test file, ``ValueError`` for a set that is not read from files.
+    """
+    data_dir = Path(data_dir)
+    out = {}
+    for name in names:
+        s = eval_set(name)
+        if s.folder is None:
+            raise ValueError(f"evaluation set {s.name!r} has no test file; name a set read from the data directory")
+        path = _find_test_file(data_dir, s.folder)
+        if not path.is_file():
+            raise FileNotFoundError(f"test set {path} not found")
+        out[s.folder] = load_llm_adapters_json(path, required=TEST_REQUIRED)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the built-in sets
+# LLM-Adapters' seven arithmetic test sets. GSM8K, SVAMP, MAWPS and AQuA are the paper's four; AddSub, MultiArith
+# and SingleEq largely overlap the MAWPS training data (see lowbit.data.loaders): report them with care.
+register_eval_set("gsm8k", display="GSM8K", folder="gsm8k")
+register_eval_set("svamp", display="SVAMP", folder="SVAMP")
+register_eval_set("mawps", display="MAWPS", folder="mawps")
+register_eval_set("aqua", display="AQuA", kind="choice", folder="AQuA")
+register_eval_set("addsub", display="AddSub", folder="AddSub")
+register_eval_set("multiarith", display="MultiArith", folder="MultiArith")
+register_eval_set("singleeq", display="SingleEq", folder="SingleEq")
+#: All registered sets read from files (the seven above).
+ALL_TEST_SETS = tuple(n for n, s in _REGISTRY.items() if s.folder is not None)
+
+
+def _synthetic_loader(family: str) -> Loader:
+    def load(limit: int | None, seed: int) -> list[dict]:
+        return test_split(family, limit or SYNTHETIC_N, seed=seed)
+
+    return load
+
+
+# The synthetic families of the embedded tiny model, titled and scored like the real set they mirror.
+for _family in FAMILIES:
+    register_eval_set(SYNTHETIC_PREFIX + _family, display="syn-" + display_name(_family), kind=kind_of(_family),
+                      loader=_synthetic_loader(_family))
+del _family

@@ -1,4 +1,4 @@
-"""Tokenisation of Math10K records for causal-LM fine-tuning with the loss on the response only (METHODS.md §4).
+"""Tokenisation of Math10K records for causal-LM fine-tuning with the loss on the response only.
 
 One example is ``[BOS] prompt response EOS`` where ``prompt = format_prompt(instruction, input, variant)`` and
 ``response = output``; ``labels`` equal ``input_ids`` except ``-100`` (ignored by the loss) on BOS and the prompt.

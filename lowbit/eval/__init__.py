@@ -1,10 +1,18 @@
-"""Evaluation (METHODS.md §4): the Math10K protocol and perplexity.
+"""Evaluation: the Math10K protocol's pure parts and perplexity. Imports nothing above ``lowbit.data``.
 
-- ``answers``: pure answer extraction and scoring (``extract_answer``, ``is_correct``).
+- ``config``: :class:`EvalConfig` — test sets, prompt variant, decoding, scoring rule.
+- ``answers``: pure answer extraction and scoring (``extract_answer``, ``is_correct``, ``score_generation``).
 - ``generate``: batched greedy / beam generation with left padding, KV cache and stop strings.
-- ``datasets``: the test sets (LLM-Adapters' files, or the synthetic families of the tiny model).
+- ``results``: per-example rows (crash-safe reading, writing), per-set accuracy, the printed summary.
 - ``accuracy``: accuracy of an in-memory model on in-memory records.
-- ``run``: ``lowbit evaluate`` — resumable evaluation writing per-example JSONL and ``summary.json``.
-- ``compare``: ``lowbit compare`` — the paper-shaped table and a bar chart over evaluation runs.
+- ``compare``: the paper-shaped comparison table and bar chart over evaluation runs.
 - ``perplexity``: perplexity on held-out token ids.
+
+The drivers (``lowbit evaluate``) live in :mod:`lowbit.recipes.evaluate`. Importing this package loads neither
+torch nor transformers; ``generate``, ``accuracy`` and ``perplexity`` do when imported.
 """
+
+from .answers import extract_answer, is_correct, score_generation
+from .config import EvalConfig
+
+__all__ = ["EvalConfig", "extract_answer", "is_correct", "score_generation"]

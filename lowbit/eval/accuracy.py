@@ -8,12 +8,11 @@ from __future__ import annotations
 from torch import nn
 
 from ..data.prompts import format_prompt
-from .answers import score_generation
 from ..data.testsets import kind_of
+from .answers import score_generation
 from .generate import generate
 
-CHOICE_SETS = ("aqua",)
-__all__ = ["CHOICE_SETS", "accuracy", "kind_of"]
+__all__ = ["accuracy"]
 
 
 def accuracy(model: nn.Module, tokenizer, records: list[dict], dataset: str, max_new_tokens: int = 96,

@@ -1,4 +1,4 @@
-"""Answer extraction and scoring for the Math10K protocol (LLM-Adapters; METHODS.md §4).
+"""Answer extraction and scoring for the Math10K protocol (LLM-Adapters; docs/METHODS.md, Evaluation).
 
 Numeric sets (GSM8K, SVAMP, MAWPS): commas removed, the **last** match of ``-?\\d+\\.?\\d*`` is the prediction;
 correct if ``|pred - label| <= 1e-3``; no number is wrong. A fraction such as ``5/2`` is read, like in the

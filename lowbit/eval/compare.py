@@ -16,8 +16,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..io import atomic_write_text
 from ..data.testsets import display_name, known_datasets
+from ..io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -154,29 +154,22 @@ def plot_runs(runs: list[dict], path: str | Path) -> Path:
     return path
 
 
-def compare_command(args) -> int:
-    """The body of ``lowbit compare`` (``args.runs``, ``args.out``, ``args.no_plot``)."""
-    try:
-        runs = [load_run(r) for r in args.runs]
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+def compare_runs(run_dirs: list[str | Path], out: str | Path, plot: bool = True) -> tuple[str, Path | None]:
+    """Load the runs, write ``OUT/compare.md`` (and ``OUT/compare.png``) -> (the table, the chart path or None).
+    Raises ``ValueError`` naming a run without a summary, or an ``out`` that is a file."""
+    runs = [load_run(r) for r in run_dirs]
     names = [r["name"] for r in runs]
     for r in runs:  # two runs both called "eval": name them by their parent too
         if names.count(r["name"]) > 1:
             r["name"] = f"{Path(r['dir']).resolve().parent.name}/{r['name']}"
-    if not args.no_plot:
+    if plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            raise SystemExit("error: the bar chart needs matplotlib; `pip install matplotlib`, or pass --no-plot") \
-                from None
-    out = Path(args.out)
+            raise ValueError("the bar chart needs matplotlib; `pip install matplotlib`, or pass --no-plot") from None
+    out = Path(out)
     if out.exists() and not out.is_dir():
-        raise SystemExit(f"error: --out {out} is a file; pass a directory for compare.md and compare.png")
+        raise ValueError(f"--out {out} is a file; pass a directory for compare.md and compare.png")
     table = compare_table(runs)
     atomic_write_text(out / "compare.md", table + "\n")
-    print(table)
-    print(f"\ntable: {out / 'compare.md'}")
-    if not args.no_plot:
-        print(f"chart: {plot_runs(runs, out / 'compare.png')}")
-    return 0
+    return table, plot_runs(runs, out / "compare.png") if plot else None

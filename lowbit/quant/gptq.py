@@ -3,8 +3,8 @@
 Objective, per linear layer: choose quantized ``Q`` minimising the output error ``‖X (W - Q)^T‖_F²`` =
 ``tr((W - Q) H (W - Q)^T)`` with ``H = X^T X``. GPTQ quantizes one input column at a time and spreads each
 column's rounding error over the not-yet-quantized columns through the Cholesky factor of ``H^{-1}``
-(Optimal Brain Surgeon updates), lazily in blocks of ``block_size`` columns. METHODS.md §1 lists the steps;
-the reference implementation is IST-DASLab/gptq.
+(Optimal Brain Surgeon updates), lazily in blocks of ``block_size`` columns. docs/METHODS.md (Quantization) lists
+the steps; the reference implementation is IST-DASLab/gptq.
 
 Conventions: ``W`` is ``(out, in)``; ``H`` is ``(in, in)`` and any positive multiple of ``X^T X`` gives the same
 result (damping is relative to ``mean(diag H)``). Group parameters are chosen on the *current*, error-updated
@@ -17,6 +17,7 @@ import logging
 
 import torch
 
+from .config import QuantConfig, register_quantizer
 from .qweight import QuantizedWeight, check_bits, check_group_size, check_weight, quantize_codes
 from .rtn import group_params
 
@@ -154,3 +155,9 @@ def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, relative: bo
         return float(err)
     ref = torch.einsum("oi,ij,oj->", W.double(), H, W.double()).clamp(min=0).sqrt()
     return float(err / ref.clamp(min=1e-30))
+
+
+@register_quantizer("gptq", needs_calibration=True)
+def _gptq(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig) -> QuantizedWeight:
+    return gptq_quantize(W, H, cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, cfg.damp, cfg.block_size,
+                         cfg.static_groups, cfg.clip_search)

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from .qweight import check_group_size, check_weight
+from .config import QuantConfig, register_quantizer
+from .gptq import gptq_quantize
+from .qweight import QuantizedWeight, check_group_size, check_weight
+from .rtn import rtn_quantize
 
 
 def project_l1_ball(V: torch.Tensor, radius: float = 1.0) -> torch.Tensor:
@@ -62,3 +65,24 @@ def magr(W: torch.Tensor, H: torch.Tensor, alpha: float = 1e-3, iters: int = 200
         V = What - (What - W0) @ Ht
         What = prox_linf(V.reshape(-1, g), alpha).reshape(out, n)
     return What if dtype == torch.float64 else What.float()
+
+
+def _magr(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    alpha = cfg.magr_alpha if cfg.magr_alpha is not None else (1e-3 if cfg.group_size == -1 else 1e-4)
+    return magr(W, H, alpha=alpha, iters=cfg.magr_iters, group_size=cfg.group_size)
+
+
+# MagR changes only the weights; the grid comes from GPTQ or RTN (the paper's two pairings).
+@register_quantizer("magr-gptq", needs_calibration=True)
+def _magr_gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
+    qw = gptq_quantize(_magr(W, H, cfg), H, cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, cfg.damp,
+                       cfg.block_size, cfg.static_groups, cfg.clip_search)
+    qw.method = "magr-gptq"
+    return qw
+
+
+@register_quantizer("magr-rtn", needs_calibration=True)
+def _magr_rtn(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
+    qw = rtn_quantize(_magr(W, H, cfg), cfg.bits, cfg.group_size, cfg.sym, cfg.clip_search)
+    qw.method = "magr-rtn"
+    return qw

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .config import QuantConfig, register_quantizer
 from .qweight import QuantizedWeight, check_bits, check_group_size, check_weight, round_fp16
 
 NF4_CODEBOOK = (
@@ -43,3 +44,8 @@ def nf_quantize(W: torch.Tensor, bits: int, block_size: int = 64) -> QuantizedWe
     codes = (x[..., None] - book).abs().argmin(dim=-1).reshape(out, n)
     return QuantizedWeight(codes=codes.to(torch.uint8), scales=absmax, zeros=None, bits=bits,
                            group_size=block_size, codebook=book, method=f"nf{bits}")
+
+
+@register_quantizer("nf", needs_calibration=False, bits=(2, 4), needs_groups=True)
+def _nf(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig) -> QuantizedWeight:
+    return nf_quantize(W, cfg.bits, cfg.group_size)

@@ -67,7 +67,7 @@ def round_fp16(x: torch.Tensor) -> torch.Tensor:
 
 
 def uniform_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max scale and zero per row of ``w`` ``(rows, cols)`` -> ``(rows,), (rows,)`` (METHODS.md §1).
+    """Min-max scale and zero per row of ``w`` ``(rows, cols)`` -> ``(rows,), (rows,)`` (docs/METHODS.md, Quantization).
 
     The range always contains 0; an all-zero row gets ``[-1, 1]``. The zero point is an integer.
     """

@@ -2,15 +2,16 @@
 
 Objective: none beyond the grid — each weight goes to the nearest point of a uniform ``2^bits``-level grid spanning
 its (row, group)'s ``[min(w, 0), max(w, 0)]`` (asymmetric) or ``[-max|w|, max|w|]`` (symmetric); see
-METHODS.md §1. The optional clip search (as in the GPTQ reference's ``Quantizer.find_params(mse=True)``) shrinks
-the range by the factor in ``{1, 1 - 1/grid, …, 1 - max_shrink}`` that minimises ``Σ |w - q(w)|^norm``, which
-helps at 2 bits where a few outliers otherwise waste most of the levels.
+docs/METHODS.md (Quantization). The optional clip search (as in the GPTQ reference's
+``Quantizer.find_params(mse=True)``) shrinks the range by the factor in ``{1, 1 - 1/grid, …, 1 - max_shrink}``
+that minimises ``Σ |w - q(w)|^norm``, which helps at 2 bits where a few outliers otherwise waste most of the levels.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .config import QuantConfig, register_quantizer
 from .qweight import QuantizedWeight, check_bits, check_group_size, check_weight, params_from_range, quantize_codes
 
 
@@ -57,3 +58,8 @@ def rtn_quantize(W: torch.Tensor, bits: int, group_size: int = -1, sym: bool = F
     codes = quantize_codes(flat, scale[:, None], zero[:, None], bits).reshape(out, inp)
     return QuantizedWeight(codes=codes.to(torch.uint8), scales=scale.reshape(out, -1), zeros=zero.reshape(out, -1),
                            bits=bits, group_size=group_size, sym=sym, method="rtn")
+
+
+@register_quantizer("rtn", needs_calibration=False)
+def _rtn(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig) -> QuantizedWeight:
+    return rtn_quantize(W, cfg.bits, cfg.group_size, cfg.sym, cfg.clip_search)

@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from ..io import atomic_dir, atomic_write_json
-from .model import QuantConfig, quantized_modules
+from .arch import set_submodule
+from .config import QuantConfig
+from .model import quantized_modules
 from .qlinear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -121,12 +123,11 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu",
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config)
     for name, spec in meta["modules"].items():
-        parent, _, child = name.rpartition(".")
         bias_dtype = getattr(torch, spec["bias_dtype"]) if spec.get("bias_dtype") else torch.float32
         q = QuantLinear(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
                         bias=spec["bias"], codebook=spec["codebook"], act_order=spec["act_order"],
                         compute_dtype=compute_dtype, bias_dtype=bias_dtype)
-        setattr(model.get_submodule(parent), child, q)
+        set_submodule(model, name, q)
     sd = load_file(str(path / WEIGHTS), device=str(device))
     for dup, orig in meta.get("tied", {}).items():
         sd[dup] = sd[orig]

@@ -1,23 +1,33 @@
-"""Recipe configuration: nested dataclasses validated in ``__post_init__``, loaded from YAML with dotted
-``key=value`` overrides (``train.max_steps=20 output_dir=/tmp/run``).
+"""Recipe configuration: one dataclass per concept, validated once in its ``__post_init__``, embedded in
+:class:`RecipeConfig` and loaded from YAML with dotted ``key=value`` overrides (``train.max_steps=20``).
 
-Unknown keys are errors that list the valid ones, so a typo never silently falls back to a default.
+The sections are the library's own configs — ``quant`` is a :class:`~lowbit.quant.QuantConfig` (``null``: keep the
+base in full precision), ``adapter`` an :class:`~lowbit.adapters.AdapterConfig`, ``eval`` an
+:class:`~lowbit.eval.config.EvalConfig` (``null``: no evaluation after training) — so every setting of those
+is reachable from a recipe. Unknown keys at any depth are errors that list the valid ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..adapters import AdapterConfig
+from ..eval.config import EvalConfig
+from ..quant import QuantConfig
+
 TINY = "tiny"  # the embedded model (lowbit/tiny/tiny_arith)
+CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 @dataclass
-class ModelSection:
-    """name: hub id, directory, or ``tiny``. quantized: an already-quantized lowbit directory (skips
-    quantization). dtype: load dtype of the full-precision model."""
+class ModelConfig:
+    """name: hub id, directory, or a model alias (``tiny``). quantized: a lowbit quantized directory of this
+    recipe's base (a cache: its quantization must equal the ``quant`` section). dtype: load dtype of the float model."""
 
     name: str = TINY
     quantized: str | None = None
@@ -29,35 +39,9 @@ class ModelSection:
 
 
 @dataclass
-class QuantSection:
-    """How to quantize the base (``enabled: false`` keeps it in full precision); fields of ``QuantConfig``."""
-
-    enabled: bool = True
-    method: str = "gptq"
-    bits: int = 4
-    group_size: int = 64
-    sym: bool = False
-    act_order: bool = False
-    damp: float = 0.01
-    clip_search: bool = False
-    magr_alpha: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.enabled:
-            self.to_quant_config()  # validates
-
-    def to_quant_config(self):
-        from ..quant.model import QuantConfig
-
-        return QuantConfig(method=self.method, bits=self.bits, group_size=self.group_size, sym=self.sym,
-                           act_order=self.act_order, damp=self.damp, clip_search=self.clip_search,
-                           magr_alpha=self.magr_alpha)
-
-
-@dataclass
-class CalibrationSection:
-    """Calibration text: ``tiny`` (the embedded model's held-out corpus) or files (.txt/.json/.jsonl) or hub
-    names (wikitext2, c4); ``nsamples`` windows of ``seqlen`` tokens."""
+class CalibrationConfig:
+    """Calibration text: ``tiny`` (held-out text in the embedded model's pre-training style), files
+    (.txt/.json/.jsonl) or hub names (wikitext2, c4); ``nsamples`` random windows of ``seqlen`` tokens."""
 
     sources: list[str] = field(default_factory=lambda: [TINY])
     nsamples: int = 128
@@ -66,38 +50,13 @@ class CalibrationSection:
 
     def __post_init__(self) -> None:
         if isinstance(self.sources, str):
-            self.sources = [self.sources]
+            self.sources = [s for s in self.sources.split(",") if s]
         if self.nsamples <= 0 or self.seqlen <= 0:
-            raise ValueError(f"calibration.nsamples and seqlen must be positive, got {self.nsamples}, {self.seqlen}")
+            raise ValueError(f"calibration nsamples and seqlen must be positive, got {self.nsamples}, {self.seqlen}")
 
 
 @dataclass
-class AdapterSection:
-    """Fields of :class:`lowbit.adapters.AdapterConfig`."""
-
-    adapter: str = "lora"
-    init: str = "default"
-    rank: int = 64
-    alpha: float = 16.0
-    rslora: bool = False
-    num_blocks: int = 64
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
-    damp: float = 0.01
-    loftq_iters: int = 5
-    apiq_epochs: int = 20
-
-    def __post_init__(self) -> None:
-        self.to_adapter_config()
-
-    def to_adapter_config(self):
-        from ..adapters.model import AdapterConfig
-
-        return AdapterConfig(**dataclasses.asdict(self))
-
-
-@dataclass
-class DataSection:
+class DataConfig:
     """Training data. source: ``synthetic`` (the embedded task's training split), ``math10k`` (``path`` to
     math_10k.json; where absent, the substitute GSM8K-train + MAWPS-train from ``data_dir``), or a file path
     (LLM-Adapters .json, GSM8K .jsonl). prompt: ``apiq`` (Alpaca) or ``llm-adapters``."""
@@ -121,7 +80,7 @@ class DataSection:
 
 
 @dataclass
-class TrainSection:
+class TrainConfig:
     """Optimisation (Hugging Face ``TrainingArguments`` names where they exist). precision: ``auto`` (bf16
     autocast on CUDA with bf16 support, else fp32), ``fp32``, ``bf16`` or ``fp16``. optim: ``adamw_torch`` or
     ``paged_adamw_8bit`` / ``adamw_8bit`` (bitsandbytes)."""
@@ -167,134 +126,133 @@ class TrainSection:
 
 
 @dataclass
-class EvalSection:
-    """Evaluation after training (``datasets`` empty: none). Names as ``lowbit evaluate --datasets``."""
-
-    datasets: list[str] = field(default_factory=list)
-    data_dir: str | None = None
-    limit: int | None = None
-    batch_size: int = 32
-    max_new_tokens: int = 256
-
-    def __post_init__(self) -> None:
-        if isinstance(self.datasets, str):
-            self.datasets = [d for d in self.datasets.split(",") if d]
-
-
-@dataclass
 class RecipeConfig:
-    """A whole run: quantize (if needed) -> initialise adapters -> train -> save (-> evaluate)."""
+    """A whole run: quantize (unless ``quant`` is null) -> initialise adapters -> train -> save (-> evaluate)."""
 
     output_dir: str = "runs/run"
     method: str = ""  # the row label in comparison tables, e.g. "DiaBlo" or "CLoQ"
-    model: ModelSection = field(default_factory=ModelSection)
-    quant: QuantSection = field(default_factory=QuantSection)
-    calibration: CalibrationSection = field(default_factory=CalibrationSection)
-    adapter: AdapterSection = field(default_factory=AdapterSection)
-    data: DataSection = field(default_factory=DataSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    eval: EvalSection = field(default_factory=EvalSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig | None = field(default_factory=QuantConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.eval is not None and self.eval.prompt != self.data.prompt:
+            raise ValueError(f"eval.variant {self.eval.variant!r} prompts with {self.eval.prompt!r} but the model is "
+                             f"trained with data.prompt {self.data.prompt!r}; make them agree")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def _build(cls, values: dict, where: str):
+# ------------------------------------------------------------------------------------------------- YAML <-> config
+
+def _field_types(cls) -> dict[str, tuple[type | None, bool, tuple]]:
+    """name -> (nested dataclass or None, None allowed, scalar types) from the class's annotations."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+            else (hint,)
+        nullable = type(None) in args
+        args = tuple(a for a in args if a is not type(None))
+        nested = next((a for a in args if dataclasses.is_dataclass(a)), None)
+        out[name] = (nested, nullable, args)
+    return out
+
+
+def build_config(cls, values: Any, where: str = ""):
+    """Build dataclass ``cls`` from a mapping, recursing into nested dataclass fields; unknown keys and bad values
+    raise ``ValueError`` naming the dotted key and the valid keys."""
+    label = where.rstrip(".") or "recipe"
     if not isinstance(values, dict):
-        raise ValueError(f"{where or 'recipe'} must be a mapping, got {type(values).__name__}: {values!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in values if k not in fields]
+        raise ValueError(f"{label} must be a mapping, got {type(values).__name__}: {values!r}")
+    types_ = _field_types(cls)
+    unknown = [k for k in values if k not in types_]
     if unknown:
         raise ValueError(f"unknown recipe key(s) {[f'{where}{k}' for k in unknown]}; valid keys"
-                         f"{' under ' + where.rstrip('.') if where else ''}: {sorted(fields)}")
+                         f"{' under ' + label if where else ''}: {sorted(types_)}")
     kwargs = {}
     for k, v in values.items():
-        sub = _SECTIONS.get(k) if cls is RecipeConfig else None
-        kwargs[k] = _build(sub, v or {}, f"{k}.") if sub is not None else _coerce(v, fields[k].type, f"{where}{k}")
+        nested, nullable, scalars = types_[k]
+        if nested is not None:
+            if v is None and nullable:
+                kwargs[k] = None
+            else:
+                kwargs[k] = build_config(nested, {} if v is None else v, f"{where}{k}.")
+        else:
+            kwargs[k] = _coerce(v, scalars, f"{where}{k}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"invalid recipe{' section ' + where.rstrip('.') if where else ''}: {e}") from None
+        raise ValueError(f"invalid {'recipe section ' + label if where else 'recipe'}: {e}") from None
 
 
-def _coerce(value: Any, annotation: str, key: str) -> Any:
+def _coerce(value: Any, kinds: tuple, key: str) -> Any:
     """YAML reads ``3e-4`` (no dot) as a string and users write ``lr=1e-3``: convert numbers by the field's type."""
-    kinds = [t.strip() for t in str(annotation).split("|")]
-    if not isinstance(value, str) or "str" in kinds:
-        if isinstance(value, int) and not isinstance(value, bool) and "float" in kinds and "int" not in kinds:
-            return float(value)
+    if isinstance(value, int) and not isinstance(value, bool) and float in kinds and int not in kinds:
+        return float(value)
+    if not isinstance(value, str) or str in kinds:
         return value
-    for kind, conv in (("int", int), ("float", float)):
+    for kind in (int, float):
         if kind in kinds:
             try:
-                return conv(value)
+                return kind(value)
             except ValueError:
                 pass
-    if kinds and kinds[0] in ("int", "float"):
-        raise ValueError(f"recipe key {key} must be a number ({annotation}), got {value!r}")
+    if kinds and kinds[0] in (int, float):
+        raise ValueError(f"recipe key {key} must be a number ({' | '.join(k.__name__ for k in kinds)}), got {value!r}")
     return value
-
-
-_SECTIONS = {"model": ModelSection, "quant": QuantSection, "calibration": CalibrationSection,
-             "adapter": AdapterSection, "data": DataSection, "train": TrainSection, "eval": EvalSection}
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """A copy of ``raw`` with dotted keys set; values are parsed as YAML (``8`` -> int, ``null`` -> None,
     ``[a,b]`` -> list). Key validity is checked when the config is built."""
+    import copy
+
     import yaml
 
-    out = _deepcopy(raw)
+    out = copy.deepcopy(raw)
+    sections = {n for n, (nested, _, _) in _field_types(RecipeConfig).items() if nested is not None}
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"override {item!r} is not key=value (e.g. train.max_steps=20)")
         parts = key.strip().split(".")
-        if len(parts) > 2:
-            raise ValueError(f"override key {key!r} is too deep; use section.key (e.g. train.lr=1e-4)")
-        if len(parts) == 2:
-            if parts[0] not in _SECTIONS:
-                raise ValueError(f"unknown recipe section {parts[0]!r} in override {item!r}; sections: "
-                                 f"{sorted(_SECTIONS)}")
-            node = out.get(parts[0]) or {}
-            out[parts[0]] = node
-        else:
-            node = out
+        if len(parts) > 1 and parts[0] not in sections:
+            raise ValueError(f"unknown recipe section {parts[0]!r} in override {item!r}; sections: {sorted(sections)}")
+        node = out
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
         node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
     return out
 
 
-def _deepcopy(d: Any) -> Any:
-    if isinstance(d, dict):
-        return {k: _deepcopy(v) for k, v in d.items()}
-    if isinstance(d, list):
-        return [_deepcopy(v) for v in d]
-    return d
+def find_recipe(path: str | Path) -> Path:
+    """A recipe file: an existing path, or the name of a built-in recipe (with or without ``.yaml``)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for cand in (CONFIG_DIR / p.name, CONFIG_DIR / f"{p.name}.yaml"):
+        if cand.is_file():
+            return cand
+    builtin = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"recipe {path} not found; built-in recipes: {builtin}")
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> RecipeConfig:
     """Read a recipe YAML (``None``: all defaults), apply overrides, validate."""
     import yaml
 
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            candidates = sorted(x.name for x in CONFIG_DIR.glob("*.yaml"))
-            if (CONFIG_DIR / p.name).is_file():
-                p = CONFIG_DIR / p.name
-            elif (CONFIG_DIR / f"{p.name}.yaml").is_file():
-                p = CONFIG_DIR / f"{p.name}.yaml"
-            else:
-                raise FileNotFoundError(f"recipe {path} not found; built-in recipes: {candidates}")
-        raw = yaml.safe_load(p.read_text()) or {}
-    return _build(RecipeConfig, apply_overrides(raw, overrides or []), "")
+    raw = (yaml.safe_load(find_recipe(path).read_text()) or {}) if path is not None else {}
+    return build_config(RecipeConfig, apply_overrides(raw, overrides or []))
 
 
 def dump_recipe(cfg: RecipeConfig) -> str:
     import yaml
 
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-
-
-CONFIG_DIR = Path(__file__).parent / "configs"

@@ -19,16 +19,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
-# (recipe key, label, base) — base = (quantization method) of the shared cached base, or None when the method
-# quantizes by itself (LoftQ, ApiQ-bw) or runs in full precision.
+# (recipe key, label, shares a cached base): the base is the recipe's own ``quant`` section, built once per distinct
+# section and shared; LoftQ and ApiQ-bw quantize the base themselves.
 METHODS = [
-    ("qlora", "QLoRA", "nf"), ("gptq-lora", "GPTQ-LoRA", "gptq"), ("loftq", "LoftQ", None),
-    ("apiq-bw", "ApiQ-bw", None), ("cloq", "CLoQ", "magr-gptq"), ("diablo", "DiaBlo (MagR)", "magr-gptq"),
-    ("diablo-calibrated", "DiaBlo calibrated (MagR)", "magr-gptq"),
+    ("qlora", "QLoRA", True), ("gptq-lora", "GPTQ-LoRA", True), ("loftq", "LoftQ", False),
+    ("apiq-bw", "ApiQ-bw", False), ("cloq", "CLoQ", True), ("diablo", "DiaBlo (MagR)", True),
+    ("diablo-calibrated", "DiaBlo calibrated (MagR)", True),
 ]
 QUICK_METHODS = ["gptq-lora", "cloq", "diablo", "diablo-calibrated"]
 
@@ -48,60 +48,55 @@ class DemoBudget:
     # fit its time budget (recipes keep 200).
     magr_iters: int = 50
 
-    def overrides(self) -> list[str]:
+    def overrides(self, quantized: bool) -> list[str]:
         # One pass over steps x batch examples: every method sees the same examples, and nothing else is tokenised.
-        return [f"data.num_examples={self.steps * self.batch_size}", f"train.max_steps={self.steps}",
-                f"train.batch_size={self.batch_size}", f"train.lr={self.lr}",
-                "train.logging_steps=5", f"train.save_steps={max(self.steps, 1)}", f"eval.limit={self.n_eval}",
-                f"eval.max_new_tokens={self.max_new_tokens}", f"calibration.nsamples={self.calib_samples}",
-                f"adapter.apiq_epochs={self.apiq_epochs}"]
+        out = [f"data.num_examples={self.steps * self.batch_size}", f"train.max_steps={self.steps}",
+               f"train.batch_size={self.batch_size}", f"train.lr={self.lr}",
+               "train.logging_steps=5", f"train.save_steps={max(self.steps, 1)}", f"eval.limit={self.n_eval}",
+               f"eval.max_new_tokens={self.max_new_tokens}", f"calibration.nsamples={self.calib_samples}",
+               f"adapter.apiq_epochs={self.apiq_epochs}"]
+        return out + ([f"quant.magr_iters={self.magr_iters}"] if quantized else [])
 
 
 QUICK_BUDGET = DemoBudget(steps=4, batch_size=8, n_eval=4, max_new_tokens=24, calib_samples=8, apiq_epochs=1,
                           magr_iters=20)
 
 
-def _runs(quick: bool) -> list[tuple[str, str, int | None, str | None]]:
-    """(run name, recipe, bits, base method) in table order."""
+def demo_runs(quick: bool) -> list[tuple[str, str, int | None, bool]]:
+    """(run name, recipe, bits, shares a cached base) in table order."""
     keys = QUICK_METHODS if quick else [m[0] for m in METHODS]
-    runs = [("fp-lora", "tiny-lora-fp", None, None)]
+    runs = [("fp-lora", "tiny-lora-fp", None, False)]
     if not quick:
-        runs.append(("fp-diablo", "tiny-diablo-fp", None, None))
+        runs.append(("fp-diablo", "tiny-diablo-fp", None, False))
     for bits in (4, 2):
-        for key, _, base in METHODS:
+        for key, _, shared in METHODS:
             if key in keys:
-                runs.append((f"{bits}bit-{key}", f"tiny-{key}-{bits}bit", bits, base))
+                runs.append((f"{bits}bit-{key}", f"tiny-{key}-{bits}bit", bits, shared))
     return runs
 
 
 def model_fingerprint() -> str:
     """SHA-256 (first 16 hex digits) of the embedded model's weights: caches built from another checkpoint are stale."""
-    import hashlib
-
     from ..tiny import tiny_model_dir
 
-    h = hashlib.sha256()
-    with open(tiny_model_dir() / "model.safetensors", "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return sha256_file(tiny_model_dir() / "model.safetensors")[:16]
 
 
-def _base_dir(out: Path, method: str, bits: int) -> Path:
-    return out / "bases" / f"{method}-{bits}bit"
+def _base_dir(out: Path, quant) -> Path:
+    return out / "bases" / f"{quant.method}-{quant.bits}bit"
 
 
-def build_bases(out: Path, needed: set[tuple[str, int]], calib_samples: int, magr_iters: int = 200,
-                source: str | None = None) -> list[dict]:
-    """Quantize the tiny model once per (method, bits) into ``OUT/bases`` (skipped when cached); returns rows
-    with held-out perplexity. ``source`` is the tiny model's :func:`model_fingerprint` (computed when None)."""
+def build_bases(out: Path, sections: list, source: str | None = None) -> list[dict]:
+    """Quantize the tiny model once per distinct recipe ``(quant, calibration)`` section into ``OUT/bases``
+    (skipped when cached with the same settings); returns rows with held-out perplexity. ``source`` is the tiny
+    model's :func:`model_fingerprint` (computed when None)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..eval.perplexity import perplexity
-    from ..tiny import calibration_ids, heldout_text_ids, tiny_model_dir
-    from ..quant.model import QuantConfig, quantize_model
-    from ..quant.serialization import load_quantized, save_quantized
+    from ..quant import load_quantized, quantize_model, save_quantized
+    from ..tiny import heldout_text_ids, tiny_model_dir
+    from .quantize import calibration_windows
 
     src = tiny_model_dir()
     tok = AutoTokenizer.from_pretrained(src)
@@ -115,33 +110,30 @@ def build_bases(out: Path, needed: set[tuple[str, int]], calib_samples: int, mag
         fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
         ppl["fp"] = perplexity(fp, held, 256, max_windows=16)
     rows = [{"base": "full precision", "bits": 16, "ppl": ppl["fp"], "ratio": 1.0, "seconds": 0.0}]
-    calib = None
-    for method, bits in sorted(needed, key=lambda x: (-x[1], x[0])):
-        d = _base_dir(out, method, bits)
-        key = f"{method}-{bits}"
+    for qcfg, calib_cfg in sorted(sections, key=lambda s: (-s[0].bits, s[0].method)):
+        d = _base_dir(out, qcfg)
+        key = f"{qcfg.method}-{qcfg.bits}"
         t = 0.0
-        qcfg = QuantConfig(method=method, bits=bits, group_size=64, magr_iters=magr_iters)
         if _base_settings(d) != qcfg.to_dict() or key not in ppl:
-            if calib is None:
-                calib = calibration_ids(tok, calib_samples, 256)
             model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
             t0 = time.perf_counter()
-            quantize_model(model, qcfg, calib, progress=False)
+            quantize_model(model, qcfg, calibration_windows(calib_cfg, tok)[0], progress=False)
             t = time.perf_counter() - t0
             save_quantized(model, d, qcfg, tokenizer=tok, source="tiny")
             ppl.pop(key, None)
         if key not in ppl:
             ppl[key] = perplexity(load_quantized(d), held, 256, max_windows=16)
         atomic_write_json(cache, ppl)  # per base: a killed demo keeps what it built
-        rows.append({"base": method, "bits": bits, "ppl": ppl[key], "ratio": ppl[key] / ppl["fp"], "seconds": t})
-        log.info("base %s %d-bit: held-out ppl %.3f (%.2fx full precision)", method, bits, ppl[key],
+        rows.append({"base": qcfg.method, "bits": qcfg.bits, "ppl": ppl[key], "ratio": ppl[key] / ppl["fp"],
+                     "seconds": t})
+        log.info("base %s %d-bit: held-out ppl %.3f (%.2fx full precision)", qcfg.method, qcfg.bits, ppl[key],
                  ppl[key] / ppl["fp"])
     atomic_write_json(cache, ppl)
     return rows
 
 
 def _base_settings(d: Path) -> dict | None:
-    from ..quant.serialization import read_quant_meta
+    from ..quant import read_quant_meta
 
     if not (d / "quant_config.json").is_file():
         return None
@@ -168,22 +160,26 @@ def run_demo(out_dir: str | Path = "demo_out", quick: bool = False, budget: Demo
     out = Path(out_dir)
     budget = budget or (QUICK_BUDGET if quick else DemoBudget())
     t_start = time.perf_counter()
-    runs = _runs(quick)
-    needed = {(base, bits) for _, _, bits, base in runs if base is not None}
+    plans = []
+    for name, recipe, bits, shared in demo_runs(quick):
+        overrides = [*budget.overrides(quantized=bits is not None), f"output_dir={out / 'runs' / name}"]
+        plans.append((name, recipe, overrides, load_recipe(recipe, overrides) if shared else None))
+    # One base per distinct (quant, calibration) section of the recipes that share a cached base.
+    sections = {json.dumps([c.quant.to_dict(), c.calibration.__dict__], sort_keys=True): (c.quant, c.calibration)
+                for *_, c in plans if c is not None}
     fingerprint = model_fingerprint()
-    base_rows = build_bases(out, needed, budget.calib_samples, budget.magr_iters, source=fingerprint)
+    base_rows = build_bases(out, list(sections.values()), source=fingerprint)
     done = []
-    for i, (name, recipe, bits, base) in enumerate(runs):
+    for i, (name, recipe, overrides, shared_cfg) in enumerate(plans):
         run_dir = out / "runs" / name
-        overrides = [*budget.overrides(), f"output_dir={run_dir}"]
-        if base is not None:
-            overrides.append(f"model.quantized={_base_dir(out, base, bits).resolve()}")
+        if shared_cfg is not None:
+            overrides = [*overrides, f"model.quantized={_base_dir(out, shared_cfg.quant).resolve()}"]
         stamp = {"recipe": recipe, "overrides": overrides, "model": fingerprint,
-                 "base": _base_settings(_base_dir(out, base, bits)) if base is not None else None}
+                 "base": _base_settings(_base_dir(out, shared_cfg.quant)) if shared_cfg is not None else None}
         if _cached(run_dir, stamp):
-            log.info("[%d/%d] %s: cached", i + 1, len(runs), name)
+            log.info("[%d/%d] %s: cached", i + 1, len(plans), name)
         else:
-            log.info("[%d/%d] %s: %s", i + 1, len(runs), name, recipe)
+            log.info("[%d/%d] %s: %s", i + 1, len(plans), name, recipe)
             cfg = load_recipe(recipe, overrides)
             if run_dir.exists():
                 import shutil

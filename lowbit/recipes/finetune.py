@@ -13,7 +13,6 @@ resumes from a half-written one.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import resource
@@ -23,114 +22,11 @@ from pathlib import Path
 import torch
 
 from ..io import atomic_write_json, atomic_write_text
-from .config import TINY, RecipeConfig, dump_recipe
+from .config import RecipeConfig, dump_recipe
+from .loading import resolve_model
+from .trainer import latest_checkpoint, plot_loss, trainer_classes, truncate_log
 
 log = logging.getLogger(__name__)
-
-COMPLETE = "COMPLETE"
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-def complete_checkpoints(run_dir: str | Path) -> list[Path]:
-    """``checkpoint-<step>`` directories holding the ``COMPLETE`` marker, oldest first."""
-    run_dir = Path(run_dir)
-    found = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and (p / COMPLETE).is_file()
-             and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    done = complete_checkpoints(run_dir)
-    return done[-1] if done else None
-
-
-def _trainer_classes():
-    """The Trainer subclass and callbacks (built lazily: importing transformers is expensive)."""
-    from transformers import Trainer, TrainerCallback
-
-    from ..adapters.model import save_adapter, set_adapter_weights
-
-    class AdapterTrainer(Trainer):
-        """Saves and restores only the adapter; the frozen (quantized) base is never written to checkpoints."""
-
-        def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-            out = Path(output_dir or self.args.output_dir)
-            save_adapter(self.model, out / "adapter")
-
-        def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-            set_adapter_weights(model or self.model, Path(resume_from_checkpoint) / "adapter")
-
-    class CommitCheckpoint(TrainerCallback):
-        """Marks a checkpoint complete once the Trainer has written all of it (on_save runs after)."""
-
-        def on_save(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if ckpt.is_dir():
-                    atomic_write_text(ckpt / COMPLETE, f"{state.global_step}\n")
-
-    class JsonlLogger(TrainerCallback):
-        """One JSON object per logging step in ``log.jsonl`` (``step``, ``loss``, ``lr``, ``epoch`` ...)."""
-
-        def __init__(self, path: Path) -> None:
-            self.path = path
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs:
-                return
-            rec = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
-            if "learning_rate" in rec:
-                rec["lr"] = rec.pop("learning_rate")
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-
-    return AdapterTrainer, CommitCheckpoint, JsonlLogger
-
-
-def read_log(path: str | Path) -> list[dict]:
-    """Records of a ``log.jsonl``; a truncated last line (killed mid-write) is ignored."""
-    out = []
-    p = Path(path)
-    if not p.is_file():
-        return out
-    for line in p.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop records after ``step`` (the resumed checkpoint), so a resumed run does not log steps twice."""
-    recs = [r for r in read_log(path) if r.get("step", 0) <= step]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in recs))
-
-
-def plot_loss(log_path: str | Path, png_path: str | Path, title: str = "") -> None:
-    """Training loss against step (matplotlib PNG, written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recs = [r for r in read_log(log_path) if "loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], marker="." if len(recs) < 50 else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, png_path)
-
 
 # ---------------------------------------------------------------------------------------------- data, model
 
@@ -157,58 +53,38 @@ def load_training_records(cfg: RecipeConfig) -> list[dict]:
     return recs
 
 
-def _model_path(cfg: RecipeConfig) -> str:
-    if cfg.model.name == TINY:
-        from ..tiny import TINY_MODEL_DIR
-
-        return str(TINY_MODEL_DIR)
-    return cfg.model.name
-
-
-def calibration_windows(cfg: RecipeConfig, tokenizer) -> torch.Tensor:
-    """``(nsamples, seqlen)`` calibration token ids from ``cfg.calibration``."""
-    c = cfg.calibration
-    if c.sources == [TINY]:
-        from ..tiny import calibration_ids
-
-        return calibration_ids(tokenizer, c.nsamples, c.seqlen)
-    from ..data.calibration import split_calibration, tokenize_sources
-
-    ids = tokenize_sources(tokenizer, c.sources)
-    windows, _ = split_calibration(ids, c.nsamples, c.seqlen, seed=c.seed)
-    return windows
-
-
 def build_model(cfg: RecipeConfig, tokenizer, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """Base model (quantized as configured) with adapters initialised; returns (model, adapter report)."""
     from transformers import AutoModelForCausalLM
 
-    from ..adapters.model import apply_adapters
+    from ..adapters import INITS, apply_adapters
+    from ..quant import QuantConfig, load_quantized, read_quant_meta
+    from .quantize import calibration_windows
 
-    acfg = cfg.adapter.to_adapter_config()
-    quantized_base = None
+    acfg, quant, quantized_base = cfg.adapter, cfg.quant, None
+    init = INITS[acfg.init]
+    model_path = resolve_model(cfg.model.name)[0]
     if cfg.model.quantized:
-        from ..quant.model import QuantConfig
-        from ..quant.serialization import load_quantized, read_quant_meta
-
+        stored = QuantConfig.from_dict(read_quant_meta(cfg.model.quantized)["quantization"])
+        if quant is not None and quant != stored:
+            raise ValueError(f"model.quantized {cfg.model.quantized} was quantized with {stored.to_dict()}, but the "
+                             f"recipe's quant section is {quant.to_dict()}; make them agree or set quant=null")
+        if init.quantizes_base:
+            raise ValueError(f"init {acfg.init!r} quantizes the base itself; unset model.quantized and set quant.*")
         qbase = load_quantized(cfg.model.quantized, device=device)
-        if acfg.init in ("cloq", "calibrated"):
+        if init.needs_float_weights:
             # The closed forms need W and H: the float model runs the calibration pass, the cached packed
             # layers are reused as they are.
-            q = dict(read_quant_meta(cfg.model.quantized)["quantization"])
-            quant, quantized_base = QuantConfig(**q), qbase
-            model = AutoModelForCausalLM.from_pretrained(_model_path(cfg), dtype=getattr(torch, cfg.model.dtype))
+            quant, quantized_base = stored, qbase
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype))
             model.to(device)
-        elif acfg.init in ("loftq", "apiq-bw"):
-            raise ValueError(f"init {acfg.init!r} quantizes the base itself; unset model.quantized and set quant.*")
         else:
             model, quant = qbase, None
     else:
-        model = AutoModelForCausalLM.from_pretrained(_model_path(cfg), dtype=getattr(torch, cfg.model.dtype))
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype))
         model.to(device)
-        quant = cfg.quant.to_quant_config() if cfg.quant.enabled else None
     needs_calib = acfg.needs_calibration or (quant is not None and quant.needs_calibration)
-    calib = calibration_windows(cfg, tokenizer) if needs_calib else None
+    calib = calibration_windows(cfg.calibration, tokenizer)[0] if needs_calib else None
     report = apply_adapters(model, acfg, calib, quant=quant, quantized_base=quantized_base)
     return model, report
 
@@ -269,14 +145,14 @@ def finetune(cfg: RecipeConfig, resume: bool = False, callbacks: list | None = N
     # 2. Tokenizer and data: fail here, before the model is loaded.
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.quantized or _model_path(cfg))
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.quantized or resolve_model(cfg.model.name)[0])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     records = load_training_records(cfg)
     train_ds = tokenize_dataset(records, tokenizer, cfg.data.max_length, variant=cfg.data.prompt,
                                 train_on_prompt=cfg.data.train_on_prompt)
     log.info("training data: %d examples (%s)", len(train_ds), cfg.data.source)
-    if cfg.eval.datasets:  # a missing test file must not surface only after training
+    if cfg.eval is not None:  # a missing test file must not surface only after training
         from ..data.testsets import resolve_datasets
 
         resolve_datasets(list(cfg.eval.datasets), cfg.eval.data_dir)
@@ -288,7 +164,7 @@ def finetune(cfg: RecipeConfig, resume: bool = False, callbacks: list | None = N
     # The Trainer's arguments are validated here, before the expensive model work.
     from transformers import TrainingArguments
 
-    AdapterTrainer, CommitCheckpoint, JsonlLogger = _trainer_classes()
+    AdapterTrainer, CommitCheckpoint, JsonlLogger = trainer_classes()
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=cfg.train.batch_size,
         gradient_accumulation_steps=cfg.train.grad_accum, learning_rate=cfg.train.lr,
@@ -320,7 +196,7 @@ def finetune(cfg: RecipeConfig, resume: bool = False, callbacks: list | None = N
         log.warning("--resume: no complete checkpoint in %s; starting from the beginning", out)
     if local_rank == 0:
         if ckpt is not None:
-            _truncate_log(out / "log.jsonl", int(ckpt.name.split("-")[-1]))
+            truncate_log(out / "log.jsonl", int(ckpt.name.split("-")[-1]))
         elif (out / "log.jsonl").exists():
             (out / "log.jsonl").unlink()
     if device.type == "cuda":
@@ -333,7 +209,7 @@ def finetune(cfg: RecipeConfig, resume: bool = False, callbacks: list | None = N
     model.config.use_cache = True
     summary = {}
     if trainer.is_world_process_zero():
-        from ..adapters.model import save_adapter
+        from ..adapters import save_adapter
 
         base_dir = _save_base(cfg, model, tokenizer, out)
         save_adapter(model, out / "adapter", extra={"base": base_dir})
@@ -355,7 +231,7 @@ def finetune(cfg: RecipeConfig, resume: bool = False, callbacks: list | None = N
         plot_loss(out / "log.jsonl", out / "loss.png", title=f"{summary['method']} ({summary['bits']}-bit)")
         log.info("run done: %d steps, final loss %.4f, %.1fs -> %s", result.global_step, result.training_loss,
                  train_time, out)
-        if cfg.eval.datasets:
+        if cfg.eval is not None:
             summary["eval"] = evaluate_run(cfg, out, base_dir)
     return summary
 
@@ -366,7 +242,7 @@ def _bits_and_method(cfg: RecipeConfig) -> dict:
 
         q = read_quant_meta(cfg.model.quantized)["quantization"]
         return {"bits": q["bits"], "quant_method": q["method"]}
-    if cfg.quant.enabled:
+    if cfg.quant is not None:
         return {"bits": cfg.quant.bits, "quant_method": cfg.quant.method}
     return {"bits": 16, "quant_method": None}
 
@@ -376,24 +252,20 @@ def _save_base(cfg: RecipeConfig, model, tokenizer, out: Path) -> str:
     the quantized weights, and no other copy exists); a float base is named by its path or hub id."""
     if cfg.model.quantized:
         return str(Path(cfg.model.quantized).resolve())
-    if not cfg.quant.enabled:
-        return _model_path(cfg)
-    from ..adapters.model import without_adapters
-    from ..quant.serialization import save_quantized
+    if cfg.quant is None:
+        return resolve_model(cfg.model.name)[0]
+    from ..adapters import without_adapters
+    from ..quant import save_quantized
 
     with without_adapters(model) as base:
-        save_quantized(base, out / "base", cfg.quant.to_quant_config(), tokenizer=tokenizer, source=cfg.model.name,
+        save_quantized(base, out / "base", cfg.quant, tokenizer=tokenizer, source=cfg.model.name,
                        extra={"adapter_init": cfg.adapter.init})
     return str((out / "base").resolve())
 
 
 def evaluate_run(cfg: RecipeConfig, out: Path, base_dir: str) -> dict:
-    """``lowbit evaluate`` of the trained adapter on ``cfg.eval.datasets``; results land in the run directory
+    """``lowbit evaluate`` of the trained adapter under ``cfg.eval``; results land in the run directory
     (``<set>.jsonl`` and ``summary.json``, read by ``lowbit compare``)."""
-    from .evaluate import EvalConfig, run_evaluation
+    from .evaluate import EvaluateRun, run_evaluation
 
-    e = cfg.eval
-    ecfg = EvalConfig(model=base_dir, adapter=str(out / "adapter"), datasets=list(e.datasets), data_dir=e.data_dir,
-                      out=str(out), limit=e.limit, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                      variant=cfg.data.prompt if cfg.data.prompt in ("apiq", "llm-adapters") else "apiq")
-    return run_evaluation(ecfg)
+    return run_evaluation(EvaluateRun(model=base_dir, eval=cfg.eval, adapter=str(out / "adapter"), out=str(out)))

@@ -1,9 +1,9 @@
 """``lowbit pretrain-tiny``: build lowbit's embedded tiny arithmetic LLaMA from nothing, reproducibly.
 
 The base model is pre-trained (next-token prediction) on a synthetic corpus: general text — arithmetic facts,
-equations, chained computations and numbers in short narrative text (:func:`lowbit.data.synthetic.pretrain_corpus`)
+equations, chained computations and numbers in short narrative text (:func:`lowbit.tiny.corpus.pretrain_corpus`)
 — and, for ``worked_fraction`` of the documents, worked problems in plain prose
-(:func:`lowbit.data.synthetic.worked_corpus`, test problems excluded). It never sees the instruction/response format
+(:func:`lowbit.tiny.corpus.worked_corpus`, test problems excluded). It never sees the instruction/response format
 nor "The answer is", so that fine-tuning on the Math10K-style split has real work to do, as with LLaMA-2 on
 Math10K. Last, a few LLaMA-like outlier input channels are added to every decoder linear without changing the
 function (:mod:`lowbit.tiny.outliers`), so that 2-bit round-to-nearest damages the model as it does LLaMA. The
@@ -14,7 +14,6 @@ of 64 rows so that every linear dimension is divisible by 64.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -23,7 +22,9 @@ from pathlib import Path
 
 import torch
 
+from ..data.prompts import APIQ
 from ..io import atomic_dir, atomic_write_json
+from ..tiny.tokenizer import build_tokenizer, concat_with_eos
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,8 @@ def pretrain_tiny(out_dir: str | Path, cfg: PretrainConfig, progress: bool = Tru
     from tqdm.auto import tqdm
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ..data.synthetic import generate_split, pretrain_corpus, worked_corpus
-    from ..tiny.tokenizer import build_tokenizer, concat_with_eos
+    from ..data.synthetic import generate_split
+    from ..tiny.corpus import pretrain_corpus, worked_corpus
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -94,8 +95,7 @@ def pretrain_tiny(out_dir: str | Path, cfg: PretrainConfig, progress: bool = Tru
     # Prompt words must exist as tokens; the records themselves are not trained on.
     task_text = [r["instruction"] + "\n" + r["output"] for fam in ("gsm8k", "svamp", "mawps", "aqua")
                  for r in generate_split(fam, 500, seed=cfg.seed)]
-    prompt = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-              "request.\n\n### Instruction:\n\n### Response:\n")
+    prompt = APIQ.replace("{instruction}\n", "")  # the ApiQ prompt without an instruction
     tok = build_tokenizer(docs[:20000] + task_text + [prompt] * 50, cfg.vocab_size)
     data = _blocks(tok, docs, cfg.seqlen)
     held = _blocks(tok, held_docs, cfg.seqlen)

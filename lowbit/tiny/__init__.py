@@ -24,7 +24,7 @@ def tiny_model_dir() -> Path:
 
 def heldout_text_ids(tokenizer, n_docs: int = 1500, seed: int = 12345) -> torch.Tensor:
     """1-D token ids of held-out pre-training-style text (a seed the pre-training corpus never uses)."""
-    from ..data.synthetic import pretrain_corpus
+    from .corpus import pretrain_corpus
     from .tokenizer import concat_with_eos
 
     return torch.tensor(concat_with_eos(tokenizer, pretrain_corpus(n_docs, seed=seed)))

@@ -1,4 +1,4 @@
-"""ApiQ-bw (lowbit.adapters.apiq) against the mathematics of METHODS.md §2 and the paper's objective.
+"""ApiQ-bw (lowbit.adapters.apiq) against the block-wise objective of Liao et al. 2024 (arXiv 2402.05147).
 
 - ``lwc_quantize`` with σ(γ) = σ(β) = 1 is lowbit's RTN min-max quantizer; smaller σ shrinks the grid to the
   clipped range ``[σ(β)·min(min w, 0), σ(γ)·max(max w, 0)]`` (up to half a step from the integer zero point);
@@ -19,11 +19,12 @@ import math
 
 import pytest
 import torch
+from tiny_models import random_llama
 from torch import nn
 
-from lowbit.adapters.apiq import apiq_bw, lwc_quantize, lwc_to_quantized
-from tiny_models import random_llama
-from lowbit.quant.model import capture_layer_inputs
+from lowbit.adapters.apiq import apiq_bw
+from lowbit.adapters.lwc import lwc_quantize, lwc_to_quantized
+from lowbit.quant.calibrate import capture_layer_inputs
 from lowbit.quant.rtn import rtn_quantize
 
 BITS, GROUP, RANK, ALPHA = 2, 32, 8, 16.0

@@ -76,8 +76,9 @@ def test_float32_inputs_and_bad_input():
 
 
 def test_split_is_balanced_per_component_and_independent_of_h_scale():
-    """The product is the METHODS.md closed form; each component has ‖B_:,i‖ = ‖A_i,:‖, and scaling H (more
-    calibration tokens) changes neither factor — with METHODS.md's raw split it moves them by k^{∓1/4}."""
+    """The product is CLoQ's closed form (Deng et al. 2025, arXiv 2501.18475); each component has
+    ‖B_:,i‖ = ‖A_i,:‖, and scaling H (more calibration tokens) changes neither factor — with the raw split
+    ``A = Σ^{1/2} U^T R^{-T}``, ``B = V Σ^{1/2}`` it moves them by k^{∓1/4}."""
     W, Q, X, H = _setup()
     r = 6
     A, B = cloq_init(W, Q, H, r, damp=0.0)

@@ -3,11 +3,11 @@ import json
 
 import pytest
 import torch
+from tiny_models import random_llama
 
 from lowbit.adapters import AdapterConfig, DiaBloLinear, LoRALinear, apply_adapters, load_adapter, save_adapter
 from lowbit.adapters.model import adapter_modules, count_parameters, expected_trainable
-from tiny_models import random_llama
-from lowbit.quant.model import QuantConfig, dequantize_model, quantize_model
+from lowbit.quant import QuantConfig, dequantize_model, quantize_model
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_llama2_7b_counts_on_meta_device():
 
     rows = param_table(llama2_7b_config())
     got = {(r["adapter"], r["targets"]): r["trainable"] for r in rows}
-    # METHODS.md §3: the DiaBlo paper's table counts
+    # the trainable-parameter counts of the DiaBlo paper (Gurses et al. 2025, arXiv 2506.03230)
     assert got[("diablo N=64", "q,k,v,up,down")] == 70_254_592
     assert got[("lora r=64", "q,k,v,up,down")] == 112_197_632
     assert got[("diablo N=64", "all seven")] == 101_187_584

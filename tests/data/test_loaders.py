@@ -1,7 +1,8 @@
-"""Loaders of the Math10K training data (lowbit.data.loaders), checked against the real files in shared/data.
+"""Loaders of the Math10K training data (lowbit.data.loaders, .mawps, .records), checked against the real files.
 
 The raw files are re-read here with plain ``json`` and the converted records compared with them; MAWPS rationales
-are re-evaluated with Python arithmetic, independently of the loader's AST evaluator.
+are re-evaluated with Python arithmetic, independently of the loader's AST evaluator. Tests of the real files take
+the ``real_data_dir`` fixture and skip without the data; the others use ``tmp_path`` files and always run.
 """
 
 from __future__ import annotations
@@ -15,27 +16,17 @@ import datasets
 import pytest
 
 from lowbit.data.loaders import (
-    ALL_TEST_SETS,
-    FIELDS,
-    PAPER_TEST_SETS,
     check_no_test_overlap,
     default_math_training_set,
     find_test_overlap,
-    format_number,
     load_gsm8k_jsonl,
-    load_llm_adapters_json,
-    load_mawps_train,
     load_source,
-    load_test_sets,
-    mawps_to_record,
     mix_sources,
     normalize_question,
 )
-
-DATA = Path("/work/shared/data")
-GSM_TRAIN = DATA / "gsm8k_openai" / "train.jsonl"
-MAWPS_TRAIN = DATA / "mawps" / "trainset.json"
-pytestmark = pytest.mark.skipif(not GSM_TRAIN.is_file(), reason="needs the real data in /work/shared/data")
+from lowbit.data.mawps import load_mawps_train, mawps_to_record
+from lowbit.data.records import FIELDS, format_number, load_llm_adapters_json
+from lowbit.data.testsets import ALL_TEST_SETS, PAPER_TEST_SETS, load_test_sets
 
 # The 20 MAWPS train records whose equation is broken or contradicts `ans` (measured; see the module docstring).
 MAWPS_BAD_IDS = {603, 370, 1556, 342, 1592, 756, 1115, 125, 1767, 67, 615, 2234, 1689, 2250, 1138, 2185, 2286,
@@ -44,23 +35,33 @@ NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 @pytest.fixture(scope="module")
-def gsm_raw() -> list[dict]:
-    return [json.loads(line) for line in GSM_TRAIN.read_text().splitlines()]
+def gsm_train_path(real_data_dir) -> Path:
+    return real_data_dir / "gsm8k_openai" / "train.jsonl"
 
 
 @pytest.fixture(scope="module")
-def gsm() -> list[dict]:
-    return load_gsm8k_jsonl(GSM_TRAIN)
+def mawps_train_path(real_data_dir) -> Path:
+    return real_data_dir / "mawps" / "trainset.json"
 
 
 @pytest.fixture(scope="module")
-def mawps() -> list[dict]:
-    return load_mawps_train(MAWPS_TRAIN)
+def gsm_raw(gsm_train_path) -> list[dict]:
+    return [json.loads(line) for line in gsm_train_path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
-def tests4() -> dict[str, list[dict]]:
-    return load_test_sets(DATA, PAPER_TEST_SETS)
+def gsm(gsm_train_path) -> list[dict]:
+    return load_gsm8k_jsonl(gsm_train_path)
+
+
+@pytest.fixture(scope="module")
+def mawps(mawps_train_path) -> list[dict]:
+    return load_mawps_train(mawps_train_path)
+
+
+@pytest.fixture(scope="module")
+def tests4(real_data_dir) -> dict[str, list[dict]]:
+    return load_test_sets(real_data_dir, PAPER_TEST_SETS)
 
 
 # ----------------------------------------------------------------------------------------------- numbers
@@ -72,10 +73,10 @@ def test_format_number(x, want):
 
 
 # ---------------------------------------------------------------------------------------- LLM-Adapters JSON
-def test_llm_adapters_test_sets_load_with_documented_sizes():
+def test_llm_adapters_test_sets_load_with_documented_sizes(real_data_dir):
     sizes = {"gsm8k": 1319, "SVAMP": 1000, "mawps": 238, "AQuA": 254, "AddSub": 395, "MultiArith": 600,
              "SingleEq": 508}
-    sets = load_test_sets(DATA, ALL_TEST_SETS)
+    sets = load_test_sets(real_data_dir, ALL_TEST_SETS)
     assert {k: len(v) for k, v in sets.items()} == sizes
     for recs in sets.values():
         assert all(list(r) == list(FIELDS) and all(isinstance(r[f], str) for f in FIELDS) for r in recs)
@@ -160,10 +161,10 @@ def test_gsm8k_whole_train_file(gsm, gsm_raw):
                              "This means that in 30 days he earns $36 * 30 = $1080.\nThe answer is 1080.")
 
 
-def test_gsm8k_test_jsonl_agrees_with_llm_adapters_copy():
+def test_gsm8k_test_jsonl_agrees_with_llm_adapters_copy(real_data_dir):
     # Two sources of the same 1,319 questions (README: 0 final-answer mismatches) cross-check the "####" parsing.
-    ours = load_gsm8k_jsonl(DATA / "gsm8k_openai" / "test.jsonl")
-    theirs = load_llm_adapters_json(DATA / "gsm8k" / "test.json")
+    ours = load_gsm8k_jsonl(real_data_dir / "gsm8k_openai" / "test.jsonl")
+    theirs = load_llm_adapters_json(real_data_dir / "gsm8k" / "test.json")
     assert len(ours) == len(theirs) == 1319
     label = {normalize_question(r["instruction"]): float(r["answer"]) for r in theirs}
     assert all(float(r["answer"]) == label[normalize_question(r["instruction"])] for r in ours)
@@ -217,8 +218,8 @@ def _py_eval(expr: str) -> float:
     return eval(expr)  # noqa: S307 (checked above)
 
 
-def test_mawps_train_rationales_evaluate_to_ans(mawps):
-    raw = json.loads(MAWPS_TRAIN.read_text())
+def test_mawps_train_rationales_evaluate_to_ans(mawps, mawps_train_path):
+    raw = json.loads(mawps_train_path.read_text())
     kept = [r for r in raw if r["id"] not in MAWPS_BAD_IDS]
     assert len(raw) == 1898 and len(mawps) == len(kept) == 1878
     explicit = re.compile(r"([a-z]+) = (.+) = (-?[\d.]+)\. The answer is (-?[\d.]+)\.")
@@ -245,28 +246,29 @@ def test_mawps_train_rationales_evaluate_to_ans(mawps):
     assert exact == 1847, exact  # the other 31: ans rounded (0.53 for 0.53336) or 0.6667-for-2/3 constants
 
 
-def test_mawps_train_drops_bad_records_with_a_logged_count(caplog):
-    with caplog.at_level(logging.WARNING, logger="lowbit.data.loaders"):
-        load_mawps_train(MAWPS_TRAIN)
+def test_mawps_train_drops_bad_records_with_a_logged_count(caplog, mawps_train_path):
+    with caplog.at_level(logging.WARNING, logger="lowbit.data.mawps"):
+        load_mawps_train(mawps_train_path)
     assert "dropped 20 of 1898 MAWPS records" in caplog.text and "X=0.32=0.21" in caplog.text
 
 
-def test_mawps_missing_field(tmp_path):
-    raw = json.loads(MAWPS_TRAIN.read_text())[:5]
+def test_mawps_missing_field(tmp_path, mawps_train_path):
+    raw = json.loads(mawps_train_path.read_text())[:5]
     del raw[3]["equation"]
     with pytest.raises(ValueError, match=r"m\.json: record 3 lacks field 'equation'"):
         load_mawps_train(_write(tmp_path, "m.json", raw))
 
 
 # ---------------------------------------------------------------------------------------- dispatch, mixing
-def test_load_source_dispatch(tmp_path, gsm, mawps):
-    assert load_source(GSM_TRAIN) == gsm
-    assert load_source(str(MAWPS_TRAIN)) == mawps  # sniffed from its fields
-    svamp = load_llm_adapters_json(DATA / "SVAMP" / "test.json")
-    assert load_source(DATA / "SVAMP" / "test.json") == load_source({"path": DATA / "SVAMP" / "test.json"}) == svamp
-    assert load_source({"path": MAWPS_TRAIN, "format": "mawps"}) == mawps
+def test_load_source_dispatch(tmp_path, gsm, mawps, real_data_dir, gsm_train_path, mawps_train_path):
+    assert load_source(gsm_train_path) == gsm
+    assert load_source(str(mawps_train_path)) == mawps  # sniffed from its fields
+    svamp_path = real_data_dir / "SVAMP" / "test.json"
+    svamp = load_llm_adapters_json(svamp_path)
+    assert load_source(svamp_path) == load_source({"path": svamp_path}) == svamp
+    assert load_source({"path": mawps_train_path, "format": "mawps"}) == mawps
     with pytest.raises(ValueError, match="unknown source format 'csv'"):
-        load_source({"path": MAWPS_TRAIN, "format": "csv"})
+        load_source({"path": mawps_train_path, "format": "csv"})
     with pytest.raises(ValueError, match="cannot tell the format"):
         load_source(_write(tmp_path, "data.txt", "[]"))
     with pytest.raises(FileNotFoundError):
@@ -298,14 +300,14 @@ def test_mix_sources_amounts_and_determinism():
 
 
 # ----------------------------------------------------------------------------------------- test-set overlap
-def test_substitute_sources_vs_test_sets(gsm, mawps, tests4):
+def test_substitute_sources_vs_test_sets(gsm, mawps, tests4, real_data_dir):
     check_no_test_overlap(gsm, tests4)  # GSM8K train shares no question with the four test sets
     overlap = find_test_overlap(mawps, tests4)
     assert {k: len(v) for k, v in overlap.items()} == {"mawps": 27}
     with pytest.raises(ValueError, match=r"mawps: 27"):
         check_no_test_overlap(mawps, tests4)
-    # MAWPS train vs the three sets the paper does not report (shared/data/README.md): heavy overlap
-    others = load_test_sets(DATA, ("AddSub", "MultiArith", "SingleEq"))
+    # MAWPS train vs the three sets the paper does not report (as the data directory's README says): heavy overlap
+    others = load_test_sets(real_data_dir, ("AddSub", "MultiArith", "SingleEq"))
     assert {k: len(v) for k, v in find_test_overlap(mawps, others).items()} == {
         "AddSub": 411, "MultiArith": 484, "SingleEq": 533}
 
@@ -319,9 +321,9 @@ def test_overlap_ignores_case_whitespace_punctuation_spacing():
     check_no_test_overlap(train[:1], test)
 
 
-def test_default_training_set_is_the_substitute_without_test_questions(tmp_path, caplog, tests4):
+def test_default_training_set_is_the_substitute_without_test_questions(tmp_path, caplog, tests4, real_data_dir):
     with caplog.at_level(logging.WARNING, logger="lowbit.data.loaders"):
-        ds = default_math_training_set(DATA, math10k_path=tmp_path / "math_10k.json", seed=0)
+        ds = default_math_training_set(real_data_dir, math10k_path=tmp_path / "math_10k.json", seed=0)
     assert "math_10k.json not found" in caplog.text and "substitute" in caplog.text
     assert "dropped 27 training records whose question is in a test set (mawps: 27)" in caplog.text
     assert isinstance(ds, datasets.Dataset) and ds.column_names == list(FIELDS)
@@ -329,19 +331,19 @@ def test_default_training_set_is_the_substitute_without_test_questions(tmp_path,
     records = ds.to_list()
     check_no_test_overlap(records, tests4)
     assert all(r["output"].endswith(f"The answer is {r['answer']}.") for r in records)
-    assert default_math_training_set(DATA, math10k_path=tmp_path / "math_10k.json", seed=0)["instruction"][:50] == \
-        ds["instruction"][:50]
+    assert default_math_training_set(real_data_dir, math10k_path=tmp_path / "math_10k.json",
+                                     seed=0)["instruction"][:50] == ds["instruction"][:50]
 
 
-def test_default_training_set_uses_math10k_and_handles_its_overlap(tmp_path, caplog, tests4):
+def test_default_training_set_uses_math10k_and_handles_its_overlap(tmp_path, caplog, tests4, real_data_dir):
     leaked = {**tests4["SVAMP"][0], "output": "leaked. The answer is 4."}
     p = _write(tmp_path, "math_10k.json", [_good(i) for i in range(5)] + [leaked])
     with caplog.at_level(logging.WARNING, logger="lowbit.data.loaders"):
-        ds = default_math_training_set(DATA, math10k_path=p)
+        ds = default_math_training_set(real_data_dir, math10k_path=p)
     assert len(ds) == 5 and "SVAMP: 1" in caplog.text and "substitute" not in caplog.text
-    assert len(default_math_training_set(DATA, math10k_path=p, on_overlap="keep")) == 6
+    assert len(default_math_training_set(real_data_dir, math10k_path=p, on_overlap="keep")) == 6
     with pytest.raises(ValueError, match="SVAMP: 1"):
-        default_math_training_set(DATA, math10k_path=p, on_overlap="error")
+        default_math_training_set(real_data_dir, math10k_path=p, on_overlap="error")
     with pytest.raises(FileNotFoundError, match="test_sets=()"):
         default_math_training_set(tmp_path, math10k_path=p)
     assert len(default_math_training_set(tmp_path, math10k_path=p, test_sets=())) == 6

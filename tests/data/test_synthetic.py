@@ -1,10 +1,12 @@
 """Synthetic Math10K-format data (lowbit.data.synthetic): determinism, disjointness and rationale correctness.
 
-The equations are re-evaluated here with plain Python arithmetic, independently of ``check_record``.
+The equations are re-evaluated here with plain Python arithmetic, independently of ``check_record``. The
+pre-training corpus built from the same templates is tested in tests/tiny/test_corpus.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -19,9 +21,9 @@ from lowbit.data import (
     generate_problem,
     generate_split,
     make_dataset,
-    pretrain_corpus,
     problem_key,
     rationale_answer,
+    synthetic,
 )
 
 EQ = re.compile(r"(\d+)\s*([-+*/x×])\s*(\d+)\s*=\s*(\d+)")
@@ -216,26 +218,6 @@ def test_aqua_options(default_sets):
     assert min(letters.values()) > 0.12 * len(aqua)
 
 
-def test_pretrain_corpus():
-    docs = pretrain_corpus(3000, seed=0)
-    assert len(docs) == 3000
-    assert docs == pretrain_corpus(3000, seed=0)
-    assert docs != pretrain_corpus(3000, seed=1)
-    text = "\n".join(docs)
-    for banned in ("### Instruction", "### Response", "Instruction:", "Response:", "The answer is"):
-        assert banned not in text
-    assert all(isinstance(d, str) and d.strip() for d in docs)
-    eqs = equations(text)
-    assert len(eqs) > 3000
-    for a, op, b, c in eqs:
-        assert ARITH[op](a, b) == c, (a, op, b, c)
-    for x in NUM.findall(text):
-        assert 0 <= int(x) < 200
-    # prose stories with results, not only equations
-    assert sum(" has " in d and "=" not in d for d in docs) > 600
-    assert sum("option (" in d for d in docs) > 100
-
-
 def test_generate_split_exclude_and_errors():
     first = generate_split("aqua", 50, seed=5)
     second = generate_split("aqua", 50, seed=5, exclude={r["instruction"] for r in first})
@@ -269,3 +251,31 @@ def test_check_record_rejects_inconsistent():
     for rec in (bad_eq, bad_answer, no_final, extra_key, wrong_letter):
         with pytest.raises(ValueError):
             check_record(rec)
+
+
+# The generated problems are pinned: the embedded tiny model was fine-tuned and is evaluated on these exact texts
+# (sha256 of ``json.dumps`` of the records; recorded before the generator was split across modules).
+PINNED = {
+    ("generate_split", "gsm8k"): "9b2c254a0826ca5850e6c965771398825adc070cdee547d2651f553641a06780",
+    ("generate_split", "svamp"): "51fb6574f51206959d88a90be60d2e2f306404640886d06facb6929b10dd31d6",
+    ("generate_split", "mawps"): "32896ea80fdab58f835fc5bfc0faf34530038ff9e2487a26aaf7f12b1f1b1c30",
+    ("generate_split", "aqua"): "ac2936f3f29a34fe4e428f870f0151924bbe7e04bb5780024755c8bea825b631",
+    ("test_split", "gsm8k"): "7bffc843665ef644ff509910c9abd68285de6e14241542e5a4570ad59e29abf9",
+    ("test_split", "svamp"): "4ec92e8014095d0fca447a061bb911c3b1f1b071ab0ba55ef039e093c9f93429",
+    ("test_split", "mawps"): "369847a61e95b851fdad5164ade55f1aeb188fe2627c630be24388f4d3e64d00",
+    ("test_split", "aqua"): "ef82d50fc44ababa14f3a385e6e3d28472ceb5ccd5ea43c45449f4644a291ab9",
+}
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generated_problems_are_pinned(family):
+    assert _sha(generate_split(family, 200, 3)) == PINNED["generate_split", family]
+    assert _sha(synthetic.test_split(family, 100, 0)) == PINNED["test_split", family]
+
+
+def test_train_split_is_pinned():
+    assert _sha(synthetic.train_split(2000, 0)) == "485463370a63fa66c56e2aaf90e75f98dee1d8b416c7d3d94f4397dd3dbc95fb"

@@ -1,4 +1,4 @@
-"""Answer extraction on realistic outputs (METHODS.md §4)."""
+"""Answer extraction on realistic outputs (docs/METHODS.md, Evaluation)."""
 
 import pytest
 

@@ -63,13 +63,14 @@ def test_missing_summary_is_a_clear_error(tmp_path):
 
 def test_compare_real_evaluate_output(tmp_path):
     """A summary written by `lowbit evaluate` (fake generator) is read by compare."""
-    from lowbit.recipes.evaluate import EvalConfig, run_evaluation
+    from lowbit.eval.config import EvalConfig
+    from lowbit.recipes.evaluate import EvaluateRun, run_evaluation
 
     def gen(prompts):
         yield list(range(len(prompts))), ["The answer is 3."] * len(prompts)
 
-    run_evaluation(EvalConfig("fake", ["synthetic-mawps", "synthetic-aqua"], out=str(tmp_path / "r"), limit=4,
-                              progress=False), gen)
+    run_evaluation(EvaluateRun("fake", EvalConfig(["synthetic-mawps", "synthetic-aqua"], limit=4),
+                               out=str(tmp_path / "r"), progress=False), gen)
     (tmp_path / "r" / "run.json").write_text(json.dumps({"bits": 4, "method": "LoRA"}))
     table = compare_table([load_run(tmp_path / "r")])
     assert "syn-MAWPS | syn-AQuA" in table and "| 4 | LoRA | – |" in table

@@ -1,19 +1,20 @@
 """`lowbit evaluate`: the oracle on the real test files, the tiny model through the CLI, resuming, clear errors."""
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
 from lowbit.cli import main
+from lowbit.eval.config import EvalConfig
+from lowbit.eval.results import read_rows
 from lowbit.recipes import evaluate as run_mod
-from lowbit.recipes.evaluate import EvalConfig, read_rows, run_evaluation
+from lowbit.recipes.evaluate import EvaluateRun, run_evaluation
 
-DATA = Path(os.environ.get("LOWBIT_DATA_DIR") or Path(__file__).resolve().parents[3] / "shared" / "data")
 PAPER_SETS = ["gsm8k", "svamp", "mawps", "aqua"]
-needs_data = pytest.mark.skipif(not (DATA / "gsm8k" / "test.json").is_file(),
-                                reason=f"Math10K test files not found in {DATA} (set LOWBIT_DATA_DIR)")
+
+
+def _run(model, datasets, out=None, progress=True, overwrite=False, **protocol) -> EvaluateRun:
+    return EvaluateRun(model, EvalConfig(datasets, **protocol), out=out, overwrite=overwrite, progress=progress)
 
 
 def _answer_sentence(label: str) -> str:
@@ -25,14 +26,15 @@ def _answer_sentence(label: str) -> str:
     return f"First, 12 + 30 = 42 and 42 / 7 = 6. So the result is {text}. The answer is {text}."
 
 
-def oracle_for(records_by_set: dict[str, list[dict]], cfg: EvalConfig):
+def oracle_for(records_by_set: dict[str, list[dict]], cfg: EvaluateRun):
     """A stand-in model: the label sentence of the record whose prompt it receives (duplicates in order)."""
     from lowbit.data.prompts import format_prompt
 
     answers: dict[str, list[str]] = {}
     for recs in records_by_set.values():
         for r in recs:
-            answers.setdefault(format_prompt(r["instruction"], r.get("input", ""), cfg.prompt), []).append(r["answer"])
+            prompt = format_prompt(r["instruction"], r.get("input", ""), cfg.eval.prompt)
+            answers.setdefault(prompt, []).append(r["answer"])
     seen: dict[str, int] = {}
 
     def gen(prompts):
@@ -47,12 +49,11 @@ def oracle_for(records_by_set: dict[str, list[dict]], cfg: EvalConfig):
     return gen
 
 
-@needs_data
-def test_oracle_scores_100_on_the_real_test_files(tmp_path):
+def test_oracle_scores_100_on_the_real_test_files(tmp_path, real_data_dir):
     from lowbit.data.testsets import load_records, resolve_datasets
 
-    cfg = EvalConfig(model="oracle", datasets=PAPER_SETS, data_dir=str(DATA), out=str(tmp_path), progress=False)
-    records = {s.name: load_records(s) for s in resolve_datasets(PAPER_SETS, DATA)}
+    cfg = _run("oracle", PAPER_SETS, data_dir=str(real_data_dir), out=str(tmp_path), progress=False)
+    records = {s.name: load_records(s) for s in resolve_datasets(PAPER_SETS, real_data_dir)}
     summary = run_evaluation(cfg, generate_batches=oracle_for(records, cfg))
     assert {k: v["n"] for k, v in summary["datasets"].items()} == {"gsm8k": 1319, "svamp": 1000, "mawps": 238,
                                                                     "aqua": 254}
@@ -69,9 +70,8 @@ def _evaluate_cli(out, *extra):
     return main(["evaluate", "--model", "tiny", "--out", str(out), "--max-new-tokens", "4", *extra])
 
 
-@needs_data
-def test_tiny_model_first_20_records_through_the_cli(tmp_path, capsys):
-    assert _evaluate_cli(tmp_path, "--datasets", "gsm8k,svamp,mawps,aqua", "--data-dir", str(DATA),
+def test_tiny_model_first_20_records_through_the_cli(tmp_path, capsys, real_data_dir):
+    assert _evaluate_cli(tmp_path, "--datasets", "gsm8k,svamp,mawps,aqua", "--data-dir", str(real_data_dir),
                          "--limit", "20", "--batch-size", "5") == 0
     printed = capsys.readouterr().out
     assert "GSM8K" in printed and "average" in printed
@@ -101,9 +101,9 @@ def _sets(summary):
 
 def test_interrupted_run_resumes_with_only_the_missing_examples(tmp_path):
     sets = ["synthetic-mawps", "synthetic-aqua"]
-    fresh = run_evaluation(EvalConfig("fake", sets, out=str(tmp_path / "fresh"), limit=10, progress=False),
+    fresh = run_evaluation(_run("fake", sets, out=str(tmp_path / "fresh"), limit=10, progress=False),
                            _fake_generator([]))
-    cfg = EvalConfig("fake", sets, out=str(tmp_path / "crash"), limit=10, progress=False)
+    cfg = _run("fake", sets, out=str(tmp_path / "crash"), limit=10, progress=False)
     with pytest.raises(KeyboardInterrupt):
         run_evaluation(cfg, _fake_generator([], crash_after=2))  # 6 of mawps written, then killed
     assert len(read_rows(tmp_path / "crash" / "synthetic-mawps.jsonl")) == 6
@@ -118,13 +118,13 @@ def test_interrupted_run_resumes_with_only_the_missing_examples(tmp_path):
     assert calls == [] and _sets(again) == _sets(fresh)
     # A larger --limit extends the sets: only the new examples are generated.
     calls = []
-    run_evaluation(EvalConfig("fake", sets, out=str(tmp_path / "crash"), limit=12, progress=False),
+    run_evaluation(_run("fake", sets, out=str(tmp_path / "crash"), limit=12, progress=False),
                    _fake_generator(calls))
     assert calls == [2, 2]
 
 
 def test_truncated_last_line_is_dropped_and_regenerated(tmp_path):
-    cfg = EvalConfig("fake", ["synthetic-gsm8k"], out=str(tmp_path), limit=7, progress=False)
+    cfg = _run("fake", ["synthetic-gsm8k"], out=str(tmp_path), limit=7, progress=False)
     first = run_evaluation(cfg, _fake_generator([]))
     f = tmp_path / "synthetic-gsm8k.jsonl"
     text = f.read_text()
@@ -139,18 +139,18 @@ def test_truncated_last_line_is_dropped_and_regenerated(tmp_path):
 
 
 def test_other_settings_in_out_dir_are_refused(tmp_path):
-    run_evaluation(EvalConfig("fake", ["synthetic-mawps"], out=str(tmp_path), limit=3, max_new_tokens=8,
+    run_evaluation(_run("fake", ["synthetic-mawps"], out=str(tmp_path), limit=3, max_new_tokens=8,
                               progress=False), _fake_generator([]))
     with pytest.raises(ValueError, match=r"max_new_tokens 8 there, 16 now.*--overwrite"):
-        run_evaluation(EvalConfig("fake", ["synthetic-mawps"], out=str(tmp_path), limit=3, max_new_tokens=16,
+        run_evaluation(_run("fake", ["synthetic-mawps"], out=str(tmp_path), limit=3, max_new_tokens=16,
                                   progress=False), _fake_generator([]))
     calls = []
-    run_evaluation(EvalConfig("fake", ["synthetic-mawps"], out=str(tmp_path), limit=3, max_new_tokens=16,
+    run_evaluation(_run("fake", ["synthetic-mawps"], out=str(tmp_path), limit=3, max_new_tokens=16,
                               overwrite=True, progress=False), _fake_generator(calls))
     assert calls == [3]
     # Another synthetic seed gives other prompts: refused rather than mixed.
     with pytest.raises(ValueError, match="another prompt"):
-        run_evaluation(EvalConfig("fake", ["synthetic-mawps"], out=str(tmp_path), limit=3, max_new_tokens=16,
+        run_evaluation(_run("fake", ["synthetic-mawps"], out=str(tmp_path), limit=3, max_new_tokens=16,
                                   synthetic_seed=1, progress=False), _fake_generator([]))
 
 
@@ -219,6 +219,7 @@ def test_missing_dataset_file(tmp_path, no_generation):
 
 def test_no_data_dir(tmp_path, monkeypatch, no_generation):
     monkeypatch.delenv("LOWBIT_DATA_DIR", raising=False)
+    monkeypatch.setattr("lowbit.data.testsets.CHECKOUT_DATA_DIR", tmp_path / "no-shared-data")
     msg = _error(None, ["evaluate", "--model", "tiny", "--out", str(tmp_path / "o")])
     assert "--data-dir" in msg and "LOWBIT_DATA_DIR" in msg and "synthetic-gsm8k" in msg
     monkeypatch.setenv("LOWBIT_DATA_DIR", str(tmp_path / "nowhere"))
@@ -260,11 +261,10 @@ def _save_lora(model, out):
     return save_adapter(model, out, cfg)
 
 
-@pytest.mark.skipif(not hasattr(__import__("lowbit.adapters").adapters, "load_adapter"),
-                    reason="lowbit.adapters.load_adapter not written yet")
 def test_real_adapter_for_another_base(tmp_path, monkeypatch):
-    import lowbit.eval.generate as gen_mod
     from tiny_models import random_llama
+
+    import lowbit.eval.generate as gen_mod
 
     adapter = _save_lora(random_llama(hidden=64, layers=2, intermediate=128), tmp_path / "adapter")
     monkeypatch.setattr(gen_mod, "iter_generate", lambda *a, **k: pytest.fail("generation started"))
@@ -273,16 +273,14 @@ def test_real_adapter_for_another_base(tmp_path, monkeypatch):
     assert str(adapter) in msg and "different base" in msg and "--model" in msg
 
 
-@pytest.mark.skipif(not hasattr(__import__("lowbit.adapters").adapters, "load_adapter"),
-                    reason="lowbit.adapters.load_adapter not written yet")
 def test_matching_adapter_and_quantized_base(tmp_path):
     """A lowbit-quantized directory is detected and loaded; a zero-initialised LoRA on it changes nothing."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowbit.tiny import tiny_model_dir
-    from lowbit.quant.model import QuantConfig, quantize_model
+    from lowbit.quant import QuantConfig, quantize_model
     from lowbit.quant.serialization import load_quantized, save_quantized
+    from lowbit.tiny import tiny_model_dir
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(), dtype=torch.float32)
     cfg = QuantConfig(method="rtn", bits=4, group_size=64)

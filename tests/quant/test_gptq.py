@@ -1,6 +1,6 @@
 """GPTQ (lowbit.quant.gptq) against its mathematics.
 
-- An independent float64 re-implementation of METHODS.md §1 written the textbook way (no blocks, no lazy
+- An independent float64 re-implementation of docs/METHODS.md, Quantization written the textbook way (no blocks, no lazy
   batch updates): every column's OBS update is applied to all remaining columns immediately, and group
   parameters are chosen on the current, error-updated weights at each group start.
 - Brute force on tiny problems: with a fixed grid, each GPTQ code is the grid point nearest to the
@@ -25,7 +25,7 @@ F64 = torch.float64
 
 
 def ref_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max scale/zero per row (METHODS.md §1), scale rounded to fp16 like the library stores it."""
+    """Min-max scale/zero per row (docs/METHODS.md, Quantization), scale rounded to fp16 like the library stores it."""
     maxq = 2**bits - 1
     xmin = w.min(dim=1).values.clamp(max=0)
     xmax = w.max(dim=1).values.clamp(min=0)

@@ -189,7 +189,7 @@ def test_magr_objective_never_increases_with_iterations():
     Ht = H / torch.linalg.eigvalsh(H)[-1]
     alpha = 1e-3
 
-    def objective(Wh):  # the normalised objective MagR minimises (METHODS.md §1)
+    def objective(Wh):  # the normalised objective MagR minimises (docs/METHODS.md, Quantization)
         D = Wh - W
         return float(0.5 * torch.einsum("oi,ij,oj->", D, Ht, D) + alpha * Wh.abs().amax(1).sum())
 

@@ -7,12 +7,12 @@ import sys
 
 import pytest
 import torch
+from tiny_models import random_llama
 from torch import nn
 
 from lowbit.cli import main
-from tiny_models import random_llama
-from lowbit.quant import QuantLinear, gptq_quantize
-from lowbit.quant.model import QuantConfig, capture_layer_inputs, quantize_model
+from lowbit.quant import QuantConfig, QuantLinear, gptq_quantize, quantize_model
+from lowbit.quant.calibrate import capture_layer_inputs
 from lowbit.quant.serialization import load_quantized, save_quantized
 
 METHODS = ["rtn", "gptq", "magr-gptq", "magr-rtn", "nf"]

@@ -1,8 +1,8 @@
 """NormalFloat quantization (lowbit.quant.nf): the published codebooks, nearest-value coding by brute force,
 blockwise absmax, and (when installed) agreement with bitsandbytes' NF4.
 
-The absmax is stored in fp16 (METHODS.md §1 "Storage"; bitsandbytes keeps it fp32 unless double-quantized),
-so the represented weight is ``round_fp16(absmax) · codebook[code]``, with the code chosen for
+The absmax is stored in fp16 (docs/METHODS.md, packed storage; bitsandbytes keeps it fp32 unless
+double-quantized), so the represented weight is ``round_fp16(absmax) · codebook[code]``, with the code chosen for
 ``w / round_fp16(absmax)``.
 """
 

@@ -1,4 +1,4 @@
-"""RTN min-max quantization (lowbit.quant.rtn) against an independent float64 reference of METHODS.md §1.
+"""RTN min-max quantization (lowbit.quant.rtn) against an independent float64 reference (docs/METHODS.md).
 
 Reference formulas, per output row and group:
 ``xmin = min(min w, 0)``, ``xmax = max(max w, 0)`` (both 0 -> ``[-1, 1]``), ``maxq = 2^bits - 1``;
@@ -8,7 +8,7 @@ sym ``xmax = max(|xmin|, xmax)``, ``scale = 2 xmax/maxq``, ``zero = (maxq+1)/2``
 
 One deliberate library convention is mirrored in the reference: the scale is rounded to the nearest
 fp16-representable value *before* the zero point and the codes are computed (``scale.half().double()``), so
-that the fp16 scales stored by ``QuantLinear`` dequantise to exactly the same weights. METHODS.md §1
+that the fp16 scales stored by ``QuantLinear`` dequantise to exactly the same weights. docs/METHODS.md, Quantization
 ("Storage") keeps scales in fp16, so this is the quantizer the stored model actually represents. (The
 library also clamps the scale to ≥ 2^-24, the smallest fp16 subnormal; no test matrix here gets near it.)
 """
@@ -160,7 +160,7 @@ def test_nan_raises():
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("sym", [False, True])
 def test_clip_search_is_optimal_over_the_shrink_grid(bits, sym):
-    """METHODS.md §1: the clip search minimises Σ|w - q|^2.4 over range shrink factors p ∈ {1, 0.99, …, 0.80}.
+    """The clip search minimises Σ|w - q|^2.4 over range shrink factors p ∈ {1, 0.99, …, 0.80}.
     Brute force in float64 over that grid: the library's choice must be (up to float32 noise) the best one."""
     g = torch.Generator().manual_seed(20 + bits + sym)
     W = torch.randn(24, 32, generator=g)

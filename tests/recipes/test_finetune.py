@@ -11,7 +11,7 @@ from lowbit.recipes.finetune import complete_checkpoints, finetune, read_log
 
 FAST = ["data.num_examples=160", "train.batch_size=8", "train.logging_steps=1",
         "train.warmup_ratio=0.0", "train.threads=2", "calibration.nsamples=8", "calibration.seqlen=128",
-        "eval.datasets=[]"]
+        "eval=null"]
 
 
 def _run(tmp_path, recipe, *overrides, resume=False, callbacks=None):

@@ -1,0 +1,186 @@
+"""The package's structure, checked on its source: import layering, no private imports across modules, file
+sizes, a self-contained text (no internal paths, no issue numbers), cheap imports, and CLI flags generated from the
+config dataclasses."""
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "lowbit"
+
+# What each part of lowbit may import (besides itself). Anything else is a layering violation.
+ALLOWED = {
+    "io": set(),
+    "data": {"io"},
+    "quant": {"io"},
+    "tiny": {"io", "data"},
+    "adapters": {"io", "quant"},
+    "eval": {"io", "data"},
+    "recipes": {"io", "data", "quant", "tiny", "adapters", "eval"},
+    "cli": {"io", "data", "quant", "tiny", "adapters", "eval", "recipes"},
+    "__init__": set(),
+    "__main__": {"cli"},
+}
+
+
+def _module_name(path: Path, root: Path) -> str:
+    rel = path.relative_to(root).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports(path: Path, root: Path) -> list[tuple[str, list[str], int]]:
+    """(absolute module, imported names, line) for every import in the file, lazy (in-function) ones included."""
+    mod = _module_name(path, root)
+    package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(a.name, [], node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            out.append((target, [a.name for a in node.names], node.lineno))
+    return out
+
+
+def _part(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "lowbit":
+        return None
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _violations(pkg: Path) -> list[str]:
+    bad = []
+    for path in sorted(pkg.rglob("*.py")):
+        me = _module_name(path, pkg.parent)
+        mine = _part(me)
+        for target, names, line in _imports(path, pkg.parent):
+            other = _part(target)
+            if other is None:
+                continue
+            where = f"{path.relative_to(pkg.parent)}:{line}"
+            # ``lowbit`` itself holds only ``__version__``: anyone may read it.
+            if other != mine and other != "__init__" and other not in ALLOWED.get(mine, set()):
+                bad.append(f"{where}: lowbit.{mine} imports {target} (layer {other!r} is above it)")
+            if any(p.startswith("_") and not p.startswith("__") for p in target.split(".")[1:]):
+                bad.append(f"{where}: imports private module {target}")
+            for n in names:
+                if n.startswith("_") and not n.startswith("__") and target != me:
+                    bad.append(f"{where}: imports private name {n} from {target}")
+    return bad
+
+
+def test_import_layering_and_no_private_imports():
+    assert _violations(PKG) == []
+
+
+def test_the_layering_check_fails_on_violations(tmp_path):
+    """The check itself: a quant module importing eval, and a private name across modules, are both caught."""
+    fake = tmp_path / "lowbit"
+    (fake / "quant").mkdir(parents=True)
+    (fake / "eval").mkdir()
+    (fake / "quant" / "__init__.py").write_text("")
+    (fake / "eval" / "__init__.py").write_text("")
+    (fake / "eval" / "answers.py").write_text("def _helper():\n    pass\n")
+    (fake / "quant" / "bad.py").write_text("def f():\n    from ..eval.answers import _helper\n")
+    found = _violations(fake)
+    assert any("layer 'eval' is above it" in v for v in found)
+    assert any("private name _helper" in v for v in found)
+
+
+def test_files_stay_short():
+    long = {str(p.relative_to(ROOT)): n for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    assert long == {}
+
+
+def _texts():
+    for base in ("lowbit", "tests", "benchmarks", "scripts", "docs"):
+        for p in (ROOT / base).rglob("*"):
+            if p.suffix in (".py", ".md", ".yaml", ".txt") and p.is_file():
+                yield p
+    yield ROOT / "README.md"
+
+
+def test_self_contained_text():
+    """No internal spec paths: the only ``shared/`` path is the documented LOWBIT_DATA_DIR default. No issue numbers."""
+    shared = re.compile("shared" + "/")
+    issue = re.compile(r"\b(issue|task)s? #?\d+", re.IGNORECASE)
+    bad = []
+    for p in _texts():
+        if p == Path(__file__).resolve():
+            continue
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            for m in shared.finditer(line):
+                if line[max(0, m.start() - 3): m.end() + 4] != "../" + "shared/data":
+                    bad.append(f"{p.relative_to(ROOT)}:{i}: {line.strip()}")
+            if issue.search(line):
+                bad.append(f"{p.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert bad == []
+
+
+def test_pure_parts_import_without_transformers():
+    code = ("import sys; import lowbit; assert 'torch' not in sys.modules, 'import lowbit loads torch'; "
+            "from lowbit.eval import extract_answer, is_correct, EvalConfig; import lowbit.data; "
+            "from lowbit.quant import QuantConfig, quantize_model; "
+            "assert 'transformers' not in sys.modules, 'transformers loaded'; "
+            "assert not __import__('torch').cuda.is_initialized()")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_quantize_flags_are_the_config_fields():
+    """`lowbit quantize --help` lists one flag per QuantConfig field in its quantization group, and the other flags
+    are exactly the fields of the run and calibration configs."""
+    import dataclasses
+
+    from lowbit.cli import build_parser
+    from lowbit.quant import QuantConfig
+    from lowbit.recipes.config import CalibrationConfig
+    from lowbit.recipes.quantize import QuantizeRun
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["quantize"]
+    groups = {g.title: {a.dest for a in g._group_actions} for g in sub._action_groups}
+    fields = {c: {f.name for f in dataclasses.fields(c)} for c in (QuantConfig, CalibrationConfig, QuantizeRun)}
+    assert groups["quantization (QuantConfig)"] == fields[QuantConfig]
+    assert groups["calibration"] == fields[CalibrationConfig]
+    assert groups["run"] == fields[QuantizeRun] - {"quant", "calibration"}
+    help_text = sub.format_help()
+    for name in fields[QuantConfig]:
+        assert "--" + name.replace("_", "-") in help_text
+
+
+def test_field_help_names_real_fields():
+    import dataclasses
+
+    from lowbit import cli
+    from lowbit.eval.config import EvalConfig
+    from lowbit.quant import QuantConfig
+    from lowbit.recipes.config import CalibrationConfig
+    from lowbit.recipes.evaluate import EvaluateRun
+    from lowbit.recipes.quantize import QuantizeRun
+
+    classes = {c.__name__: c for c in (QuantConfig, CalibrationConfig, QuantizeRun, EvaluateRun, EvalConfig)}
+    for cls_name, helps in cli.FIELD_HELP.items():
+        assert set(helps) <= {f.name for f in dataclasses.fields(classes[cls_name])}, cls_name
+
+
+@pytest.mark.parametrize("argv", [["quantize", "--help"], ["evaluate", "--help"], ["pretrain-tiny", "--help"]])
+def test_help_runs(argv, capsys):
+    from lowbit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0 and "--" in capsys.readouterr().out
