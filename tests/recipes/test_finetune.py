@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from lowbit.recipes.config import load_recipe
-from lowbit.recipes.finetune import complete_checkpoints, finetune, read_log
+from lowbit.recipes.finetune import finetune
+from lowbit.recipes.trainer import complete_checkpoints, read_log
 
 FAST = ["data.num_examples=160", "train.batch_size=8", "train.logging_steps=1",
         "train.warmup_ratio=0.0", "train.threads=2", "calibration.nsamples=8", "calibration.seqlen=128",
