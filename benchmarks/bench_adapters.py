@@ -4,7 +4,7 @@ On each LLaMA-2-7B projection shape (in→out: 4096→4096 q/k/v/o, 4096→11008
 ``nn.Linear`` base is wrapped by ``DiaBloLinear(base, N)`` (N = 64, ``in·out/N`` parameters) and by
 ``LoRALinear(base, r, 16)`` with ``r = round(in·out / (N·(in + out)))`` (the same count, to < 1 %). One step is a
 forward pass on ``x`` (which requires grad, as inside a network) and a backward pass of a fixed dense upstream
-gradient; the base layer alone is the third candidate, and "DiaBlo einsum" is the docs/METHODS.md, Adapters formula through
+gradient; the base layer alone is the third candidate, and "DiaBlo einsum" is the block-diagonal formula through
 plain autograd (the reference the library's implementation is measured against). Candidates run interleaved;
 the table gives medians and ratios. Memory: the peak RSS (CUDA: peak allocated) above the level before one step,
 and the bytes autograd saves for backward (activations; the module's own weights not counted).

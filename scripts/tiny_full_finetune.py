@@ -18,10 +18,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lowbit.io import atomic_write_json
 from lowbit.data.prompts import format_prompt
 from lowbit.data.synthetic import FAMILIES, make_dataset
 from lowbit.eval.accuracy import accuracy
+from lowbit.io import atomic_write_json
 
 
 def encode(tok, rec, max_len=256):

@@ -49,9 +49,9 @@ from torch import nn
 
 from ..quant.arch import ArchSpec, arch_spec, set_submodule, target_groups
 from ..quant.calibrate import capture_layer_inputs, run_layer
-from ..quant.qweight import QuantizedWeight, check_bits, check_group_size
+from ..quant.qweight import QuantizedWeight, check_bits
 from .base import quantized_linear
-from .lwc import LwcLoRALinear
+from .lwc import LwcLoRALinear, dividing_group_size
 from .registry import make_adapter, register_init
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def _validate(model: nn.Module, calibration: torch.Tensor, bits: int, group_size
             if not isinstance(lin, nn.Linear):
                 raise ValueError(f"layer {i} {name} is {type(lin).__name__}, not nn.Linear; ApiQ-bw needs the "
                                  f"full-precision model (already quantized or adapted?)")
-            check_group_size(lin.in_features, group_size)
+            dividing_group_size(lin.in_features, group_size)
             if name in lora_names and rank >= min(lin.in_features, lin.out_features):
                 raise ValueError(f"rank {rank} must be < min(in, out) = {min(lin.in_features, lin.out_features)} "
                                  f"of layer {i} {name} {tuple(lin.weight.shape)}; a full-rank LoRA is a dense update")

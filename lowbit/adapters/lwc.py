@@ -23,13 +23,24 @@ from ..quant.qweight import QuantizedWeight, check_bits, check_group_size, param
 LWC_INIT = 4.0
 
 
+def dividing_group_size(in_features: int, group_size: int) -> int:
+    """The effective group size, which must divide ``in_features`` here: the learnable clipping keeps one
+    ``(gamma, beta)`` pair per full group (a shorter last group, which the other quantizers accept, is refused)."""
+    g = check_group_size(in_features, group_size)
+    if in_features % g:
+        divisors = [d for d in (32, 64, 128, 256) if in_features % d == 0]
+        raise ValueError(f"group_size {group_size} does not divide in_features {in_features}; ApiQ-bw's learnable "
+                         f"clipping needs full groups: use one of {divisors or [in_features]} or -1 (per row)")
+    return g
+
+
 def _clipped_groups(W: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, group_size: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``W`` ``(out, in)`` -> grouped weight ``(out, G, g)`` and the clipped range ``xmin, xmax`` ``(out, G)``."""
     if W.dim() != 2:
         raise ValueError(f"W must be a 2-D (out, in) tensor, got shape {tuple(W.shape)}")
     out, inp = W.shape
-    g = check_group_size(inp, group_size)
+    g = dividing_group_size(inp, group_size)
     n_groups = inp // g
     for name, t in (("gamma", gamma), ("beta", beta)):
         if tuple(t.shape) != (out, n_groups):
@@ -102,7 +113,7 @@ class LwcLoRALinear(nn.Module):
         super().__init__()
         out, inp = linear.weight.shape
         dev = linear.weight.device
-        n_groups = inp // check_group_size(inp, group_size)
+        n_groups = inp // dividing_group_size(inp, group_size)
         self.bits, self.group_size, self.scaling = bits, group_size, alpha / rank
         self.register_buffer("weight", linear.weight.detach().float().clone())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())

@@ -93,16 +93,24 @@ def _fmt(v, spec: str = ".1f") -> str:
     return DASH if v is None else format(v, spec)
 
 
+def _loss(run: dict, name: str) -> float | None:
+    d = run["summary"]["datasets"].get(name) or {}
+    return (d.get("response_loss") or {}).get("loss")
+
+
 def compare_table(runs: list[dict]) -> str:
-    """Markdown: one row per run; accuracy columns in the paper's order (GSM8K, SVAMP, MAWPS, AQuA, ...)."""
+    """Markdown: one row per run; accuracy columns in the paper's order (GSM8K, SVAMP, MAWPS, AQuA, ...); when some
+    run scored the held-out response loss, one loss column per set that has it (lower is better)."""
     cols = _columns(runs)
-    head = ["bits", "method", "trainable"] + [display_name(c) for c in cols] + ["avg", "peak mem (GB)",
-                                                                                  "train time", "run"]
+    loss_cols = [c for c in cols if any(_loss(r, c) is not None for r in runs)]
+    head = ["bits", "method", "trainable"] + [display_name(c) for c in cols] + ["avg"]
+    head += [f"{display_name(c)} loss" for c in loss_cols] + ["peak mem (GB)", "train time", "run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in runs:
         cells = [_fmt(r["bits"], ""), _fmt(r["method"], ""), _fmt_count(r["trainable_params"])]
-        cells += [_fmt(_acc(r, c)) for c in cols] + [_fmt(_avg(r, cols)), _fmt(r["peak_memory_gb"], ".1f"),
-                                                     _fmt_time(r["train_time_s"]), r["name"]]
+        cells += [_fmt(_acc(r, c)) for c in cols] + [_fmt(_avg(r, cols))] + [_fmt(_loss(r, c), ".4f")
+                                                                            for c in loss_cols]
+        cells += [_fmt(r["peak_memory_gb"], ".1f"), _fmt_time(r["train_time_s"]), r["name"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

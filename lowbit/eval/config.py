@@ -25,7 +25,9 @@ class EvalConfig:
     limit: first N examples of each set (synthetic default 500). batch_size: prompts per generate call.
     max_new_tokens / num_beams: default the variant's. variant: ``apiq`` or ``llm-adapters``. choice_rule: AQuA
     letter rule, ``llm-adapters`` (first capital A-E) or ``strict`` (last "answer is (X)"). synthetic_seed: dataset
-    seed of the synthetic sets."""
+    seed of the synthetic sets. response_loss: also score the held-out response loss (teacher-forced NLL of the
+    reference rationale given the prompt; :mod:`lowbit.eval.response_loss`) on the first ``loss_limit`` records
+    (default ``limit``)."""
 
     datasets: list[str] = field(default_factory=lambda: ["gsm8k", "svamp", "mawps", "aqua"])
     data_dir: str | None = None
@@ -36,6 +38,8 @@ class EvalConfig:
     variant: str = "apiq"
     choice_rule: str = "llm-adapters"
     synthetic_seed: int = 0
+    response_loss: bool = False
+    loss_limit: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.datasets, str):
@@ -47,7 +51,7 @@ class EvalConfig:
         if self.choice_rule not in CHOICE_RULES:
             raise ValueError(f"unknown choice_rule {self.choice_rule!r}; choose one of {', '.join(CHOICE_RULES)}")
         for name, v in (("batch_size", self.batch_size), ("max_new_tokens", self.max_new_tokens),
-                        ("num_beams", self.num_beams), ("limit", self.limit)):
+                        ("num_beams", self.num_beams), ("limit", self.limit), ("loss_limit", self.loss_limit)):
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
 

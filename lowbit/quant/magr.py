@@ -15,7 +15,7 @@ import torch
 
 from .config import QuantConfig, register_quantizer
 from .gptq import gptq_quantize
-from .qweight import QuantizedWeight, check_group_size, check_weight
+from .qweight import QuantizedWeight, check_group_size, check_weight, pad_to_groups
 from .rtn import rtn_quantize
 
 
@@ -63,7 +63,8 @@ def magr(W: torch.Tensor, H: torch.Tensor, alpha: float = 1e-3, iters: int = 200
     What = W0.clone()
     for _ in range(iters):
         V = What - (What - W0) @ Ht
-        What = prox_linf(V.reshape(-1, g), alpha).reshape(out, n)
+        # A shorter last group is padded with zero columns, which the prox leaves at zero.
+        What = prox_linf(pad_to_groups(V, g).reshape(-1, g), alpha).reshape(out, -1)[:, :n]
     return What if dtype == torch.float64 else What.float()
 
 

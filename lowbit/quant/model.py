@@ -12,7 +12,6 @@ alive at a time.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 
@@ -131,9 +130,6 @@ def _check_dims(layers: nn.ModuleList, groups: list[list[str]], cfg: QuantConfig
             lin = layer.get_submodule(name)
             if not isinstance(lin, nn.Linear):
                 raise ValueError(f"layer {i} {name} is {type(lin).__name__}, not nn.Linear (already quantized?)")
-            if cfg.group_size != -1 and lin.in_features % cfg.group_size:
-                raise ValueError(f"group_size {cfg.group_size} does not divide in_features {lin.in_features} of "
-                                 f"{name}; use a divisor (e.g. {math.gcd(lin.in_features, 128)}) or -1 (per-channel)")
             if not torch.isfinite(lin.weight).all():
                 raise ValueError(f"layer {i} {name} holds NaN/Inf weights; the checkpoint is corrupt — reload or "
                                  f"fix it before quantizing")

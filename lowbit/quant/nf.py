@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .config import QuantConfig, register_quantizer
-from .qweight import QuantizedWeight, check_bits, check_group_size, check_weight, round_fp16
+from .qweight import QuantizedWeight, check_bits, check_group_size, check_weight, pad_to_groups, round_fp16
 
 NF4_CODEBOOK = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -37,11 +37,11 @@ def nf_quantize(W: torch.Tensor, bits: int, block_size: int = 64) -> QuantizedWe
     out, n = W.shape
     g = check_group_size(n, block_size)
     book = nf_codebook(bits).to(W.device)
-    Wb = W.detach().float().reshape(out, n // g, g)
+    Wb = pad_to_groups(W.detach().float(), g).reshape(out, -1, g)  # zero padding leaves every absmax as it is
     absmax = round_fp16(Wb.abs().amax(dim=2)).clamp(min=2.0**-24)  # (out, G)
     x = Wb / absmax[..., None]
     # Nearest codebook value (ties go to the lower code, as with bitsandbytes' midpoint thresholds).
-    codes = (x[..., None] - book).abs().argmin(dim=-1).reshape(out, n)
+    codes = (x[..., None] - book).abs().argmin(dim=-1).reshape(out, -1)[:, :n]
     return QuantizedWeight(codes=codes.to(torch.uint8), scales=absmax, zeros=None, bits=bits,
                            group_size=block_size, codebook=book, method=f"nf{bits}")
 

@@ -27,13 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .packing import CODES_PER_UNIT, code_planes, pack, packed_bytes, packed_size, unpack
-from .qweight import QuantizedWeight, check_bits, check_group_size
+from .qweight import QuantizedWeight, check_bits, default_group_index, num_groups
 
 
 def _fast_stream(qweight: torch.Tensor, g_idx: torch.Tensor | None, bits: int, in_features: int,
                  g: int) -> torch.Tensor | None:
     """The packed bytes ``(out, in·bits/8)`` when the byte-level path applies, else ``None``."""
-    if g_idx is not None or in_features % 32 or g % CODES_PER_UNIT[bits] or qweight.numel() == 0:
+    if g_idx is not None or in_features % 32 or in_features % g or g % CODES_PER_UNIT[bits] or qweight.numel() == 0:
         return None
     return packed_bytes(qweight)
 
@@ -89,6 +89,8 @@ def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
         return W
     codes = unpack(qweight, bits, in_features)  # (out, in) uint8
     out = codes.shape[0]
+    if g_idx is None and in_features % g:  # a shorter last group: index the groups column by column
+        g_idx = default_group_index(in_features, g, qweight.device)
     if g_idx is None:
         codes = codes.view(out, in_features // g, g)
         s = scales.to(dtype)[..., None]
@@ -134,11 +136,10 @@ class QuantLinear(nn.Module):
                  bias_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         check_bits(bits)
-        g = check_group_size(in_features, group_size)
+        n_groups = num_groups(in_features, group_size)  # the last group may be shorter
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         self.compute_dtype = compute_dtype
-        n_groups = in_features // g
         self.register_buffer("qweight", torch.zeros(out_features, packed_size(in_features, bits), dtype=torch.int32))
         self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=torch.float16))
         if codebook:

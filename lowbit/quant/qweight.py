@@ -2,7 +2,8 @@
 
 A quantized weight ``W`` of shape ``(out, in)`` is stored as integer codes ``(out, in)`` and per-(row, group)
 parameters ``(out, G)``; input column ``c`` belongs to group ``g_idx[c]`` (``c // group_size`` unless
-act-order permuted the columns). Two code kinds:
+act-order permuted the columns). ``G = ceil(in / group_size)``: when the group size does not divide the input width
+(SmolLM2's 576 inputs in groups of 128), the last group is shorter, as in GPTQModel. Two code kinds:
 
 - uniform (RTN, GPTQ, MagR+…): ``W_hat = scale * (code - zero)``;
 - codebook (NormalFloat): ``W_hat = absmax * codebook[code]`` (``zeros`` is ``None``).
@@ -29,15 +30,29 @@ def check_bits(bits: int, allowed: tuple[int, ...] = SUPPORTED_BITS) -> None:
 
 
 def check_group_size(in_features: int, group_size: int) -> int:
-    """Validate a group size against ``in_features``; returns the effective group size (``-1`` -> ``in``)."""
+    """Validate a group size; returns the effective group size (``-1`` -> ``in``). A size that does not divide
+    ``in_features`` is allowed: the last group is shorter (``num_groups`` = ``ceil(in / g)``)."""
     if group_size == -1:
         return in_features
-    if not isinstance(group_size, int) or group_size <= 0:
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
         raise ValueError(f"group_size must be a positive integer or -1 (one group per row), got {group_size!r}")
-    if in_features % group_size != 0:
-        raise ValueError(f"group_size {group_size} does not divide in_features {in_features}; "
-                         f"use a divisor of {in_features} (e.g. 64 or 128 for LLaMA layers) or -1 for per-row")
     return group_size
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    """``ceil(in / g)`` groups of ``g = check_group_size(in, group_size)`` inputs (the last one may be shorter)."""
+    g = check_group_size(in_features, group_size)
+    return -(-in_features // g)
+
+
+def pad_to_groups(W: torch.Tensor, g: int) -> torch.Tensor:
+    """``W`` ``(rows, in)`` with zero columns appended up to a multiple of ``g`` (``W`` itself when ``g`` divides).
+
+    Zero columns change no group's parameters: min-max ranges and absmax already include 0, and 0 is represented
+    exactly (an integer zero point maps it to itself), so the padded group quantizes its real columns as a shorter
+    group would."""
+    pad = -W.shape[1] % g
+    return W if pad == 0 else torch.nn.functional.pad(W, (0, pad))
 
 
 def check_weight(W: torch.Tensor, name: str = "W") -> None:
@@ -135,10 +150,10 @@ class QuantizedWeight:
         if self.codes.dim() != 2:
             raise ValueError(f"codes must be (out, in), got shape {tuple(self.codes.shape)}")
         out, inp = self.codes.shape
-        g = check_group_size(inp, self.group_size)
+        G = num_groups(inp, self.group_size)
         n_groups = self.scales.shape[1] if self.scales.dim() == 2 else -1
-        if self.scales.shape[0] != out or n_groups != inp // g:
-            raise ValueError(f"scales must be ({out}, {inp // g}) for group_size {self.group_size}, "
+        if self.scales.shape[0] != out or n_groups != G:
+            raise ValueError(f"scales must be ({out}, {G}) for group_size {self.group_size}, "
                              f"got {tuple(self.scales.shape)}")
         if (self.zeros is None) == (self.codebook is None):
             raise ValueError("exactly one of zeros (uniform codes) or codebook (NormalFloat codes) must be set")

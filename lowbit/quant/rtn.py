@@ -12,7 +12,15 @@ from __future__ import annotations
 import torch
 
 from .config import QuantConfig, register_quantizer
-from .qweight import QuantizedWeight, check_bits, check_group_size, check_weight, params_from_range, quantize_codes
+from .qweight import (
+    QuantizedWeight,
+    check_bits,
+    check_group_size,
+    check_weight,
+    pad_to_groups,
+    params_from_range,
+    quantize_codes,
+)
 
 
 def clip_search_params(w: torch.Tensor, bits: int, sym: bool, grid: int = 100, max_shrink: float = 0.2,
@@ -51,11 +59,11 @@ def rtn_quantize(W: torch.Tensor, bits: int, group_size: int = -1, sym: bool = F
     check_weight(W)
     out, inp = W.shape
     g = check_group_size(inp, group_size)
-    Wg = W.float().reshape(out, inp // g, g)
+    Wg = pad_to_groups(W.float(), g)  # a shorter last group is padded with zeros, which change no parameter
     # Treat every (row, group) as one row of the parameter search.
     flat = Wg.reshape(-1, g)
     scale, zero = group_params(flat, bits, sym, clip_search)
-    codes = quantize_codes(flat, scale[:, None], zero[:, None], bits).reshape(out, inp)
+    codes = quantize_codes(flat, scale[:, None], zero[:, None], bits).reshape(out, -1)[:, :inp]
     return QuantizedWeight(codes=codes.to(torch.uint8), scales=scale.reshape(out, -1), zeros=zero.reshape(out, -1),
                            bits=bits, group_size=group_size, sym=sym, method="rtn")
 

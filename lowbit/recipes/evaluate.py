@@ -164,7 +164,14 @@ def run_evaluation(run: EvaluateRun, generate_batches: BatchGenerator | None = N
         if quantized:
             info.update(quantized_info(model_path), dtype="as stored")
     peak = None
-    if generate_batches is None and any(missing.values()):
+    loss_records = {s.name: load_records(s, cfg.loss_limit or cfg.limit, cfg.synthetic_seed) for s in specs} \
+        if cfg.response_loss else {}
+    loss_done = {n: _stored_loss(out / f"{n}.loss.json", key, len(r)) for n, r in loss_records.items()}
+    need_model = any(missing.values()) or any(v is None for v in loss_done.values())
+    if generate_batches is not None and any(v is None for v in loss_done.values()):
+        raise ValueError("the response loss needs the model itself; it cannot be scored from a generator alone")
+    model = tok = None
+    if generate_batches is None and need_model:
         import torch
 
         from ..eval.generate import iter_generate
@@ -210,6 +217,11 @@ def run_evaluation(run: EvaluateRun, generate_batches: BatchGenerator | None = N
         summary["generated"] += len(missing[s.name])
         summary["generation_s"] += gen_s
         log.info("%s: %.1f%% (%d/%d)", s.name, res["accuracy"], res["correct"], res["n"])
+        if cfg.response_loss:
+            res["response_loss"] = _response_loss(out / f"{s.name}.loss.json", key, loss_done[s.name], model, tok,
+                                                  loss_records[s.name], cfg)
+            log.info("%s: response loss %.4f (%d records, %d tokens)", s.name, res["response_loss"]["loss"],
+                     res["response_loss"]["n"], res["response_loss"]["tokens"])
         _finish_summary(summary, out, t_start, complete=False, peak=peak)
     if device.startswith("cuda") and summary["generated"]:
         import torch
@@ -239,6 +251,26 @@ def _generate_missing(spec: DatasetSpec, path: Path, prompts: list[str], records
     if got:
         raise RuntimeError(f"{spec.name}: the generator returned no output for examples {got[:5]}")
     return time.perf_counter() - t0
+
+
+def _stored_loss(path: Path, key: dict, n_records: int) -> dict | None:
+    """A response-loss result stored by an earlier run with the same settings and records, else None."""
+    if not path.is_file():
+        return None
+    stored = json.loads(path.read_text())
+    return stored if stored.get("settings") == key and stored.get("n_records") == n_records else None
+
+
+def _response_loss(path: Path, key: dict, stored: dict | None, model, tok, records: list[dict],
+                   cfg: EvalConfig) -> dict:
+    """The set's response loss (computed, or ``stored``), written to ``path``; -> the summary entry."""
+    from ..eval.response_loss import response_loss
+
+    if stored is None:
+        res = response_loss(model, tok, records, variant=cfg.prompt, batch_size=cfg.batch_size)
+        stored = {"settings": key, "n_records": len(records), **res}
+        atomic_write_json(path, stored)
+    return {k: stored[k] for k in ("loss", "record_mean", "ppl", "n", "tokens", "skipped")}
 
 
 def _finish_summary(summary: dict, out: Path, t_start: float, complete: bool, peak: float | None) -> dict:

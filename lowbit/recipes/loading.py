@@ -122,3 +122,7 @@ def load_model(model: str, adapter: str | None = None, device: str | None = None
                              f"base model (or quantized base) the adapter was trained on") from None
     m.eval()
     return m, tok, info
+
+
+# Built-in aliases defined in their own files (importing registers them).
+from . import smollm2  # noqa: E402, F401

@@ -268,6 +268,20 @@ def test_dead_input_column_dequantizes_to_zero(act_order, sym):
 # ---------------------------------------------------------------- (f) argument errors
 
 
+@pytest.mark.parametrize("n,g", [(64, 48), (97, 32), (576, 128)])  # 97 is prime; 576 is SmolLM2's hidden width
+@pytest.mark.parametrize("act_order,static", [(False, False), (True, False), (True, True)])
+def test_shorter_last_group_matches_reference(n, g, act_order, static):
+    """A group size that does not divide the width: ``ceil(n/g)`` groups, the last one shorter (as GPTQModel)."""
+    gen = torch.Generator().manual_seed(n)
+    W = torch.randn(12, n, generator=gen, dtype=F64)
+    X = correlated_inputs(3 * n, n, rank=8, noise=0.1, gen=gen, dtype=F64)
+    H = X.T @ X
+    qw = gptq_quantize(W, H, 3, group_size=g, act_order=act_order, static_groups=static)
+    assert qw.scales.shape == (12, -(-n // g))
+    ref = ref_gptq(W, H, 3, g, act_order=act_order, static_groups=static)
+    assert float((qw.dequantize().to(F64) - ref).norm() / ref.norm()) <= 1e-5
+
+
 def test_errors_mention_the_value():
     W = torch.randn(8, 64)
     H = torch.eye(64)
@@ -279,8 +293,8 @@ def test_errors_mention_the_value():
     Wn[1, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         gptq_quantize(Wn, H, 4)
-    with pytest.raises(ValueError, match="48"):
-        gptq_quantize(W, H, 4, group_size=48)
+    with pytest.raises(ValueError, match="group_size must be a positive integer or -1, got 0|group_size.*0"):
+        gptq_quantize(W, H, 4, group_size=0)
     with pytest.raises(ValueError, match="5"):
         gptq_quantize(W, H, 5)
     Hn = H.clone()

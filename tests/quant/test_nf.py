@@ -79,9 +79,18 @@ def test_only_2_and_4_bits(bits):
         nf_quantize(torch.randn(4, 64), bits)
 
 
-def test_block_size_must_divide():
-    with pytest.raises(ValueError, match="48"):
-        nf_quantize(torch.randn(4, 64), 4, block_size=48)
+@pytest.mark.parametrize("n,g", [(64, 48), (97, 32), (576, 128)])
+def test_shorter_last_block_is_the_block_quantized_alone(n, g):
+    """A block size that does not divide the width: the last block is shorter and quantizes exactly as that block
+    would on its own (its absmax is its own); a non-positive block size is refused."""
+    W = torch.randn(6, n, generator=torch.Generator().manual_seed(n))
+    qw = nf_quantize(W, 4, block_size=g)
+    assert qw.scales.shape == (6, -(-n // g))
+    s = (n // g) * g
+    head, tail = nf_quantize(W[:, :s], 4, block_size=g), nf_quantize(W[:, s:], 4, block_size=-1)
+    assert torch.equal(qw.dequantize(), torch.cat([head.dequantize(), tail.dequantize()], dim=1))
+    with pytest.raises(ValueError, match="group_size must be a positive integer"):
+        nf_quantize(W, 4, block_size=0)
 
 
 # ---------------------------------------------------------------- bitsandbytes cross-check

@@ -182,3 +182,19 @@ def test_clip_search_is_optimal_over_the_shrink_grid(bits, sym):
         best = torch.minimum(best, (Wd - q).abs().pow(2.4).sum(1))
     got = (Wd - rtn_quantize(W, bits, sym=sym, clip_search=True).dequantize().double()).abs().pow(2.4).sum(1)
     assert torch.all(got <= best * (1 + 1e-5))
+
+
+@pytest.mark.parametrize("n,g", [(64, 48), (97, 32), (576, 128)])  # 97 is prime; 576 is SmolLM2's hidden width
+@pytest.mark.parametrize("sym,clip", [(False, False), (True, False), (False, True)])
+def test_shorter_last_group_is_the_group_quantized_alone(n, g, sym, clip):
+    """A group size that does not divide the width gives ``ceil(n/g)`` groups, the last one shorter (as in
+    GPTQModel): every group, the short one included, is exactly what RTN gives that group on its own, and the packed
+    QuantLinear dequantises to the same weight."""
+    from lowbit.quant import QuantLinear
+
+    W = torch.randn(10, n, generator=torch.Generator().manual_seed(n)) * 0.1
+    qw = rtn_quantize(W, 3, group_size=g, sym=sym, clip_search=clip)
+    assert qw.scales.shape == (10, -(-n // g))
+    parts = [rtn_quantize(W[:, s:s + g], 3, group_size=-1, sym=sym, clip_search=clip) for s in range(0, n, g)]
+    assert torch.equal(qw.dequantize(), torch.cat([p.dequantize() for p in parts], dim=1))
+    assert torch.equal(QuantLinear.from_quantized(qw).dequantize(torch.float32), qw.dequantize())

@@ -1,0 +1,97 @@
+"""The held-out response loss against a brute-force float64 reference: each record alone, no padding, the NLL of
+every response token (and the EOS) given everything before it."""
+
+import json
+import math
+
+import pytest
+import torch
+from tiny_models import make_tokenizer, random_llama
+
+from lowbit.data.prompts import format_prompt
+from lowbit.eval.response_loss import response_loss
+
+RECORDS = [
+    {"instruction": "Tom has 3 apples and buys 4 more. How many apples?", "input": "",
+     "output": "3 + 4 = 7. The answer is 7.", "answer": "7"},
+    {"instruction": "Ann has 12 coins and gives away 5.", "input": "", "output": "12 - 5 = 7. The answer is 7.",
+     "answer": "7"},
+    {"instruction": "What is 6 * 3?", "input": "", "output": "", "answer": "18"},  # no rationale: skipped
+    {"instruction": "Ben reads 2 books a day for 5 days.", "input": "",
+     "output": "2 * 5 = 10 books in all, so he read 10 books. The answer is 10.", "answer": "10"},
+]
+
+
+@pytest.fixture(scope="module")
+def model_and_tok():
+    tok = make_tokenizer()
+    return random_llama(hidden=64, layers=2, heads=4, intermediate=128, vocab_size=len(tok), seed=3).double(), tok
+
+
+def _reference(model, tok, rec):
+    prompt = tok(format_prompt(rec["instruction"], rec["input"], "apiq"), add_special_tokens=False)["input_ids"]
+    full = tok(format_prompt(rec["instruction"], rec["input"], "apiq") + rec["output"],
+               add_special_tokens=False)["input_ids"]
+    assert full[: len(prompt)] == prompt
+    ids = full + [tok.eos_token_id]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), dim=-1)
+    nll = [-float(logp[t - 1, ids[t]]) for t in range(len(prompt), len(ids))]
+    return sum(nll), len(nll)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_matches_brute_force_reference(model_and_tok, batch_size):
+    model, tok = model_and_tok
+    res = response_loss(model, tok, RECORDS, batch_size=batch_size)
+    refs = {i: _reference(model, tok, r) for i, r in enumerate(RECORDS) if r["output"]}
+    assert res["skipped"] == 1 and res["n"] == 3 and [i for i, _, _ in res["per_record"]] == [0, 1, 3]
+    for i, mean, k in res["per_record"]:
+        assert k == refs[i][1]
+        assert mean == pytest.approx(refs[i][0] / refs[i][1], rel=1e-9)
+    total = sum(s for s, _ in refs.values())
+    tokens = sum(k for _, k in refs.values())
+    assert res["tokens"] == tokens and res["loss"] == pytest.approx(total / tokens, rel=1e-9)
+    assert res["record_mean"] == pytest.approx(sum(s / k for s, k in refs.values()) / 3, rel=1e-9)
+    assert res["ppl"] == pytest.approx(math.exp(res["loss"]))
+
+
+def test_training_lowers_it_and_errors(model_and_tok):
+    """The loss is what training minimises: a few steps on the records lower it."""
+    import copy
+
+    model, tok = model_and_tok
+    m = copy.deepcopy(model)
+    before = response_loss(m, tok, RECORDS)["loss"]
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    from lowbit.data.tokenize import CausalLMCollator, tokenize_example
+
+    batch = CausalLMCollator(tok)([tokenize_example(r, tok, 256) for r in RECORDS if r["output"]])
+    for _ in range(5):
+        opt.zero_grad()
+        m(**batch).loss.backward()
+        opt.step()
+    assert response_loss(m, tok, RECORDS)["loss"] < before
+    with pytest.raises(ValueError, match="reference response"):
+        response_loss(model, tok, [RECORDS[2]])
+
+
+def test_evaluate_reports_and_caches_it(tmp_path):
+    """`lowbit evaluate --response-loss` on the tiny model: per-set loss in the summary and the compare table; a
+    rerun reuses the stored loss."""
+    from lowbit.cli import main
+    from lowbit.eval.compare import compare_table, load_run
+
+    args = ["evaluate", "--model", "tiny", "--datasets", "synthetic-mawps", "--limit", "2", "--loss-limit", "6",
+            "--max-new-tokens", "4", "--response-loss", "--out", str(tmp_path)]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rl = summary["datasets"]["synthetic-mawps"]["response_loss"]
+    assert rl["n"] == 6 and 0 < rl["loss"] < 20
+    stored = json.loads((tmp_path / "synthetic-mawps.loss.json").read_text())
+    assert len(stored["per_record"]) == 6
+    assert "syn-MAWPS loss" in compare_table([load_run(tmp_path)])
+    (tmp_path / "synthetic-mawps.loss.json").write_text(json.dumps({**stored, "loss": 1.2345}))
+    assert main(args) == 0  # nothing to generate, nothing to score: the stored loss is reused
+    assert json.loads((tmp_path / "summary.json").read_text())["datasets"]["synthetic-mawps"]["response_loss"][
+        "loss"] == 1.2345
