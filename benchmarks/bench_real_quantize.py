@@ -1,0 +1,165 @@
+"""Quantizing a real pretrained checkpoint: lowbit vs GPTQModel on SmolLM2-135M (the ``smollm2-135m`` alias).
+
+Both tools quantize the same float model (SmolLM2-135M-Instruct, dequantised from its Q4_1 GGUF file: every
+number is relative to that float model) with the same calibration token windows (``--nsamples`` windows of
+``--seqlen`` tokens of GSM8K train text, drawn once) and the same settings: bits, group 64, asymmetric, damping
+0.01. Each tool runs with its own default column ordering (GPTQModel 7.6: ``act_group_aware`` on; lowbit: plain
+GPTQ) and "like for like" with reordering off in both; lowbit's act-order with static (contiguous) groups and
+RTN/MagR+GPTQ/NF are reported too. Score: perplexity on ``--eval-windows`` windows of GSM8K test text (the same
+token ids for every candidate), and quantization wall time. Runs of the two tools alternate (``--repeats``); the
+table gives the median time and its spread, and the time ratio lowbit / GPTQModel.
+
+Usage: ``python benchmarks/bench_real_quantize.py [--bits 4 2] [--repeats 2] [--quick]`` (needs ``make real``
+and GPTQModel; ~3 minutes per quantization on 2 CPU cores; ``--quick``: the tiny model, 2 windows).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # GPTQModel refuses to start on CPU without it
+
+import copy  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from _common import base_parser, header_line, machine_info, md_table, setup, summary, write_results  # noqa: E402
+
+from lowbit.data.testsets import default_data_dir  # noqa: E402
+from lowbit.eval.perplexity import perplexity  # noqa: E402
+from lowbit.quant import QuantConfig, quantize_model  # noqa: E402
+from lowbit.recipes.loading import resolve_model  # noqa: E402
+
+
+def gsm8k_ids(tok, data_dir: Path, split: str, n_tokens: int) -> torch.Tensor:
+    """1-D token ids of GSM8K questions + solutions (``gsm8k_openai/<split>.jsonl``), at least ``n_tokens``."""
+    import json
+
+    path = data_dir / "gsm8k_openai" / f"{split}.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: set LOWBIT_DATA_DIR to the folder holding gsm8k_openai/")
+    ids: list[int] = []
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        ids += tok(f"{r['question']}\n{r['answer']}\n\n", add_special_tokens=False)["input_ids"]
+        if len(ids) >= n_tokens:
+            break
+    return torch.tensor(ids[:n_tokens])
+
+
+def lowbit_run(fp_model, qcfg: QuantConfig, calib: torch.Tensor):
+    model = copy.deepcopy(fp_model)
+    t0 = time.perf_counter()
+    quantize_model(model, qcfg, calib, progress=False)
+    return model, time.perf_counter() - t0
+
+
+def gptqmodel_run(path: str, bits: int, calib: torch.Tensor, act_group_aware: bool, tmp: Path):
+    """GPTQModel 7.6 quantizes ``path``; the packed checkpoint is saved and loaded back (TORCH backend) to score."""
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+
+    qcfg = QuantizeConfig(bits=bits, group_size=64, sym=False, desc_act=False, damp_percent=0.01,
+                          act_group_aware=act_group_aware)
+    model = GPTQModel.load(path, qcfg, device="cpu", dtype=torch.float32)
+    data = [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in calib]
+    t0 = time.perf_counter()
+    model.quantize(data, batch_size=1)
+    dt = time.perf_counter() - t0
+    out = tmp / f"gptqmodel-{bits}bit-{'gar' if act_group_aware else 'plain'}"
+    model.save(str(out))
+    del model
+    # Its CPU kernel runs in fp16 only: score its dequantised weights in float32, like lowbit's.
+    loaded = GPTQModel.load(str(out), device="cpu", backend=BACKEND.TORCH, dtype=torch.float16).model
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
+    from lowbit.quant.arch import set_submodule
+
+    with torch._dynamo.config.patch(disable=True), torch.no_grad():
+        for name, m in [(n, m) for n, m in loaded.named_modules() if isinstance(m, TorchLinear)]:
+            lin = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            lin.weight.copy_(m.dequantize_weight().t().float())
+            if m.bias is not None:
+                lin.bias.copy_(m.bias.float())
+            set_submodule(loaded, name, lin)
+    return loaded.float().eval(), dt
+
+
+def main() -> None:
+    ap = base_parser(__doc__.split("\n")[0])
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 2])
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--no-gptqmodel", action="store_true")
+    ap.add_argument("--tmp", default="/tmp/lowbit_bench_real")
+    args = ap.parse_args()
+    if args.quick:
+        args.model, args.nsamples, args.seqlen, args.eval_windows, args.bits = "tiny", 4, 128, 2, [4]
+    repeats = args.repeats or (1 if args.quick else 2)
+    setup(args)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(args.model)[0]
+    tok = AutoTokenizer.from_pretrained(path)
+    data_dir = default_data_dir()
+    if data_dir is None:
+        raise SystemExit("GSM8K files not found: set LOWBIT_DATA_DIR")
+    n = args.nsamples * args.seqlen
+    g = torch.Generator().manual_seed(0)
+    train = gsm8k_ids(tok, Path(data_dir), "train", 4 * n)
+    starts = torch.randint(0, len(train) - args.seqlen, (args.nsamples,), generator=g).tolist()
+    calib = torch.stack([train[s: s + args.seqlen] for s in starts])  # (nsamples, seqlen), the same for both tools
+    held = gsm8k_ids(tok, Path(data_dir), "test", args.eval_windows * args.seqlen)
+    fp = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ppl = lambda m: perplexity(m, held, args.seqlen, args.eval_windows)  # noqa: E731
+    fp_ppl = ppl(fp)
+    rows, records = [], []
+    tmp = Path(args.tmp)
+    for bits in args.bits:
+        cands = {
+            "lowbit GPTQ (default)": lambda b=bits: lowbit_run(fp, QuantConfig(method="gptq", bits=b), calib),
+            "lowbit GPTQ act-order + static groups":
+                lambda b=bits: lowbit_run(fp, QuantConfig(method="gptq", bits=b, act_order=True, static_groups=True),
+                                          calib),
+        }
+        if not args.no_gptqmodel:
+            cands["GPTQModel (default: act_group_aware)"] = lambda b=bits: gptqmodel_run(path, b, calib, True, tmp)
+            cands["GPTQModel, reordering off"] = lambda b=bits: gptqmodel_run(path, b, calib, False, tmp)
+        times: dict[str, list[float]] = {k: [] for k in cands}
+        ppls: dict[str, float] = {}
+        for _ in range(repeats):  # interleaved: every candidate once per round
+            for name, fn in cands.items():
+                model, dt = fn()
+                times[name].append(dt)
+                ppls[name] = ppl(model)  # deterministic given the inputs: the last round's value
+                del model
+        for name, fn in (("lowbit RTN", lambda b=bits: lowbit_run(fp, QuantConfig(method="rtn", bits=b), calib)),
+                         ("lowbit MagR+GPTQ", lambda b=bits: lowbit_run(fp, QuantConfig(method="magr-gptq", bits=b),
+                                                                        calib)),
+                         ("lowbit NF", lambda b=bits: lowbit_run(fp, QuantConfig(method="nf", bits=b), calib))):
+            model, dt = fn()
+            times[name], ppls[name] = [dt], ppl(model)
+        base_t = summary(times.get("GPTQModel (default: act_group_aware)", times["lowbit GPTQ (default)"]))["median_s"]
+        for name, ts in times.items():
+            s = summary(ts)
+            rec = {"bits": bits, "candidate": name, "ppl": ppls[name], "ppl_ratio_to_fp": ppls[name] / fp_ppl,
+                   "time_s": s, "time_ratio_to_gptqmodel_default": s["median_s"] / base_t}
+            records.append(rec)
+            rows.append([bits, name, f"{ppls[name]:.3f}", f"{ppls[name] / fp_ppl:.3f}",
+                         f"{s['median_s']:.1f} (spread {s['spread_s']:.1f})", f"{s['median_s'] / base_t:.2f}", len(ts)])
+    info = machine_info()
+    extra = (f"; model {args.model} (float ppl {fp_ppl:.3f}); calibration {args.nsamples} x {args.seqlen} GSM8K "
+             f"train tokens; held-out {args.eval_windows} x {args.seqlen} GSM8K test tokens; group 64, asymmetric, "
+             f"damp 0.01")
+    md = (f"{header_line(info, extra)}\n\n"
+          + md_table(["bits", "candidate", "held-out ppl", "ppl / float", "quantize time (s)",
+                      "time / GPTQModel default", "runs"], rows))
+    write_results(args.out_dir, "real_quantize" + ("_quick" if args.quick else ""),
+                  {"machine": info, "model": args.model, "fp_ppl": fp_ppl, "records": records}, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
