@@ -205,7 +205,18 @@ def test_magr_errors():
         magr(W, torch.eye(31))
     with pytest.raises(ValueError, match="alpha"):
         magr(W, torch.eye(32), alpha=0.0)
-    with pytest.raises(ValueError, match="12"):
-        magr(W, torch.eye(32), group_size=12)
+    with pytest.raises(ValueError, match="group_size must be a positive integer or -1"):
+        magr(W, torch.eye(32), group_size=0)
     with pytest.raises(ValueError, match="zero"):
         magr(W, torch.zeros(32, 32))
+
+
+def test_shorter_last_group_is_the_group_alone():
+    """A group size that does not divide the width (40 = 16 + 16 + 8): with ``H = c·I`` every MagR iteration is the
+    prox of ``W`` itself, group by group, so the result must equal the prox applied to each group on its own — the
+    zero columns that pad the last group change nothing."""
+    W = torch.randn(6, 40, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = magr(W, 5.0 * torch.eye(40, dtype=torch.float64), alpha=0.05, iters=3, group_size=16)
+    want = torch.cat([prox_linf(W[:, s:e], 0.05) for s, e in ((0, 16), (16, 32), (32, 40))], dim=1)
+    assert torch.allclose(got, want, atol=1e-12)
+    assert not torch.allclose(got, W)  # the prox did shrink something

@@ -130,7 +130,12 @@ def test_two_gloo_processes_match_one_process_with_double_batch(tmp_path):
               "data.num_examples=64"]
     _run(tmp_path / "one", "tiny-diablo-2bit", "train.batch_size=8", *common)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m",
+    import socket
+
+    with socket.socket() as s:  # a free port: a fixed one collides with any other run on this machine
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m",
            "lowbit", "finetune", "tiny-diablo-2bit", *FAST, *common, "train.batch_size=4",
            f"output_dir={tmp_path / 'two'}"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
