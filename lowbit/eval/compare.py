@@ -10,14 +10,13 @@ top-level keys ``bits``, ``method``, ``trainable_params`` (an integer count), ``
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 from ..data.testsets import display_name, known_datasets
-from ..io import atomic_write_text
+from ..io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -149,17 +148,13 @@ def plot_runs(runs: list[dict], path: str | Path) -> Path:
     axes[0][0].set_yticks(ys, labels, fontsize=8)
     fig.supxlabel("accuracy (%)", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        fig.savefig(buf, dpi=120, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
 
 
 def compare_runs(run_dirs: list[str | Path], out: str | Path, plot: bool = True) -> tuple[str, Path | None]:

@@ -3,11 +3,12 @@ marker (a process killed mid-save never resumes from a half-written checkpoint),
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
 
-from ..io import atomic_write_text
+from ..io import atomic_write_bytes, atomic_write_text
 
 COMPLETE = "COMPLETE"
 
@@ -107,8 +108,7 @@ def plot_loss(log_path: str | Path, png_path: str | Path, title: str = "") -> No
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, png_path)
+    atomic_write_bytes(png_path, buf.getvalue())
