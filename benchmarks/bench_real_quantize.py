@@ -93,6 +93,8 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--no-gptqmodel", action="store_true")
+    ap.add_argument("--no-magr", action="store_true", help="skip MagR+GPTQ (200 proximal iterations: ~20 min here)")
+    ap.add_argument("--tag", default="", help="suffix of the result files (several runs side by side)")
     ap.add_argument("--tmp", default="/tmp/lowbit_bench_real")
     args = ap.parse_args()
     if args.quick:
@@ -134,11 +136,14 @@ def main() -> None:
                 model, dt = fn()
                 times[name].append(dt)
                 ppls[name] = ppl(model)  # deterministic given the inputs: the last round's value
+                print(f"[{bits}-bit] {name}: ppl {ppls[name]:.3f}, {dt:.1f} s", flush=True)
                 del model
         for name, fn in (("lowbit RTN", lambda b=bits: lowbit_run(fp, QuantConfig(method="rtn", bits=b), calib)),
                          ("lowbit MagR+GPTQ", lambda b=bits: lowbit_run(fp, QuantConfig(method="magr-gptq", bits=b),
                                                                         calib)),
                          ("lowbit NF", lambda b=bits: lowbit_run(fp, QuantConfig(method="nf", bits=b), calib))):
+            if args.no_magr and "MagR" in name:
+                continue
             model, dt = fn()
             times[name], ppls[name] = [dt], ppl(model)
         base_t = summary(times.get("GPTQModel (default: act_group_aware)", times["lowbit GPTQ (default)"]))["median_s"]
@@ -149,16 +154,19 @@ def main() -> None:
             records.append(rec)
             rows.append([bits, name, f"{ppls[name]:.3f}", f"{ppls[name] / fp_ppl:.3f}",
                          f"{s['median_s']:.1f} (spread {s['spread_s']:.1f})", f"{s['median_s'] / base_t:.2f}", len(ts)])
+        _write(args, fp_ppl, rows, records)  # after every bit width: a long run keeps what it measured
+
+
+def _write(args, fp_ppl: float, rows: list, records: list) -> None:
     info = machine_info()
     extra = (f"; model {args.model} (float ppl {fp_ppl:.3f}); calibration {args.nsamples} x {args.seqlen} GSM8K "
              f"train tokens; held-out {args.eval_windows} x {args.seqlen} GSM8K test tokens; group 64, asymmetric, "
              f"damp 0.01")
-    md = (f"{header_line(info, extra)}\n\n"
+    md = (f"### Quantizing {args.model}: lowbit vs GPTQModel\n\n{header_line(info, extra)}\n\n"
           + md_table(["bits", "candidate", "held-out ppl", "ppl / float", "quantize time (s)",
                       "time / GPTQModel default", "runs"], rows))
-    write_results(args.out_dir, "real_quantize" + ("_quick" if args.quick else ""),
+    write_results(args.out_dir, "real_quantize" + args.tag,
                   {"machine": info, "model": args.model, "fp_ppl": fp_ppl, "records": records}, md)
-    print(md)
 
 
 if __name__ == "__main__":

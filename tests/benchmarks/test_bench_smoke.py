@@ -82,6 +82,19 @@ def test_quantize_lowbit(tmp_path):
     assert errs["GPTQ"] < errs["RTN"]  # the calibrated quantizer wins on the calibrated objective
 
 
+def test_real_quantize_lowbit(tmp_path):
+    """The real-checkpoint benchmark's pipeline (GSM8K calibration and held-out text, lowbit candidates) on the
+    tiny model; the SmolLM2 run itself takes an hour on 2 cores."""
+    from lowbit.data.testsets import default_data_dir
+
+    if default_data_dir() is None:
+        pytest.skip("needs the GSM8K files: set LOWBIT_DATA_DIR")
+    res = run_script("real_quantize", tmp_path, "--no-gptqmodel")
+    names = [r["candidate"] for r in res["records"]]
+    assert "lowbit GPTQ (default)" in names and "lowbit NF" in names
+    assert all(r["ppl"] > 1 and r["time_s"]["median_s"] > 0 for r in res["records"])
+
+
 @pytest.mark.slow
 def test_quantize_with_gptqmodel(tmp_path):
     if importlib.util.find_spec("gptqmodel") is None:
