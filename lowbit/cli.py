@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import logging
 import sys
-import types
 import typing
 from pathlib import Path
 
@@ -39,16 +38,6 @@ FIELD_HELP = {
 }
 
 
-def _field_kinds(cls) -> dict[str, tuple[tuple, bool]]:
-    """name -> (non-None types, None allowed) for every field of dataclass ``cls``."""
-    out = {}
-    for name, hint in typing.get_type_hints(cls).items():
-        union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
-        args = typing.get_args(hint) if union else (hint,)
-        out[name] = (tuple(a for a in args if a is not type(None)), type(None) in args)
-    return out
-
-
 def _default(f: dataclasses.Field):
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -61,12 +50,15 @@ def add_config_args(parser, cls, skip: tuple[str, ...] = (), rename: dict[str, s
                     required: tuple[str, ...] = ()) -> None:
     """One ``--field-name`` flag per field of dataclass ``cls`` (nested dataclasses and ``skip`` excepted). Absent
     flags stay absent from the namespace, so the dataclass's own defaults apply."""
+    from .recipes.config import field_types
+
     rename = rename or {}
     helps = FIELD_HELP.get(cls.__name__, {})
-    kinds = _field_kinds(cls)
+    kinds = field_types(cls)
     for f in dataclasses.fields(cls):
-        (args, _), name = kinds[f.name], f.name
-        if name in skip or any(dataclasses.is_dataclass(a) for a in args):
+        nested, _, args = kinds[f.name]
+        name = f.name
+        if name in skip or nested is not None:
             continue
         flag = "--" + rename.get(name, name).replace("_", "-")
         default = _default(f)
@@ -86,13 +78,15 @@ def add_config_args(parser, cls, skip: tuple[str, ...] = (), rename: dict[str, s
 
 def config_from_args(cls, args: argparse.Namespace, **extra):
     """Build dataclass ``cls`` from the flags present in ``args`` (lists may also be comma-separated)."""
-    kinds = _field_kinds(cls)
+    from .recipes.config import field_types
+
+    kinds = field_types(cls)
     kw = {}
     for f in dataclasses.fields(cls):
         if f.name in extra or not hasattr(args, f.name):
             continue
         v = getattr(args, f.name)
-        if isinstance(v, list) and typing.get_origin(kinds[f.name][0][0]) is list:
+        if isinstance(v, list) and typing.get_origin(kinds[f.name][2][0]) is list:
             v = [p.strip() for item in v for p in str(item).split(",") if p.strip()]
         kw[f.name] = v
     return cls(**kw, **extra)

@@ -150,8 +150,9 @@ class RecipeConfig:
 
 # ------------------------------------------------------------------------------------------------- YAML <-> config
 
-def _field_types(cls) -> dict[str, tuple[type | None, bool, tuple]]:
-    """name -> (nested dataclass or None, None allowed, scalar types) from the class's annotations."""
+def field_types(cls) -> dict[str, tuple[type | None, bool, tuple]]:
+    """name -> (nested dataclass or None, None allowed, the non-None types) from dataclass ``cls``'s annotations;
+    the one reader of config field types (the YAML loader and the generated CLI flags both use it)."""
     out = {}
     for name, hint in typing.get_type_hints(cls).items():
         args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
@@ -169,7 +170,7 @@ def build_config(cls, values: Any, where: str = ""):
     label = where.rstrip(".") or "recipe"
     if not isinstance(values, dict):
         raise ValueError(f"{label} must be a mapping, got {type(values).__name__}: {values!r}")
-    types_ = _field_types(cls)
+    types_ = field_types(cls)
     unknown = [k for k in values if k not in types_]
     if unknown:
         raise ValueError(f"unknown recipe key(s) {[f'{where}{k}' for k in unknown]}; valid keys"
@@ -215,7 +216,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     import yaml
 
     out = copy.deepcopy(raw)
-    sections = {n for n, (nested, _, _) in _field_types(RecipeConfig).items() if nested is not None}
+    sections = {n for n, (nested, _, _) in field_types(RecipeConfig).items() if nested is not None}
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():

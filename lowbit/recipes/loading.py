@@ -85,7 +85,7 @@ def load_tokenizer(path: str, quantized: bool = False):
 
 
 def load_base(model: str, device: str = "cpu", dtype: str = "float32"):
-    """The model alone (float, or quantized as stored) -> ``(model, tokenizer, quantized)``."""
+    """The model alone (float, or quantized as stored) -> ``(model, tokenizer, path, quantized)``."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -99,7 +99,7 @@ def load_base(model: str, device: str = "cpu", dtype: str = "float32"):
             m = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
         except OSError as e:
             raise ValueError(f"cannot load model {model!r}: {e}") from None
-    return m, load_tokenizer(path, quantized), quantized
+    return m, load_tokenizer(path, quantized), path, quantized
 
 
 def load_model(model: str, adapter: str | None = None, device: str | None = None, dtype: str = "auto"):
@@ -107,11 +107,11 @@ def load_model(model: str, adapter: str | None = None, device: str | None = None
     fine-tuning or PEFT) -> ``(model, tokenizer, info)`` with ``info = {quantized, quantization, bits, dtype,
     device}``, in eval mode. Raises ``ValueError`` with the fix."""
     device, dtype = resolve_device_dtype(device, dtype)
-    m, tok, quantized = load_base(model, device, dtype)
+    m, tok, path, quantized = load_base(model, device, dtype)
     info = {"quantized": quantized, "quantization": None, "bits": 32 if dtype == "float32" else 16,
             "device": device, "dtype": str(next(m.parameters()).dtype).removeprefix("torch.")}
     if quantized:
-        info.update(quantized_info(resolve_model(model)[0]))
+        info.update(quantized_info(path))
     if adapter is not None:
         from ..adapters import load_adapter
 

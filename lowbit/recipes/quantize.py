@@ -76,10 +76,12 @@ def _check_out_dir(out: Path, source: str, fingerprint: str, quant: dict, overwr
                          f"choose another --out or pass --overwrite to replace it")
     meta = json.loads(qc.read_text())
     old_src = meta.get("source", {})
-    old_q = dict(meta.get("quantization", {}))
-    if old_q.get("extra") == {}:  # written by an older lowbit
-        old_q.pop("extra")
-    if old_src.get("fingerprint") != fingerprint or old_src.get("model") != source or old_q != quant:
+    old_q = meta.get("quantization", {})
+    try:
+        same_q = QuantConfig.from_dict(old_q).to_dict() == quant  # also reads older lowbit's settings
+    except (TypeError, ValueError):
+        same_q = False
+    if old_src.get("fingerprint") != fingerprint or old_src.get("model") != source or not same_q:
         raise ValueError(f"--out {out} already holds a different quantized model "
                          f"(source {old_src.get('model')!r}, method {old_q.get('method')!r}, "
                          f"bits {old_q.get('bits')!r}); choose another --out or pass --overwrite to replace it")

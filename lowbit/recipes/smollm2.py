@@ -79,9 +79,8 @@ def convert(gguf: Path, out: Path) -> Path:
     tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
     # The GGUF-loaded model is marked quantized and refuses save_pretrained: copy into a plain model.
     config = AutoConfig.from_pretrained(src, gguf_file=name)
-    for attr in ("quantization_config",):
-        if hasattr(config, attr):
-            delattr(config, attr)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
@@ -95,12 +94,22 @@ def convert(gguf: Path, out: Path) -> Path:
     return out
 
 
+# (GGUF path, size, mtime) -> its cache directory: a driver resolves the alias several times per run, and checking
+# and hashing the 98 MB file costs seconds each time.
+_RESOLVED: dict[tuple[str, int, int], Path] = {}
+
+
 @register_model_alias(ALIAS)
 def smollm2_135m() -> Path:
     """Local float Hugging Face directory of SmolLM2-135M-Instruct (converted from the GGUF file on first use)."""
     gguf = gguf_path()
-    check_gguf(gguf)
-    out = cache_root() / f"{ALIAS}-{sha256_file(gguf)[:16]}"
+    st = gguf.stat()
+    key = (str(gguf), st.st_size, st.st_mtime_ns)
+    out = _RESOLVED.get(key)
+    if out is None:
+        check_gguf(gguf)
+        out = cache_root() / f"{ALIAS}-{sha256_file(gguf)[:16]}"
     if not (out / "config.json").is_file():
         convert(gguf, out)
+    _RESOLVED[key] = out
     return out

@@ -8,6 +8,7 @@ import pytest
 import torch
 from tiny_models import random_llama
 from torch import nn
+from toy_adapter import ToyDiag, toy_init
 
 from lowbit.adapters import AdapterConfig, AdapterLayer, apply_adapters, load_adapter, save_adapter
 from lowbit.adapters.model import adapter_modules, count_parameters
@@ -23,42 +24,6 @@ from lowbit.adapters.registry import (
 from lowbit.quant import QuantConfig, quantize_model
 
 TARGETS = ["q_proj", "v_proj", "o_proj"]  # square (64 x 64) in the tiny model
-
-
-class ToyDiag(AdapterLayer):
-    """``y = base(x) + x * d`` with ``d`` ``(in,)``, zero-initialised; square layers only."""
-
-    stored_params = {"toy_diag": "diag"}
-    peft_type = "LOWBIT_TOY"
-
-    def __init__(self, base: nn.Module, dropout: float = 0.0) -> None:
-        super().__init__(base, dropout)
-        self.diag = nn.Parameter(torch.zeros(self.in_features))
-
-    @classmethod
-    def from_config(cls, base, cfg):
-        return cls(base, cfg.dropout)
-
-    @classmethod
-    def state_shapes(cls, in_features, out_features, cfg):
-        if in_features != out_features:
-            raise ValueError(f"the toy adapter needs a square layer, got {out_features}x{in_features}")
-        return {"toy_diag": (in_features,)}
-
-    @classmethod
-    def peft_config(cls, cfg, base_name):
-        return {"peft_type": cls.peft_type, "target_modules": sorted(cfg.targets), "base_model_name_or_path": base_name}
-
-    def adapter_forward(self, x):
-        return x * self.diag
-
-    def delta_weight(self):
-        return torch.diag(self.diag)
-
-
-def toy_init(wrapper, W, Q, H, cfg):
-    with torch.no_grad():
-        wrapper.diag.copy_(torch.diagonal(W - Q))
 
 
 @pytest.fixture

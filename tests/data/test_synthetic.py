@@ -6,14 +6,13 @@ pre-training corpus built from the same templates is tested in tests/tiny/test_c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
 from collections import Counter
-from fractions import Fraction
 
 import pytest
+from text_checks import ARITH, NUM, equations, sha
 
 from lowbit.data import (
     FAMILIES,
@@ -26,21 +25,9 @@ from lowbit.data import (
     synthetic,
 )
 
-EQ = re.compile(r"(\d+)\s*([-+*/x×])\s*(\d+)\s*=\s*(\d+)")
-NUM = re.compile(r"\d+(?:\.\d+)?")
-ARITH = {
-    "+": lambda a, b: Fraction(a) + b,
-    "-": lambda a, b: Fraction(a) - b,
-    "*": lambda a, b: Fraction(a) * b,
-    "/": lambda a, b: Fraction(a) / b,
-}
 NUMERIC_OUT = re.compile(r"^(?:\d+ [-+*/] \d+ = \d+\. )+The answer is (\d+)\.$")
 AQUA_OUT = re.compile(r"^(?:\d+ [-+*/] \d+ = \d+\. )+(\d+) is option \(([A-E])\)\. The answer is ([A-E])\.$")
 STEPS = {"mawps": {1}, "gsm8k": {2, 3}, "svamp": {1, 2}, "aqua": {1, 2}}
-
-
-def equations(text: str) -> list[tuple[int, str, int, int]]:
-    return [(int(a), op, int(b), int(c)) for a, op, b, c in EQ.findall(text)]
 
 
 def options(instruction: str) -> list[tuple[str, int]]:
@@ -267,15 +254,11 @@ PINNED = {
 }
 
 
-def _sha(obj) -> str:
-    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generated_problems_are_pinned(family):
-    assert _sha(generate_split(family, 200, 3)) == PINNED["generate_split", family]
-    assert _sha(synthetic.test_split(family, 100, 0)) == PINNED["test_split", family]
+    assert sha(generate_split(family, 200, 3)) == PINNED["generate_split", family]
+    assert sha(synthetic.test_split(family, 100, 0)) == PINNED["test_split", family]
 
 
 def test_train_split_is_pinned():
-    assert _sha(synthetic.train_split(2000, 0)) == "485463370a63fa66c56e2aaf90e75f98dee1d8b416c7d3d94f4397dd3dbc95fb"
+    assert sha(synthetic.train_split(2000, 0)) == "485463370a63fa66c56e2aaf90e75f98dee1d8b416c7d3d94f4397dd3dbc95fb"

@@ -1,62 +1,24 @@
-"""Extending lowbit is one registration: a toy adapter and a toy initialisation, registered here in the test (no
-file in lowbit), are usable from a recipe YAML with no other edit — quantize, initialise, train, save."""
+"""Extending lowbit is one registration: a toy adapter and a toy initialisation (``tests/toy_adapter.py``, no file in
+lowbit), registered here in the test, are usable from a recipe YAML with no other edit — quantize, initialise,
+train, save."""
 
 import json
 
 import pytest
-import torch
 import yaml
 from safetensors.torch import load_file
-from torch import nn
+from toy_adapter import ToyDiag, toy_init
 
-from lowbit.adapters import AdapterLayer
 from lowbit.adapters.registry import register_adapter, register_init, scoped_registrations
 from lowbit.recipes.config import load_recipe
 from lowbit.recipes.finetune import finetune
 
 
-class ScaledIdentity(AdapterLayer):
-    """``y = base(x) + s ⊙ x`` with a trainable vector ``s`` ``(in,)``; square layers only."""
-
-    stored_params = {"toy_scale": "scale"}
-    peft_type = "LOWBIT_TOY_SCALE"
-
-    def __init__(self, base: nn.Module, dropout: float = 0.0) -> None:
-        super().__init__(base, dropout)
-        self.scale = nn.Parameter(torch.zeros(self.in_features))
-
-    @classmethod
-    def from_config(cls, base, cfg):
-        return cls(base, cfg.dropout)
-
-    @classmethod
-    def state_shapes(cls, in_features, out_features, cfg):
-        if in_features != out_features:
-            raise ValueError(f"a scaled identity needs a square layer, got {out_features}x{in_features}")
-        return {"toy_scale": (in_features,)}
-
-    @classmethod
-    def peft_config(cls, cfg, base_name):
-        return {"peft_type": cls.peft_type, "target_modules": sorted(cfg.targets), "base_model_name_or_path": base_name}
-
-    def adapter_forward(self, x):
-        return x * self.scale
-
-    def delta_weight(self):
-        return torch.diag(self.scale)
-
-
-def diag_error_init(wrapper, W, Q, H, cfg):
-    """Start from the diagonal of the quantization error ``W - Q`` (needs the float weights)."""
-    with torch.no_grad():
-        wrapper.scale.copy_(torch.diagonal(W - Q))
-
-
 @pytest.fixture
 def toy_registered():
     with scoped_registrations():
-        register_adapter("toy-scale")(ScaledIdentity)
-        register_init("diag-error", adapters=("toy-scale",), needs_float_weights=True)(diag_error_init)
+        register_adapter("toy-scale")(ToyDiag)
+        register_init("diag-error", adapters=("toy-scale",), needs_float_weights=True)(toy_init)
         yield
 
 
@@ -77,8 +39,7 @@ def test_toy_adapter_and_init_run_from_a_recipe_yaml(tmp_path, toy_registered):
     hidden, layers = 256, 4  # the embedded tiny model: q, v, o are 256 x 256
     assert summary["trainable_params"] == 3 * layers * hidden and summary["steps"] == 3
     state = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
-    assert len(state) == 3 * layers and all(k.endswith(".toy_scale") for k in state)
-    assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["peft_type"] == \
-        "LOWBIT_TOY_SCALE"
+    assert len(state) == 3 * layers and all(k.endswith(".toy_diag") for k in state)
+    assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LOWBIT_TOY"
     # The init ran: the scales start at diag(W - Q) of a 2-bit base, so they are far from zero after 3 small steps.
     assert min(t.abs().sum().item() for t in state.values()) > 0
