@@ -130,11 +130,13 @@ def finetune(cfg: RecipeConfig, resume: bool = False, callbacks: list | None = N
     from ..data.tokenize import CausalLMCollator, tokenize_dataset
 
     out = Path(cfg.output_dir)
-    _check_run_dir(out, cfg, resume)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if int(os.environ.get("RANK", "0")) == 0:
+        # Rank 0 alone: the others would see the config.yaml it writes below and call the run an old one.
+        _check_run_dir(out, cfg, resume)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

@@ -38,6 +38,9 @@ def trainer_classes():
         """Saves and restores only the adapter; the frozen (quantized) base is never written to checkpoints."""
 
         def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+            # Trainer.save_model calls _save on every rank; two ranks writing one directory collide.
+            if not self.args.should_save:
+                return
             out = Path(output_dir or self.args.output_dir)
             save_adapter(self.model, out / "adapter")
 
