@@ -3,11 +3,11 @@
 Both tools quantize the same float model (SmolLM2-135M-Instruct, dequantised from its Q4_1 GGUF file: every
 number is relative to that float model) with the same calibration token windows (``--nsamples`` windows of
 ``--seqlen`` tokens of GSM8K train text, drawn once) and the same settings: bits, group 64, asymmetric, damping
-0.01. Each tool runs with its own default column ordering (GPTQModel 7.6: ``act_group_aware`` on; lowbit: plain
-GPTQ) and "like for like" with reordering off in both; lowbit's act-order with static (contiguous) groups and
-RTN/MagR+GPTQ/NF are reported too. Score: perplexity on ``--eval-windows`` windows of GSM8K test text (the same
-token ids for every candidate), and quantization wall time. Runs of the two tools alternate (``--repeats``); the
-table gives the median time and its spread, and the time ratio lowbit / GPTQModel.
+0.01. Each tool runs with its own default column ordering (GPTQModel 7.6: ``act_group_aware`` on; lowbit:
+act-order with static, contiguous groups), alternating ``--repeats`` times (the table gives the median time, its
+spread and the time ratio lowbit / GPTQModel); then once each: "like for like" with reordering off in both, and
+lowbit's RTN, MagR+GPTQ (``--no-magr`` skips it) and NF. Score: perplexity on ``--eval-windows`` windows of GSM8K
+test text (the same token ids for every candidate; deterministic given the inputs), and quantization wall time.
 
 Usage: ``python benchmarks/bench_real_quantize.py [--bits 4 2] [--repeats 2] [--quick]`` (needs ``make real``
 and GPTQModel; ~3 minutes per quantization on 2 CPU cores; ``--quick``: the tiny model, 2 windows).
@@ -120,33 +120,36 @@ def main() -> None:
     rows, records = [], []
     tmp = Path(args.tmp)
     for bits in args.bits:
-        cands = {
-            "lowbit GPTQ (default)": lambda b=bits: lowbit_run(fp, QuantConfig(method="gptq", bits=b), calib),
-            "lowbit GPTQ act-order + static groups":
-                lambda b=bits: lowbit_run(fp, QuantConfig(method="gptq", bits=b, act_order=True, static_groups=True),
-                                          calib),
-        }
+        default = {"lowbit GPTQ (default: act-order + static groups)":
+                   lambda b=bits: lowbit_run(fp, QuantConfig(method="gptq", bits=b), calib)}
         if not args.no_gptqmodel:
-            cands["GPTQModel (default: act_group_aware)"] = lambda b=bits: gptqmodel_run(path, b, calib, True, tmp)
-            cands["GPTQModel, reordering off"] = lambda b=bits: gptqmodel_run(path, b, calib, False, tmp)
-        times: dict[str, list[float]] = {k: [] for k in cands}
+            default["GPTQModel (default: act_group_aware)"] = lambda b=bits: gptqmodel_run(path, b, calib, True, tmp)
+        times: dict[str, list[float]] = {k: [] for k in default}
         ppls: dict[str, float] = {}
-        for _ in range(repeats):  # interleaved: every candidate once per round
-            for name, fn in cands.items():
+        for _ in range(repeats):  # interleaved: every default candidate once per round
+            for name, fn in default.items():
                 model, dt = fn()
                 times[name].append(dt)
                 ppls[name] = ppl(model)  # deterministic given the inputs: the last round's value
                 print(f"[{bits}-bit] {name}: ppl {ppls[name]:.3f}, {dt:.1f} s", flush=True)
                 del model
-        for name, fn in (("lowbit RTN", lambda b=bits: lowbit_run(fp, QuantConfig(method="rtn", bits=b), calib)),
-                         ("lowbit MagR+GPTQ", lambda b=bits: lowbit_run(fp, QuantConfig(method="magr-gptq", bits=b),
-                                                                        calib)),
-                         ("lowbit NF", lambda b=bits: lowbit_run(fp, QuantConfig(method="nf", bits=b), calib))):
-            if args.no_magr and "MagR" in name:
-                continue
+        # Like for like (reordering off in both), lowbit's other methods: once each (perplexity is deterministic).
+        once = {"lowbit GPTQ, reordering off":
+                lambda b=bits: lowbit_run(fp, QuantConfig(method="gptq", bits=b, act_order=False,
+                                                          static_groups=False), calib)}
+        if not args.no_gptqmodel:
+            once["GPTQModel, reordering off"] = lambda b=bits: gptqmodel_run(path, b, calib, False, tmp)
+        once["lowbit RTN"] = lambda b=bits: lowbit_run(fp, QuantConfig(method="rtn", bits=b), calib)
+        if not args.no_magr:
+            once["lowbit MagR+GPTQ"] = lambda b=bits: lowbit_run(fp, QuantConfig(method="magr-gptq", bits=b), calib)
+        once["lowbit NF"] = lambda b=bits: lowbit_run(fp, QuantConfig(method="nf", bits=b), calib)
+        for name, fn in once.items():
             model, dt = fn()
             times[name], ppls[name] = [dt], ppl(model)
-        base_t = summary(times.get("GPTQModel (default: act_group_aware)", times["lowbit GPTQ (default)"]))["median_s"]
+            print(f"[{bits}-bit] {name}: ppl {ppls[name]:.3f}, {dt:.1f} s", flush=True)
+            del model
+        base_t = summary(times.get("GPTQModel (default: act_group_aware)",
+                                   times["lowbit GPTQ (default: act-order + static groups)"]))["median_s"]
         for name, ts in times.items():
             s = summary(ts)
             rec = {"bits": bits, "candidate": name, "ppl": ppls[name], "ppl_ratio_to_fp": ppls[name] / fp_ppl,

@@ -20,7 +20,8 @@ FIELD_HELP = {
     "QuantConfig": {
         "method": "rtn, gptq, magr-gptq, magr-rtn or nf", "bits": "2, 3, 4 or 8 (nf: 2 or 4)",
         "group_size": "inputs per scale; -1 = per output channel", "sym": "symmetric grid (default asymmetric)",
-        "act_order": "GPTQ: columns by descending diag(H)", "static_groups": "GPTQ act-order with contiguous groups",
+        "act_order": "GPTQ: columns by descending diag(H)",
+        "static_groups": "GPTQ: group parameters fixed up front (contiguous groups with act-order)",
         "clip_search": "MSE range search for scales (helps at 2 bits)", "targets": "linear names, e.g. q_proj,k_proj",
     },
     "CalibrationConfig": {"sources": "calibration text: .txt/.json/.jsonl files (or wikitext2/c4 with network access)"},
@@ -191,6 +192,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.model:
         _fail(ValueError("--model applies to --quantization-only; the comparison uses the embedded tiny model and "
                          "its recipes (run `lowbit finetune` on your own model instead)"))
+    if args.real:
+        from .recipes.real_suite import run_suite
+
+        try:
+            run_suite(out_dir=Path(args.out if args.out != "demo_out" else "real_out"), quick=args.quick)
+        except (ValueError, FileNotFoundError) as e:
+            _fail(e)
+        return 0
     from .recipes.demo import run_demo
 
     run_demo(out_dir=Path(args.out), quick=args.quick)
@@ -280,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default=None, help="with --quantization-only: model directory (default: tiny)")
     d.add_argument("--quantization-only", action="store_true",
                    help="only the quantization table (perplexity, output error per method and bit width)")
+    d.add_argument("--real", action="store_true",
+                   help="the smollm2-* recipes on SmolLM2-135M (needs `make real`; about 2 h on 2 CPU cores), "
+                        "response loss and accuracy before/after fine-tuning (default --out real_out)")
     d.set_defaults(func=cmd_demo)
 
     pa = sub.add_parser("params", help="trainable-parameter counts of DiaBlo and LoRA (LLaMA-2-7B by default)")

@@ -3,7 +3,8 @@
 Sources are local files (``.txt``; ``.json``/``.jsonl`` records with a ``text`` field, Alpaca/Math10K fields
 ``instruction``/``input``/``output``, or GSM8K ``question``/``answer``, whose text
 :func:`lowbit.data.records.record_text` takes) or, for users with network access, the names ``wikitext2`` and
-``c4`` (loaded with ``datasets``). As in the GPTQ reference, calibration samples are
+``c4`` (loaded with ``datasets``); ``data:gsm8k_openai/train.jsonl`` names a file under the data directory
+(``$LOWBIT_DATA_DIR``). As in the GPTQ reference, calibration samples are
 random windows of ``seqlen`` tokens from the concatenated text; the last ``heldout_frac`` of the tokens is kept
 apart for perplexity and never used for calibration.
 """
@@ -23,8 +24,30 @@ log = logging.getLogger(__name__)
 HUB_SOURCES = ("wikitext2", "c4")
 
 
+DATA_PREFIX = "data:"
+
+
+def resolve_source(source: str) -> str:
+    """``data:<relative path>`` -> that file under the data directory (``$LOWBIT_DATA_DIR``, default
+    ``../shared/data`` beside the checkout), so recipes name shipped files without absolute paths."""
+    if not source.startswith(DATA_PREFIX):
+        return source
+    from .testsets import DATA_DIR_ENV, default_data_dir
+
+    root = default_data_dir()
+    if root is None:
+        raise FileNotFoundError(f"calibration source {source!r} is read from the data directory, but none is set: "
+                                f"set {DATA_DIR_ENV} to the folder holding {source[len(DATA_PREFIX):]}")
+    path = root / source[len(DATA_PREFIX):]
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration source {source!r}: {path} does not exist (data directory {root}, "
+                                f"from {DATA_DIR_ENV} or the checkout default)")
+    return str(path)
+
+
 def load_texts(source: str) -> list[str]:
-    """Documents from one source (file path or hub name)."""
+    """Documents from one source (file path, ``data:<path under the data directory>`` or hub name)."""
+    source = resolve_source(source)
     p = Path(source)
     if p.is_file():
         if p.suffix == ".jsonl":

@@ -14,6 +14,9 @@ class ArchSpec:
 
     layers: str
     groups: tuple[tuple[str, ...], ...]
+    # Linears whose output is added unchanged to the decoder layer's output (the residual sum): when the last
+    # group holds only these, its calibration pass also yields the next layer's inputs (no extra forward).
+    residual: tuple[str, ...] = ()
 
     @property
     def linears(self) -> list[str]:
@@ -25,6 +28,7 @@ _LLAMA = ArchSpec(
     layers="model.layers",
     groups=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
             ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
+    residual=("mlp.down_proj",),
 )
 # LLaMA-architecture families share module names; add an entry here for a new architecture.
 ARCHITECTURES: dict[str, ArchSpec] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA}

@@ -44,36 +44,101 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calibration: t
     return hidden, kwargs_list
 
 
+def _chunks(hidden: list[torch.Tensor], kwargs_list: list[dict], batch_size: int):
+    """``(batch, kwargs, n_samples)`` calls covering every captured sample: equal-shape samples are concatenated
+    (unpadded windows of equal length share masks and rotary embeddings), others go one by one."""
+    for s in range(0, len(hidden), batch_size):
+        chunk = hidden[s: s + batch_size]
+        if any(h.shape != chunk[0].shape for h in chunk):
+            for h, kw in zip(chunk, kwargs_list[s: s + batch_size]):
+                yield h, kw, 1
+        else:
+            yield torch.cat(chunk), kwargs_list[s], len(chunk)
+
+
 def run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs_list: list[dict], batch_size: int = 8
-               ) -> list[torch.Tensor]:
-    """Run ``layer`` on every captured sample, ``batch_size`` samples per call (the samples are unpadded windows
-    of equal length, so they share masks and rotary embeddings); returns per-sample outputs."""
+              ) -> list[torch.Tensor]:
+    """Run ``layer`` on every captured sample, ``batch_size`` samples per call; returns per-sample outputs."""
     outs = []
     with torch.no_grad():
-        for s in range(0, len(hidden), batch_size):
-            chunk = hidden[s: s + batch_size]
-            if any(h.shape != chunk[0].shape for h in chunk):
-                chunk_out = [layer(h, **kw) for h, kw in zip(chunk, kwargs_list[s: s + batch_size])]
-                outs += [o[0] if isinstance(o, tuple) else o for o in chunk_out]
-                continue
-            o = layer(torch.cat(chunk), **kwargs_list[s])
+        for x, kw, k in _chunks(hidden, kwargs_list, batch_size):
+            o = layer(x, **kw)
             o = o[0] if isinstance(o, tuple) else o
-            outs += list(o.split(chunk[0].shape[0]))
+            outs += list(o.split(o.shape[0] // k))
     return outs
 
 
-def hessian_hooks(linears: dict[str, nn.Module]):
-    """Forward hooks accumulating ``H = Σ x^T x`` (float32) for each linear; returns ({name: [H]}, handles)."""
-    Hs: dict[str, list] = {}
-    handles = []
-    for name, lin in linears.items():
-        n = lin.in_features
-        acc = [torch.zeros(n, n, dtype=torch.float32, device=lin.weight.device)]
-        Hs[name] = acc
+def collect_hessians(layer: nn.Module, linears: dict[str, nn.Module], hidden: list[torch.Tensor],
+                     kwargs_list: list[dict], batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """``{name: H}`` with ``H = Σ xᵀx`` (float32, ``(in, in)``) over the inputs ``x`` each linear of ``layer``
+    receives when the layer runs on the captured samples.
 
-        def hook(module, inputs, output, acc=acc, n=n):
-            x = inputs[0].detach().reshape(-1, n).float()
-            acc[0].addmm_(x.t(), x)
+    Each call of the layer stops as soon as every linear in ``linears`` has seen its input: the rest of the layer
+    (attention and MLP after ``q/k/v``, say) does not affect these inputs. Linears fed the same tensor (``q/k/v``,
+    ``gate/up``) share one ``xᵀx`` product per call.
+    """
+    return _hessian_pass(layer, linears, hidden, kwargs_list, batch_size, keep=False)[0]
 
-        handles.append(lin.register_forward_hook(hook))
-    return Hs, handles
+
+def collect_hessians_and_outputs(layer: nn.Module, linears: dict[str, nn.Module], hidden: list[torch.Tensor],
+                                 kwargs_list: list[dict], batch_size: int = 8):
+    """Like :func:`collect_hessians`, but the layer runs to the end: returns ``(Hs, calls)`` where ``calls`` holds,
+    per layer call, ``(output, k, {name: (x, y)})``: the layer output of ``k`` concatenated samples and each linear's
+    input and output. With :func:`replace_outputs` this spares a second pass when the linears' outputs enter the
+    layer output by a plain residual sum."""
+    return _hessian_pass(layer, linears, hidden, kwargs_list, batch_size, keep=True)
+
+
+def replace_outputs(calls: list, modules: dict[str, nn.Module]) -> list[torch.Tensor]:
+    """Per-sample layer outputs after replacing linears whose outputs are *added* to the layer output:
+    ``out - y + new(x)`` for each of ``modules`` (``{name: new module}``), from :func:`collect_hessians_and_outputs`."""
+    outs = []
+    with torch.no_grad():
+        for out, k, io in calls:
+            for name, new in modules.items():
+                x, y = io[name]
+                out = out - y + new(x).to(out.dtype)
+            outs += list(out.split(out.shape[0] // k))
+    return outs
+
+
+def _hessian_pass(layer, linears, hidden, kwargs_list, batch_size, keep: bool):
+    Hs = {name: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float32, device=lin.weight.device)
+          for name, lin in linears.items()}
+    seen: set[str] = set()
+    last: dict = {"x": None, "prod": None}
+    io: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    calls = []
+
+    def hook(module, inputs, output, name):
+        x = inputs[0].detach()
+        if last["x"] is not x:
+            xf = x.reshape(-1, x.shape[-1]).float()
+            last["x"], last["prod"] = x, xf.t() @ xf
+        Hs[name].add_(last["prod"])
+        seen.add(name)
+        if keep:
+            io[name] = (x, output.detach())
+        elif len(seen) == len(linears):
+            raise _StopForward
+
+    handles = [lin.register_forward_hook(lambda m, i, o, name=name: hook(m, i, o, name))
+               for name, lin in linears.items()]
+    try:
+        with torch.no_grad():
+            for x, kw, k in _chunks(hidden, kwargs_list, batch_size):
+                seen.clear()
+                try:
+                    o = layer(x, **kw)
+                    calls.append((o[0] if isinstance(o, tuple) else o, k, dict(io)))
+                except _StopForward:
+                    pass
+                if len(seen) != len(linears):
+                    missing = sorted(set(linears) - seen)
+                    raise RuntimeError(f"linears {missing} were not called by the layer's forward")
+                last["x"] = last["prod"] = None
+                io.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    return Hs, calls

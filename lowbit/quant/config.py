@@ -46,8 +46,11 @@ class QuantConfig:
 
     method: a registered quantizer (``rtn``, ``gptq``, ``magr-gptq``, ``magr-rtn``, ``nf``).
     bits: 2, 3, 4 or 8 (``nf``: 4 or 2). group_size: inputs per scale (``-1``: per output channel; NF block size).
-    sym: symmetric grid. act_order: GPTQ columns by descending ``diag(H)``; static_groups: act-order with
-    contiguous groups. damp: GPTQ relative damping. block_size: GPTQ column block. clip_search: MSE range search.
+    sym: symmetric grid. act_order: GPTQ columns by descending ``diag(H)``; static_groups: each group's scale
+    and zero fixed up front on the original weights, so groups stay contiguous (plain ``g_idx``, any GPTQ kernel).
+    The default, act-order with static groups, is the most accurate contiguous-group GPTQ on real checkpoints
+    (docs/RESULTS.md); ``act_order=false static_groups=false`` is the plain GPTQ of the paper.
+    damp: GPTQ relative damping. block_size: GPTQ column block. clip_search: MSE range search.
     magr_alpha: MagR penalty (default 1e-3 per-channel, 1e-4 per-group). magr_iters: MagR proximal iterations.
     targets: linear names (suffixes such as ``q_proj``) to quantize; default all of the architecture's groups.
     """
@@ -56,8 +59,8 @@ class QuantConfig:
     bits: int = 4
     group_size: int = 64
     sym: bool = False
-    act_order: bool = False
-    static_groups: bool = False
+    act_order: bool = True
+    static_groups: bool = True
     damp: float = 0.01
     block_size: int = 128
     clip_search: bool = False

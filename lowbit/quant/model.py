@@ -7,6 +7,11 @@ on the calibration inputs with the earlier groups already quantized, ``H = Σ X^
 group's linears by forward hooks, the linears are quantized and replaced by :class:`QuantLinear`, and finally the
 fully quantized layer produces the next layer's inputs. Only one decoder layer's activations and Hessians are
 alive at a time.
+
+Two shortcuts keep the passes cheap without changing what they compute: a group's pass stops once its linears have
+seen their inputs (q/k/v need nothing past the input norm), and the last group (``down_proj``, whose output is added
+to the residual stream) keeps its pass's outputs, so the next layer's inputs are ``out - down(x) + Q_down(x)``
+instead of one more forward.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from . import calibrate as cal
 from .arch import arch_spec, set_submodule, target_groups
-from .calibrate import capture_layer_inputs, hessian_hooks, run_layer
 from .config import QuantConfig
 from .gptq import output_error
 from .qlinear import QuantLinear
@@ -82,22 +87,20 @@ def quantize_model(model: nn.Module, config: QuantConfig, calibration: torch.Ten
 
     hidden = kwargs_list = None
     if calibration is not None:
-        hidden, kwargs_list = capture_layer_inputs(model, layers, calibration)
+        hidden, kwargs_list = cal.capture_layer_inputs(model, layers, calibration)
 
     bar = tqdm(range(len(layers)), desc=f"quantize {config.method} {config.bits}-bit", disable=not progress)
     for i in bar:
         layer = layers[i]
-        for group in groups:
+        calls, replaced = None, {}
+        for gi, group in enumerate(groups):
             linears = {name: layer.get_submodule(name) for name in group}
             Hs = {name: None for name in group}
             if hidden is not None:
-                Hs, handles = hessian_hooks(linears)
-                try:
-                    run_layer(layer, hidden, kwargs_list)
-                finally:
-                    for h in handles:
-                        h.remove()
-                Hs = {k: v[0] for k, v in Hs.items()}
+                if gi == len(groups) - 1 and set(group) <= set(spec.residual):
+                    Hs, calls = cal.collect_hessians_and_outputs(layer, linears, hidden, kwargs_list)
+                else:
+                    Hs = cal.collect_hessians(layer, linears, hidden, kwargs_list)
             for name, lin in linears.items():
                 full = f"{spec.layers}.{i}.{name}"
                 if precomputed is not None and full in precomputed:
@@ -111,14 +114,18 @@ def quantize_model(model: nn.Module, config: QuantConfig, calibration: torch.Ten
                 qlin.to(lin.weight.device)
                 new = on_linear(i, name, lin, qlin, Hs[name]) if on_linear is not None else qlin
                 set_submodule(layer, name, new)
+                replaced[name] = new
                 rec = {"layer": i, "module": name, "shape": list(lin.weight.shape), **stats}
                 report.append(rec)
                 log.info("layer %d %-18s rel. output error %s  weight error %.4f  (%.2fs)", i, name,
                          f"{stats['rel_output_error']:.4f}" if "rel_output_error" in stats else "n/a",
                          stats["rel_weight_error"], stats["time_s"])
             del Hs
-        if hidden is not None:
-            hidden = run_layer(layer, hidden, kwargs_list)
+        if calls is not None:  # the last group's outputs enter by a residual sum: correct the pass's outputs
+            hidden = cal.replace_outputs(calls, {name: replaced[name] for name in groups[-1]})
+            del calls
+        elif hidden is not None:
+            hidden = cal.run_layer(layer, hidden, kwargs_list)
     model.train(was_training)
     return report
 

@@ -82,7 +82,7 @@ def model_fingerprint() -> str:
     return sha256_file(tiny_model_dir() / "model.safetensors")[:16]
 
 
-def _base_dir(out: Path, quant) -> Path:
+def base_dir(out: Path, quant) -> Path:
     return out / "bases" / f"{quant.method}-{quant.bits}bit"
 
 
@@ -111,10 +111,10 @@ def build_bases(out: Path, sections: list, source: str | None = None) -> list[di
         ppl["fp"] = perplexity(fp, held, 256, max_windows=16)
     rows = [{"base": "full precision", "bits": 16, "ppl": ppl["fp"], "ratio": 1.0, "seconds": 0.0}]
     for qcfg, calib_cfg in sorted(sections, key=lambda s: (-s[0].bits, s[0].method)):
-        d = _base_dir(out, qcfg)
+        d = base_dir(out, qcfg)
         key = f"{qcfg.method}-{qcfg.bits}"
         t = 0.0
-        if _base_settings(d) != qcfg.to_dict() or key not in ppl:
+        if base_settings(d) != qcfg.to_dict() or key not in ppl:
             model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
             t0 = time.perf_counter()
             quantize_model(model, qcfg, calibration_windows(calib_cfg, tok)[0], progress=False)
@@ -132,7 +132,7 @@ def build_bases(out: Path, sections: list, source: str | None = None) -> list[di
     return rows
 
 
-def _base_settings(d: Path) -> dict | None:
+def base_settings(d: Path) -> dict | None:
     from ..quant import read_quant_meta
 
     if not (d / "quant_config.json").is_file():
@@ -143,7 +143,7 @@ def _base_settings(d: Path) -> dict | None:
         return None
 
 
-def _cached(run_dir: Path, stamp: dict) -> bool:
+def cached_run(run_dir: Path, stamp: dict) -> bool:
     """A finished run with the same settings: same recipe overrides and the same cached base."""
     if not ((run_dir / "run.json").is_file() and (run_dir / "summary.json").is_file()):
         return False
@@ -173,10 +173,10 @@ def run_demo(out_dir: str | Path = "demo_out", quick: bool = False, budget: Demo
     for i, (name, recipe, overrides, shared_cfg) in enumerate(plans):
         run_dir = out / "runs" / name
         if shared_cfg is not None:
-            overrides = [*overrides, f"model.quantized={_base_dir(out, shared_cfg.quant).resolve()}"]
+            overrides = [*overrides, f"model.quantized={base_dir(out, shared_cfg.quant).resolve()}"]
         stamp = {"recipe": recipe, "overrides": overrides, "model": fingerprint,
-                 "base": _base_settings(_base_dir(out, shared_cfg.quant)) if shared_cfg is not None else None}
-        if _cached(run_dir, stamp):
+                 "base": base_settings(base_dir(out, shared_cfg.quant)) if shared_cfg is not None else None}
+        if cached_run(run_dir, stamp):
             log.info("[%d/%d] %s: cached", i + 1, len(plans), name)
         else:
             log.info("[%d/%d] %s: %s", i + 1, len(plans), name, recipe)

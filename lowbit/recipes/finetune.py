@@ -39,8 +39,13 @@ def load_training_records(cfg: RecipeConfig) -> list[dict]:
         recs = train_split(d.num_examples or 10000, seed=d.seed)
     elif d.source == "math10k":
         from ..data.loaders import default_math_training_set
+        from ..data.testsets import DATA_DIR_ENV, default_data_dir
 
-        recs = default_math_training_set(d.data_dir, math10k_path=d.path, seed=d.seed)
+        data_dir = d.data_dir or default_data_dir()
+        if data_dir is None:
+            raise ValueError(f"data.source=math10k reads its files from a data directory, and none is set: pass "
+                             f"data.data_dir=DIR or set {DATA_DIR_ENV}")
+        recs = default_math_training_set(data_dir, math10k_path=d.path, seed=d.seed)
     else:
         from ..data.loaders import load_source
 

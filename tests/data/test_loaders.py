@@ -347,3 +347,22 @@ def test_default_training_set_uses_math10k_and_handles_its_overlap(tmp_path, cap
     with pytest.raises(FileNotFoundError, match="test_sets=()"):
         default_math_training_set(tmp_path, math10k_path=p)
     assert len(default_math_training_set(tmp_path, math10k_path=p, test_sets=())) == 6
+
+
+def test_calibration_source_under_the_data_directory(tmp_path, monkeypatch):
+    """``data:<path>`` names a file under $LOWBIT_DATA_DIR (recipes carry no absolute paths); a missing
+    directory or file is a clear error."""
+    from lowbit.data.calibration import load_texts
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "t.jsonl").write_text('{"question": "1+1?", "answer": "2"}\n')
+    monkeypatch.setenv("LOWBIT_DATA_DIR", str(tmp_path))
+    assert len(load_texts("data:sub/t.jsonl")) == 1
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_texts("data:sub/none.jsonl")
+    monkeypatch.delenv("LOWBIT_DATA_DIR")
+    import lowbit.data.testsets as ts
+
+    monkeypatch.setattr(ts, "CHECKOUT_DATA_DIR", tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="LOWBIT_DATA_DIR"):
+        load_texts("data:sub/t.jsonl")
