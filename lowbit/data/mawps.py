@@ -169,3 +169,32 @@ def load_mawps_train(path: str | Path) -> list[Record]:
     ``ValueError`` naming file, index and field; records with a broken equation are dropped with a warning."""
     path = Path(path)
     return mawps_records(read_json_array(path), path)
+
+
+def equation_rationales(records: list[Record], test_file: Path) -> list[Record]:
+    """Reference responses for MAWPS test records, which ship none: MAWPS's own test split
+    (``testset.json`` beside ``test.json``, the same problems in the same order) gives each problem's equation,
+    turned into a rationale by :func:`mawps_to_record` (``"x = 3 - 1.17 = 1.83. The answer is 1.83."``).
+
+    Records that already have an ``output`` are kept as they are; an equation that cannot be turned into a
+    rationale leaves the record without one (the response loss skips and counts it). Raises ``ValueError`` when
+    ``testset.json`` is missing or its problems do not match ``test.json``'s (naming the first mismatch).
+    """
+    src = Path(test_file).parent / "testset.json"
+    if not src.is_file():
+        raise ValueError(f"{test_file} has no reference rationales and {src} (MAWPS's own test split, whose "
+                         f"equations give them) does not exist")
+    raw = read_json_array(src)
+    out = []
+    for i, r in enumerate(records):
+        if r.get("output", "").strip():
+            out.append(r)
+            continue
+        if i >= len(raw) or " ".join(str(raw[i].get("original_text", "")).split()) != " ".join(
+                r["instruction"].split()):
+            raise ValueError(f"{src}: problem {i} does not match {test_file}'s ({r['instruction'][:60]!r}...)")
+        try:
+            out.append({**r, "output": mawps_to_record(raw[i])["output"]})
+        except ValueError:
+            out.append(r)
+    return out

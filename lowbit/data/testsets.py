@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .mawps import equation_rationales
 from .records import Record, llm_adapters_records, load_llm_adapters_json
 from .synthetic import FAMILIES, test_split
 
@@ -58,6 +59,7 @@ TEST_REQUIRED = ("instruction", "answer")
 PAPER_TEST_SETS = ("gsm8k", "svamp", "mawps", "aqua")
 
 Loader = Callable[[int | None, int], list[dict]]
+References = Callable[[list[Record], Path], list[Record]]
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class EvalSet:
     kind: str
     folder: str | None = None
     loader: Loader | None = None
+    references: References | None = None
 
 
 @dataclass(frozen=True)
@@ -86,14 +89,16 @@ _REGISTRY: dict[str, EvalSet] = {}
 
 
 def register_eval_set(name: str, *, display: str | None = None, kind: str = "numeric", folder: str | None = None,
-                      loader: Loader | None = None, replace: bool = False):
+                      loader: Loader | None = None, references: References | None = None, replace: bool = False):
     """Register the evaluation set ``name`` (lowercase, no commas or spaces) -> its :class:`EvalSet`.
 
     ``display``: the column title (default ``name``); ``kind``: ``"numeric"`` (the last number of a generation
     is compared with the label) or ``"choice"`` (an option letter A-E). Its records come either from
     ``<data dir>/<folder>/test.json`` or from ``loader(limit, seed) -> records`` (``limit`` None: the set's default
     size; ``seed``: ``--synthetic-seed``). With neither ``folder`` nor ``loader``, returns a decorator that
-    registers the function it decorates as the loader. Raises ``ValueError`` for a bad name or kind, for both
+    registers the function it decorates as the loader. ``references(records, test_file) -> records`` fills the
+    reference responses (``output``) the held-out response loss scores, for a test file that ships none (MAWPS's
+    rationales come from its equations). Raises ``ValueError`` for a bad name or kind, for both
     ``folder`` and ``loader``, or for a name already registered (unless ``replace``).
     """
     if not name or name != name.strip().lower() or any(c in name for c in ", \t\n"):
@@ -107,11 +112,11 @@ def register_eval_set(name: str, *, display: str | None = None, kind: str = "num
         raise ValueError(f"evaluation set {name!r} is already registered (pass replace=True to redefine it)")
     if folder is None and loader is None:
         def decorator(fn: Loader) -> Loader:
-            register_eval_set(name, display=display, kind=kind, loader=fn, replace=replace)
+            register_eval_set(name, display=display, kind=kind, loader=fn, references=references, replace=replace)
             return fn
 
         return decorator
-    entry = EvalSet(name, display or name, kind, folder=folder, loader=loader)
+    entry = EvalSet(name, display or name, kind, folder=folder, loader=loader, references=references)
     _REGISTRY[name] = entry
     return entry
 
@@ -250,6 +255,19 @@ def load_records(spec: DatasetSpec, limit: int | None = None, synthetic_seed: in
         raise ValueError(f"dataset {spec.name!r}: {e}") from None
 
 
+def load_reference_records(spec: DatasetSpec, limit: int | None = None, synthetic_seed: int = 0) -> list[Record]:
+    """:func:`load_records`, with the reference responses filled in by the set's ``references`` hook when it has
+    one (what the held-out response loss scores)."""
+    records = load_records(spec, limit, synthetic_seed)
+    s = _REGISTRY.get(spec.name)
+    if s is not None and s.references is not None and spec.path is not None:
+        try:
+            records = s.references(records, spec.path)
+        except ValueError as e:
+            raise ValueError(f"dataset {spec.name!r}: {e}") from None
+    return records
+
+
 def load_test_sets(data_dir: str | Path, names: Sequence[str] = PAPER_TEST_SETS) -> dict[str, list[Record]]:
     """``{folder: records of data_dir/<folder>/test.json}`` for the sets ``names`` (registered names or folders).
 
@@ -273,7 +291,7 @@ def load_test_sets(data_dir: str | Path, names: Sequence[str] = PAPER_TEST_SETS)
 # and SingleEq largely overlap the MAWPS training data (see lowbit.data.loaders): report them with care.
 register_eval_set("gsm8k", display="GSM8K", folder="gsm8k")
 register_eval_set("svamp", display="SVAMP", folder="SVAMP")
-register_eval_set("mawps", display="MAWPS", folder="mawps")
+register_eval_set("mawps", display="MAWPS", folder="mawps", references=equation_rationales)
 register_eval_set("aqua", display="AQuA", kind="choice", folder="AQuA")
 register_eval_set("addsub", display="AddSub", folder="AddSub")
 register_eval_set("multiarith", display="MultiArith", folder="MultiArith")

@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..data.prompts import format_prompt
-from ..data.testsets import DatasetSpec, known_datasets, load_records, resolve_datasets
+from ..data.testsets import DatasetSpec, known_datasets, load_records, load_reference_records, resolve_datasets
 from ..eval.answers import score_generation
 from ..eval.config import EvalConfig
 from ..eval.results import make_row, read_rows, set_result, write_rows
@@ -164,8 +164,8 @@ def run_evaluation(run: EvaluateRun, generate_batches: BatchGenerator | None = N
         if quantized:
             info.update(quantized_info(model_path), dtype="as stored")
     peak = None
-    loss_records = {s.name: load_records(s, cfg.loss_limit or cfg.limit, cfg.synthetic_seed) for s in specs} \
-        if cfg.response_loss else {}
+    loss_records = {s.name: load_reference_records(s, cfg.loss_limit or cfg.limit, cfg.synthetic_seed)
+                    for s in specs} if cfg.response_loss else {}
     loss_done = {n: _stored_loss(out / f"{n}.loss.json", key, len(r)) for n, r in loss_records.items()}
     need_model = any(missing.values()) or any(v is None for v in loss_done.values())
     if generate_batches is not None and any(v is None for v in loss_done.values()):

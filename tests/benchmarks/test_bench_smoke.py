@@ -3,8 +3,8 @@ writes its JSON (machine, torch, threads, load average, medians and spreads) and
 
 The scripts run as subprocesses exactly as ``make bench`` runs them (``python benchmarks/<script>.py``), on one
 thread so that other jobs on a small shared machine cannot stall them. The fast ones together take well under a
-minute on a 2-core CPU; the tiny-model training benchmark (one subprocess per configuration) and GPTQModel's
-quantizer (a slow import) are marked slow.
+minute on a 2-core CPU; the tiny-model training benchmark (one subprocess per configuration), GPTQModel's
+quantizer and the GPTQ export round trip (GPTQModel is a slow import) are marked slow.
 """
 
 from __future__ import annotations
@@ -105,6 +105,28 @@ def test_quantize_with_gptqmodel(tmp_path):
     # Same algorithm, same inputs: the two implementations reach the same output error.
     assert gptq[0]["rel_output_error"] == pytest.approx(gptq[1]["rel_output_error"], rel=0.05)
     assert list(res["headline"].values())[0] > 0
+
+
+@pytest.mark.slow
+def test_real_export(tmp_path):
+    """The real-checkpoint export benchmark on the tiny model: lowbit's GPTQ export loads back in GPTQModel and in
+    transformers with identical weights and the same perplexity (~20 s; the SmolLM2 run takes far longer)."""
+    from lowbit.data.testsets import default_data_dir
+
+    if importlib.util.find_spec("gptqmodel") is None or importlib.util.find_spec("optimum") is None:
+        pytest.skip("gptqmodel and optimum not installed")
+    if default_data_dir() is None:
+        pytest.skip("needs the GSM8K files: set LOWBIT_DATA_DIR")
+    res = run_script("real_export", tmp_path, "--transformers-torch-kernel")
+    (rec,) = res["records"]
+    assert rec["bits"] == 4 and rec["exported_quantize_config"]["checkpoint_format"] == "gptq_v2"  # asymmetric
+    loaded = {s["scorer"]: s for s in rec["scores"] if s["scorer"] != "lowbit"}
+    assert {"GPTQModel", "transformers"} <= set(loaded)
+    if loaded["transformers"]["kernels"] != ["TorchLinear"]:  # its own CPU kernel: rescored with GPTQModel's
+        assert "transformers, backend=torch" in loaded
+    for s in loaded.values():
+        assert s["max_abs_weight_diff"] == 0 and s["within_tolerance"], s
+    assert rec["all_within_tolerance"]
 
 
 def test_init(tmp_path):

@@ -211,3 +211,36 @@ def test_load_test_sets_by_name_or_folder(tmp_path):
         load_test_sets(data, ("addsub",))
     with pytest.raises(ValueError, match="has no test file"):
         load_test_sets(data, ("synthetic-gsm8k",))
+
+
+def test_mawps_reference_rationales_from_its_equations(real_data_dir):
+    """MAWPS's test.json has no rationales; the response loss takes them from testset.json's equations, whose
+    final number is the record's answer."""
+    from lowbit.data.records import format_number
+
+    (spec,) = testsets.resolve_datasets(["mawps"], real_data_dir)
+    plain = testsets.load_records(spec)
+    refs = testsets.load_reference_records(spec)
+    assert not any(r["output"].strip() for r in plain) and len(refs) == len(plain) == 238
+    with_ref = [r for r in refs if r["output"].strip()]
+    assert len(with_ref) >= 230
+    for r in with_ref:
+        assert r["output"].endswith(f"The answer is {format_number(float(r['answer']))}."), r
+    # Sets that ship rationales are untouched.
+    (gsm,) = testsets.resolve_datasets(["gsm8k"], real_data_dir)
+    assert testsets.load_reference_records(gsm, 5) == testsets.load_records(gsm, 5)
+
+
+def test_mawps_references_refuse_a_mismatched_split(tmp_path):
+    from lowbit.data.mawps import equation_rationales
+
+    rec = {"instruction": "Tom has 3 apples and buys 4 . How many now ?", "input": "", "output": "", "answer": "7"}
+    test_file = tmp_path / "test.json"
+    with pytest.raises(ValueError, match="testset.json"):
+        equation_rationales([rec], test_file)
+    raw = {"original_text": "Tom has 3 apples and buys 4 . How many now ?", "equation": "x=3+4", "ans": 7}
+    (tmp_path / "testset.json").write_text(json.dumps([raw]))
+    assert equation_rationales([rec], test_file)[0]["output"] == "x = 3 + 4 = 7. The answer is 7."
+    (tmp_path / "testset.json").write_text(json.dumps([{**raw, "original_text": "Another problem ?"}]))
+    with pytest.raises(ValueError, match="does not match"):
+        equation_rationales([rec], test_file)
