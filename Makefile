@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export GPTQMODEL_CPU_WORKERS ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup real test test-all demo bench lint clean
+.PHONY: setup real test test-all demo bench bench-real lint clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,12 @@ bench: setup
 	$(VPY) benchmarks/bench_init.py $(BENCH_ARGS)
 	$(VPY) benchmarks/bench_train_tiny.py $(BENCH_ARGS)
 	$(VPY) benchmarks/bench_generate.py $(BENCH_ARGS)
+
+# The real-checkpoint benchmarks (SmolLM2-135M; `make real`, GPTQModel): about an hour on 2 CPU cores.
+bench-real: setup
+	$(VPY) benchmarks/bench_real_quantize.py --bits 4 --no-magr --tag _4bit $(BENCH_ARGS)
+	$(VPY) benchmarks/bench_real_export.py $(BENCH_ARGS)
+	$(VPY) benchmarks/bench_real_train.py $(BENCH_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check lowbit tests benchmarks
