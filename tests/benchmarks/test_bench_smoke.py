@@ -91,7 +91,8 @@ def test_real_quantize_lowbit(tmp_path):
         pytest.skip("needs the GSM8K files: set LOWBIT_DATA_DIR")
     res = run_script("real_quantize", tmp_path, "--no-gptqmodel")
     names = [r["candidate"] for r in res["records"]]
-    assert "lowbit GPTQ (default)" in names and "lowbit NF" in names
+    assert "lowbit GPTQ (default: act-order + static groups)" in names and "lowbit GPTQ, reordering off" in names
+    assert "lowbit NF" in names
     assert all(r["ppl"] > 1 and r["time_s"]["median_s"] > 0 for r in res["records"])
 
 

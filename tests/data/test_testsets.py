@@ -116,7 +116,8 @@ def test_replace_keeps_a_set_redefinable():
         register_eval_set("mawps", display="MAWPS-2", folder="mawps2", replace=True)
         assert display_name("mawps") == "MAWPS-2"
     finally:
-        register_eval_set("mawps", display=original.display, folder=original.folder, replace=True)
+        register_eval_set("mawps", display=original.display, folder=original.folder,
+                          references=original.references, replace=True)
     assert eval_set("mawps") == original
 
 
