@@ -53,10 +53,9 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 from _common import base_parser, header_line, machine_info, md_table, setup, write_results  # noqa: E402
-from bench_real_quantize import gsm8k_ids  # noqa: E402
+from bench_real_quantize import gsm8k_windows  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lowbit.data.testsets import default_data_dir  # noqa: E402
 from lowbit.eval.perplexity import perplexity  # noqa: E402
 from lowbit.quant import QuantConfig, QuantLinear, quantize_model  # noqa: E402
 from lowbit.quant.export import export_gptq  # noqa: E402
@@ -70,13 +69,6 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
-
-
-def calibration(train: torch.Tensor, nsamples: int, seqlen: int) -> torch.Tensor:
-    """``(nsamples, seqlen)`` windows at seeded random offsets: the draw of ``bench_real_quantize.py``."""
-    g = torch.Generator().manual_seed(0)
-    starts = torch.randint(0, len(train) - seqlen, (nsamples,), generator=g).tolist()
-    return torch.stack([train[s: s + seqlen] for s in starts])
 
 
 def no_compile():
@@ -235,12 +227,7 @@ def main() -> None:
 
     path = resolve_model(args.model)[0]
     tok = AutoTokenizer.from_pretrained(path)
-    data_dir = default_data_dir()
-    if data_dir is None:
-        raise SystemExit("GSM8K files not found: set LOWBIT_DATA_DIR")
-    train = gsm8k_ids(tok, Path(data_dir), "train", 4 * args.nsamples * args.seqlen)
-    calib = calibration(train, args.nsamples, args.seqlen)
-    held = gsm8k_ids(tok, Path(data_dir), "test", args.eval_windows * args.seqlen)
+    calib, held = gsm8k_windows(tok, args.nsamples, args.seqlen, args.eval_windows)
     fp = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     records = []
     with tempfile.TemporaryDirectory(prefix="lowbit_bench_export_") as tmp:

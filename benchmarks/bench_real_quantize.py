@@ -48,6 +48,19 @@ def gsm8k_ids(tok, data_dir: Path, split: str, n_tokens: int) -> torch.Tensor:
     return torch.tensor(ids[:n_tokens])
 
 
+def gsm8k_windows(tok, nsamples: int, seqlen: int, eval_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calibration ``(nsamples, seqlen)``: windows at seeded random offsets of GSM8K train text (one draw, the same
+    for every tool and benchmark); held-out: the first ``eval_windows * seqlen`` tokens of GSM8K test text."""
+    data_dir = default_data_dir()
+    if data_dir is None:
+        raise SystemExit("GSM8K files not found: set LOWBIT_DATA_DIR")
+    g = torch.Generator().manual_seed(0)
+    train = gsm8k_ids(tok, Path(data_dir), "train", 4 * nsamples * seqlen)
+    starts = torch.randint(0, len(train) - seqlen, (nsamples,), generator=g).tolist()
+    calib = torch.stack([train[s: s + seqlen] for s in starts])
+    return calib, gsm8k_ids(tok, Path(data_dir), "test", eval_windows * seqlen)
+
+
 def lowbit_run(fp_model, qcfg: QuantConfig, calib: torch.Tensor):
     model = copy.deepcopy(fp_model)
     t0 = time.perf_counter()
@@ -105,15 +118,7 @@ def main() -> None:
 
     path = resolve_model(args.model)[0]
     tok = AutoTokenizer.from_pretrained(path)
-    data_dir = default_data_dir()
-    if data_dir is None:
-        raise SystemExit("GSM8K files not found: set LOWBIT_DATA_DIR")
-    n = args.nsamples * args.seqlen
-    g = torch.Generator().manual_seed(0)
-    train = gsm8k_ids(tok, Path(data_dir), "train", 4 * n)
-    starts = torch.randint(0, len(train) - args.seqlen, (args.nsamples,), generator=g).tolist()
-    calib = torch.stack([train[s: s + args.seqlen] for s in starts])  # (nsamples, seqlen), the same for both tools
-    held = gsm8k_ids(tok, Path(data_dir), "test", args.eval_windows * args.seqlen)
+    calib, held = gsm8k_windows(tok, args.nsamples, args.seqlen, args.eval_windows)
     fp = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ppl = lambda m: perplexity(m, held, args.seqlen, args.eval_windows)  # noqa: E731
     fp_ppl = ppl(fp)

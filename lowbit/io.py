@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -39,6 +40,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_figure(path: str | Path, fig, dpi: int = 120) -> Path:
+    """Render a matplotlib figure as PNG, write it atomically, and close the figure (also on error)."""
+    import matplotlib.pyplot as plt  # the caller has matplotlib already; lowbit.io stays import-cheap
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
 
 
 def atomic_write_json(path: str | Path, obj) -> None:

@@ -10,13 +10,12 @@ top-level keys ``bits``, ``method``, ``trainable_params`` (an integer count), ``
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from pathlib import Path
 
 from ..data.testsets import display_name, known_datasets
-from ..io import atomic_write_bytes, atomic_write_text
+from ..io import atomic_write_figure, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -148,13 +147,7 @@ def plot_runs(runs: list[dict], path: str | Path) -> Path:
     axes[0][0].set_yticks(ys, labels, fontsize=8)
     fig.supxlabel("accuracy (%)", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, dpi=120, format="png")
-    finally:
-        plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
+    return atomic_write_figure(path, fig)
 
 
 def compare_runs(run_dirs: list[str | Path], out: str | Path, plot: bool = True) -> tuple[str, Path | None]:

@@ -16,7 +16,6 @@ orderings in the table are measurements of this run, not verdicts.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import shutil
@@ -24,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..io import atomic_write_figure, atomic_write_json, atomic_write_text
 from .demo import base_dir, base_settings
 
 log = logging.getLogger(__name__)
@@ -212,10 +211,4 @@ def plot_losses(rows: list[dict], path: str | Path) -> Path:
     axes[0][-1].legend(fontsize=8, loc="lower right")
     fig.supxlabel("held-out response loss (nats/token, lower is better)", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, dpi=120, format="png")
-    finally:
-        plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
+    return atomic_write_figure(path, fig)

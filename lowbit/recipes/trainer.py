@@ -3,12 +3,11 @@ marker (a process killed mid-save never resumes from a half-written checkpoint),
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
 
-from ..io import atomic_write_bytes, atomic_write_text
+from ..io import atomic_write_figure, atomic_write_text
 
 COMPLETE = "COMPLETE"
 
@@ -111,7 +110,4 @@ def plot_loss(log_path: str | Path, png_path: str | Path, title: str = "") -> No
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=100, format="png")
-    plt.close(fig)
-    atomic_write_bytes(png_path, buf.getvalue())
+    atomic_write_figure(png_path, fig, dpi=100)
