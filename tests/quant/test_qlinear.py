@@ -157,3 +157,15 @@ def test_wrong_last_dim_raises(bad_in):
     m = QuantLinear.from_quantized(qw)
     with pytest.raises(ValueError, match=str(IN)):
         m(torch.randn(3, bad_in))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_codebook_dequantize_bit_identical_in_every_dtype(bits, dtype):
+    """The packed-byte codebook gather (a byte's values fetched as one 2/4/8-byte word, or as a row where no
+    integer type is that wide) equals ``absmax * codebook[code]`` computed elementwise in ``dtype``."""
+    qw, _ = _quantized("nf", bits, 64)
+    m = QuantLinear.from_quantized(qw)
+    g = qw.codes.shape[1] // qw.scales.shape[1]
+    ref = qw.scales.to(dtype).repeat_interleave(g, dim=1) * qw.codebook.to(dtype)[qw.codes.long()]
+    assert torch.equal(m.dequantize(dtype), ref)
