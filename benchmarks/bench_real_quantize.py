@@ -5,8 +5,9 @@ number is relative to that float model) with the same calibration token windows 
 ``--seqlen`` tokens of GSM8K train text, drawn once) and the same settings: bits, group 64, asymmetric, damping
 0.01. Each tool runs with its own default column ordering (GPTQModel 7.6: ``act_group_aware`` on; lowbit:
 act-order with static, contiguous groups), alternating ``--repeats`` times (the table gives the median time, its
-spread and the time ratio lowbit / GPTQModel); then once each: "like for like" with reordering off in both, and
-lowbit's RTN, MagR+GPTQ (``--no-magr`` skips it) and NF. Score: perplexity on ``--eval-windows`` windows of GSM8K
+spread and the time ratio lowbit / GPTQModel); then once each: "like for like" with reordering off in both (lowbit
+also with ``group_params="block-start"``, GPTQModel's rule for a group's scale and zero), and lowbit's RTN,
+MagR+GPTQ (``--no-magr`` skips it) and NF. Score: perplexity on ``--eval-windows`` windows of GSM8K
 test text (the same token ids for every candidate; deterministic given the inputs), and quantization wall time.
 
 Usage: ``python benchmarks/bench_real_quantize.py [--bits 4 2] [--repeats 2] [--quick]`` (needs ``make real``
@@ -142,6 +143,9 @@ def main() -> None:
         once = {"lowbit GPTQ, reordering off":
                 lambda b=bits: lowbit_run(fp, QuantConfig(method="gptq", bits=b, act_order=False,
                                                           static_groups=False), calib)}
+        once["lowbit GPTQ, reordering off, block-start group params"] = lambda b=bits: lowbit_run(
+            fp, QuantConfig(method="gptq", bits=b, act_order=False, static_groups=False, group_params="block-start"),
+            calib)
         if not args.no_gptqmodel:
             once["GPTQModel, reordering off"] = lambda b=bits: gptqmodel_run(path, b, calib, False, tmp)
         once["lowbit RTN"] = lambda b=bits: lowbit_run(fp, QuantConfig(method="rtn", bits=b), calib)

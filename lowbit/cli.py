@@ -22,6 +22,7 @@ FIELD_HELP = {
         "group_size": "inputs per scale; -1 = per output channel", "sym": "symmetric grid (default asymmetric)",
         "act_order": "GPTQ: columns by descending diag(H)",
         "static_groups": "GPTQ: group parameters fixed up front (contiguous groups with act-order)",
+        "group_params": "GPTQ without static groups: current (error-updated weights) or block-start (GPTQModel's rule)",
         "clip_search": "MSE range search for scales (helps at 2 bits)", "targets": "linear names, e.g. q_proj,k_proj",
     },
     "CalibrationConfig": {"sources": "calibration text: .txt/.json/.jsonl files (or wikitext2/c4 with network access)"},
@@ -30,12 +31,14 @@ FIELD_HELP = {
                     "export_gptq": "also export a GPTQ-format checkpoint (loads with GPTQModel / transformers)"},
     "EvaluateRun": {"model": "model directory or hub id, a lowbit quantized directory, or an alias (tiny)",
                     "adapter": "adapter directory (from fine-tuning or PEFT)",
-                    "out": "results directory (default eval_out/<model>[+<adapter>])"},
+                    "out": "results directory (default eval_out/<model>[+<adapter>])",
+                    "force_adapter": "attach --adapter even when it was trained on another base (default: refused)"},
     "EvalConfig": {"datasets": "gsm8k, svamp, mawps, aqua (also addsub, multiarith, singleeq) read from --data-dir; "
                                "synthetic-gsm8k, synthetic-svamp, synthetic-mawps, synthetic-aqua need no files",
                    "data_dir": "folder holding gsm8k/test.json, SVAMP/test.json, ... (default: $LOWBIT_DATA_DIR)",
                    "variant": "apiq (ApiQ prompt, greedy, 512 tokens) or llm-adapters (4 beams, 256 tokens)",
-                   "choice_rule": "AQuA letter: llm-adapters (first capital A-E) or strict ('answer is (X)')"},
+                   "choice_rule": "AQuA letter: llm-adapters (first capital A-E) or strict ('answer is (X)')",
+                   "accuracy": "generate and score answers (--no-accuracy: response loss only; needs --response-loss)"},
 }
 
 
@@ -155,7 +158,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     try:
         table, png = compare_runs(args.runs, args.out, plot=not args.no_plot)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         _fail(e)
     print(table)
     print(f"\ntable: {Path(args.out) / 'compare.md'}")
@@ -202,7 +205,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     from .recipes.demo import run_demo
 
-    run_demo(out_dir=Path(args.out), quick=args.quick)
+    try:
+        run_demo(out_dir=Path(args.out), quick=args.quick)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
     return 0
 
 
@@ -266,9 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_quantize)
 
     ft = sub.add_parser("finetune", help="run a recipe: quantize -> init adapters -> train -> save")
-    ft.add_argument("recipe", help="recipe YAML (a path, or the name of a built-in recipe such as tiny-diablo-2bit)")
+    ft.add_argument("recipe", help="recipe YAML: a path (holding a / or ending in .yaml), or the name of a built-in "
+                    "recipe such as tiny-diablo-2bit")
     ft.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=20 output_dir=DIR")
-    ft.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    ft.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint (an error, "
+                    "changing nothing, when there is none)")
     ft.set_defaults(func=cmd_finetune)
 
     ev = sub.add_parser("evaluate", help="accuracy on the Math10K test sets (GSM8K, SVAMP, MAWPS, AQuA)")

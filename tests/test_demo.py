@@ -54,13 +54,15 @@ def test_comparison_demo_quick_has_every_row_and_reuses_its_cache(tmp_path, caps
 def test_base_cache_is_rebuilt_for_another_tiny_checkpoint(tmp_path, monkeypatch):
     """The bases and their perplexities are keyed by the tiny model's weights: another checkpoint starts afresh."""
     import lowbit.recipes.demo as demo
+    from lowbit.io import SEAL, atomic_write_json
 
     monkeypatch.setattr(demo, "model_fingerprint", lambda: "old")
     cache = tmp_path / "bases" / "perplexity.json"
     demo.build_bases(tmp_path, [])
     stored = json.loads(cache.read_text())
     assert stored["source"] == "old" and stored["fp"] > 1
-    cache.write_text(json.dumps({**stored, "fp": 123.0}))  # a stale value that must not survive
+    # A stale value, sealed as lowbit seals it (an unsealed edit is a corrupt entry, recomputed: tests/reliability).
+    atomic_write_json(cache, {k: v for k, v in {**stored, "fp": 123.0}.items() if k != SEAL}, seal=True)
     demo.build_bases(tmp_path, [])
     assert json.loads(cache.read_text())["fp"] == 123.0  # same checkpoint: reused
     monkeypatch.setattr(demo, "model_fingerprint", lambda: "new")

@@ -223,7 +223,18 @@ def apiq_bw(model: nn.Module, calibration: torch.Tensor, bits: int, group_size: 
     return result
 
 
-@register_init("apiq-bw", adapters=("lora",), needs_calibration=True, quantizes_base=True, quantizers=("rtn",))
+def check_apiq_quant(quant) -> None:
+    """ApiQ-bw's quantizer is its own asymmetric learnable clipping: refuse settings it would ignore."""
+    if quant.sym:
+        raise ValueError("init 'apiq-bw' learns an asymmetric clipped range (ApiQ's learnable weight clipping); "
+                         "quant.sym=true is not implemented: set quant.sym=false (or use init=loftq or cloq)")
+    if quant.clip_search:
+        raise ValueError("init 'apiq-bw' learns its clipping range by gradient descent, so quant.clip_search=true "
+                         "would be ignored: set quant.clip_search=false")
+
+
+@register_init("apiq-bw", adapters=("lora",), needs_calibration=True, quantizes_base=True, quantizers=("rtn",),
+               check_quant=check_apiq_quant)
 def _apiq_bw_init(model: nn.Module, names: list[str], cfg, quant, calibration: torch.Tensor, progress: bool
                   ) -> list[dict]:
     """Every linear ``quant`` covers learns its clipping; only the adapter targets carry LoRA."""

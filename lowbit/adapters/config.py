@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from .registry import ADAPTERS, INITS, AdapterInit, inits_for
+
+if TYPE_CHECKING:
+    from ..quant import QuantConfig
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -69,6 +73,19 @@ class AdapterConfig:
         same = [n for n in inits_for(self.adapter)
                 if (INITS[n].needs_calibration, INITS[n].needs_float_weights, INITS[n].quantizes_base) == key]
         return f" (for {ADAPTERS[self.adapter].title} use init={same[0]!r})" if len(same) == 1 else ""
+
+    def check_quant(self, quant: QuantConfig | None) -> None:
+        """Raise ``ValueError`` when this init cannot run with ``quant`` as configured: a quantization method it
+        does not use, or a setting it would ignore (e.g. ``sym`` or ``clip_search`` for ``apiq-bw``). Needs no
+        model, so a recipe can check it before loading anything; :func:`apply_adapters` runs it too."""
+        init = INITS[self.init]
+        if quant is None or not init.needs_float_weights:
+            return
+        if init.quantizers is not None and quant.method not in init.quantizers:
+            raise ValueError(f"init {self.init!r} uses its own quantizer ({' or '.join(init.quantizers)}); got "
+                             f"quant.method={quant.method!r}")
+        if init.check_quant is not None:
+            init.check_quant(quant)
 
     @property
     def init_spec(self) -> AdapterInit:

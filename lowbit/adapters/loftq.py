@@ -3,8 +3,9 @@
 Objective: ``min_{Q, A, B} ‖W - Q - B A‖_F`` with ``Q`` on the quantizer's grid and ``B A`` of rank ``r``, by
 alternating ``T`` times: ``Q = deq(quant(W - B A))``; SVD ``W - Q = U S V^T``; ``B = U_r S_r^{1/2}``,
 ``A = S_r^{1/2} V_r^T`` (``B A = 0`` before the first step). Data-free. Quantizers are lowbit's own: NormalFloat
-(``"nf"``, NF4/NF2 as in the paper) or uniform min-max (``"uniform"``, RTN asymmetric); as a registered
-initialisation (``init="loftq"``) the quantizer is ``quant.method`` (``nf`` or ``rtn``) with its settings.
+(``"nf"``, NF4/NF2 as in the paper) or uniform min-max (``"uniform"``, RTN, asymmetric unless ``sym``, optionally
+with the MSE clip search); as a registered initialisation (``init="loftq"``) the quantizer is ``quant.method``
+(``nf`` or ``rtn``) with all its settings (``bits``, ``group_size``, and for ``rtn`` ``sym`` and ``clip_search``).
 """
 
 from __future__ import annotations
@@ -45,14 +46,15 @@ def _alternate(W: torch.Tensor, quantize: Callable[[torch.Tensor], QuantizedWeig
 
 
 def loftq_init(W: torch.Tensor, bits: int, rank: int, iters: int = 5, quantizer: str = "nf", group_size: int = 64,
-               scaling: float = 1.0, history: list[float] | None = None
-               ) -> tuple[QuantizedWeight, torch.Tensor, torch.Tensor]:
+               scaling: float = 1.0, history: list[float] | None = None, sym: bool = False,
+               clip_search: bool = False) -> tuple[QuantizedWeight, torch.Tensor, torch.Tensor]:
     """LoftQ for ``W`` ``(out, in)``.
 
     Returns the quantized weight, ``A`` ``(rank, in)`` and ``B`` ``(out, rank)`` (float32) with
     ``Q + scaling · B A ≈ W``: both factors are divided by ``sqrt(scaling)`` so that a LoRA layer with that scaling
     reproduces the approximation. If ``history`` is a list, ``‖W - Q_t - B_t A_t‖_F`` of every iteration is
-    appended to it.
+    appended to it. ``sym`` and ``clip_search`` set the ``"uniform"`` quantizer's grid (as in
+    :func:`~lowbit.quant.rtn.rtn_quantize`); the NormalFloat codebook has neither, so they raise there.
     """
     check_weight(W)
     out, inp = W.shape
@@ -60,6 +62,9 @@ def loftq_init(W: torch.Tensor, bits: int, rank: int, iters: int = 5, quantizer:
         raise ValueError(f"unknown LoftQ quantizer {quantizer!r}; choose one of {QUANTIZERS}")
     if quantizer == "nf" and bits not in (2, 4):
         raise ValueError(f"the NormalFloat quantizer supports bits 2 and 4, got {bits}; use quantizer='uniform'")
+    if quantizer == "nf" and (sym or clip_search):
+        raise ValueError("the NormalFloat quantizer has a fixed absmax-scaled codebook: sym and clip_search apply "
+                         "only to quantizer='uniform'")
     check_rank(rank, inp, out)
     if not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters must be a positive integer, got {iters!r}")
@@ -69,7 +74,7 @@ def loftq_init(W: torch.Tensor, bits: int, rank: int, iters: int = 5, quantizer:
     def quantize(M: torch.Tensor) -> QuantizedWeight:
         if quantizer == "nf":
             return nf_quantize(M, bits, block_size=group_size)
-        return rtn_quantize(M, bits, group_size=group_size)
+        return rtn_quantize(M, bits, group_size=group_size, sym=sym, clip_search=clip_search)
 
     qw, A, B = _alternate(W.float(), quantize, rank, iters, history)
     s = scaling ** 0.5

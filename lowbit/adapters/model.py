@@ -67,9 +67,7 @@ def _validate(model: nn.Module, cfg: AdapterConfig, calibration, quant: QuantCon
         if quant.targets and not set(names) <= set(resolve_targets(model, quant.targets)):
             raise ValueError(f"init {cfg.init!r} needs every adapted layer quantized; quant.targets "
                              f"{quant.targets} misses some of {cfg.targets}")
-        if init.quantizers is not None and quant.method not in init.quantizers:
-            raise ValueError(f"init {cfg.init!r} uses its own quantizer ({' or '.join(init.quantizers)}); got "
-                             f"quant.method={quant.method!r}")
+    cfg.check_quant(quant)
     return names
 
 
@@ -118,6 +116,8 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, calibration: torch.T
             p.requires_grad_(True)
     model.train(was_training)
     model.lowbit_adapter_config = config
+    if quant is not None:
+        model.lowbit_quant_config = quant  # how the base was quantized (names it in adapter base checks)
     counts = count_parameters(model)
     log.info("adapters: %s (%s init) on %d modules: %s trainable parameters = %.3f%% of the base's %s",
              ADAPTERS[config.adapter].summary(config), config.init, len(names), f"{counts['trainable']:,}",

@@ -41,6 +41,8 @@ class AdapterInit:
     needs_float_weights: bool  # the model must be float and a QuantConfig given (the init corrects its error)
     quantizers: tuple[str, ...] | None  # quantization methods it works with (None: any)
     quantizes_base: bool
+    # Raises ValueError for quantization settings the init cannot honour (instead of ignoring them); None: any.
+    check_quant: Callable | None = None
 
     def supports(self, adapter: str) -> bool:
         return self.adapters is None or adapter in self.adapters
@@ -67,12 +69,14 @@ def register_adapter(name: str):
 
 def register_init(name: str, adapters: tuple[str, ...] | None = ("lora",), needs_calibration: bool = False,
                   needs_float_weights: bool = False, quantizers: tuple[str, ...] | None = None,
-                  quantizes_base: bool = False):
+                  quantizes_base: bool = False, check_quant: Callable | None = None):
     """Decorator: register ``fn`` as initialisation ``name`` for ``adapters`` (``None``: all).
 
     needs_calibration: calibration token ids are required. needs_float_weights: the model must be full precision
     and ``quant`` given (implied by ``quantizes_base``). quantizers: the ``quant.method`` values it accepts.
     quantizes_base: ``fn`` quantizes and wraps the targets itself (see the module docstring for both signatures).
+    check_quant: ``check_quant(quant)`` raises ``ValueError`` for settings of the ``QuantConfig`` the init would
+    otherwise ignore (run by :meth:`AdapterConfig.check_quant` before any work).
     """
     def deco(fn: Callable) -> Callable:
         if name in INITS:
@@ -82,7 +86,7 @@ def register_init(name: str, adapters: tuple[str, ...] | None = ("lora",), needs
                              f"needs_float_weights=True")
         INITS[name] = AdapterInit(name, fn, None if adapters is None else tuple(adapters), needs_calibration,
                                   needs_float_weights or quantizes_base,
-                                  None if quantizers is None else tuple(quantizers), quantizes_base)
+                                  None if quantizers is None else tuple(quantizers), quantizes_base, check_quant)
         return fn
     return deco
 

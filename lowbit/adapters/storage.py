@@ -4,25 +4,46 @@
 ``adapter_model.safetensors`` with keys ``base_model.model.<module>.<suffix>`` — LoRA's ``lora_A.weight`` /
 ``lora_B.weight``, which ``peft.PeftModel.from_pretrained`` loads onto the dequantised base; DiaBlo's
 ``diablo_blocks`` under ``peft_type = "LOWBIT_DIABLO"`` — and ``lowbit_adapter.json`` with lowbit's full
-:class:`AdapterConfig`. Directories are written atomically.
+:class:`AdapterConfig` and the fingerprint of the frozen base it was trained on
+(:mod:`lowbit.adapters.fingerprint`) and the SHA-256 of the two other files (``files``); it is sealed
+(:func:`lowbit.io.sealed`), so any changed byte of the directory is detected on load. Directories are written
+atomically.
+
+``load_adapter`` refuses a model whose base differs from that fingerprint unless ``force=True``; an adapter without
+one (written by PEFT or by a lowbit older than the fingerprint) loads with a logged warning that its base cannot be
+checked. Corrupt or truncated files raise ``ValueError`` naming the file ("checksum mismatch: FILE is corrupt" where
+only the checksum notices), a missing one ``FileNotFoundError``.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..io import atomic_dir, atomic_write_json
+from ..io import (
+    atomic_dir,
+    atomic_write_json,
+    check_finite,
+    file_manifest,
+    load_safetensors,
+    read_json,
+    recover_dir,
+    verify_files,
+)
 from ..quant.arch import resolve_targets, set_submodule
 from .base import base_shape
 from .config import AdapterConfig
+from .fingerprint import base_difference, base_fingerprint
 from .model import adapter_modules, check_targets
 from .registry import ADAPTERS, make_adapter
 
+log = logging.getLogger(__name__)
+
 PEFT_PREFIX = "base_model.model."
+WEIGHTS = "adapter_model.safetensors"
 
 
 def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -33,8 +54,15 @@ def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, config: AdapterConfig | None = None,
-                 base_model_name_or_path: str | None = None, extra: dict | None = None) -> Path:
-    """Write the adapter in PEFT layout to ``out_dir`` (atomically: a temp dir renamed into place)."""
+                 base_model_name_or_path: str | None = None, extra: dict | None = None,
+                 fingerprint: dict | None = None) -> Path:
+    """Write the adapter in PEFT layout to ``out_dir`` (atomically: a temp dir renamed into place).
+
+    ``lowbit_adapter.json`` records ``fingerprint`` (default: :func:`base_fingerprint` of ``model``, computed from
+    its frozen non-adapter tensors, i.e. the base the adapter must be loaded onto; an init that re-quantizes the
+    base, such as LoftQ, has already done so). Pass a fingerprint computed once to save repeatedly without
+    hashing the base each time (the base is frozen).
+    """
     from safetensors.torch import save_file
 
     config = config or getattr(model, "lowbit_adapter_config", None)
@@ -49,29 +77,71 @@ def save_adapter(model: nn.Module, out_dir: str | Path, config: AdapterConfig | 
     shapes = {n: [m.out_features, m.in_features] for n, m in mods.items()}
     peft_cfg = ADAPTERS[config.adapter].peft_config(config, base)
     meta = {"format": "lowbit-adapter", "version": 1, "adapter": config.to_dict(), "module_shapes": shapes,
-            **(extra or {})}
+            "base_fingerprint": fingerprint if fingerprint is not None else base_fingerprint(model), **(extra or {})}
     with atomic_dir(out_dir) as tmp:
-        save_file(_adapter_state(model), str(Path(tmp) / "adapter_model.safetensors"))
+        save_file(_adapter_state(model), str(Path(tmp) / WEIGHTS))
         atomic_write_json(Path(tmp) / "adapter_config.json", peft_cfg)
-        atomic_write_json(Path(tmp) / "lowbit_adapter.json", meta)
+        meta["files"] = file_manifest(tmp, [WEIGHTS, "adapter_config.json"])
+        atomic_write_json(Path(tmp) / "lowbit_adapter.json", meta, seal=True)
     return Path(out_dir)
+
+
+def read_adapter_meta(adapter_dir: str | Path) -> dict | None:
+    """The ``lowbit_adapter.json`` of an adapter directory, or ``None`` when it has none (a PEFT directory)."""
+    recover_dir(adapter_dir)
+    path = Path(adapter_dir) / "lowbit_adapter.json"
+    if not path.is_file():
+        return None
+    meta = read_json(path, "re-run the fine-tuning that wrote it")
+    if not isinstance(meta, dict) or not isinstance(meta.get("adapter"), dict):
+        raise ValueError(f"{path} has no 'adapter' object; the file is corrupt, re-run the fine-tuning that wrote it")
+    return meta
 
 
 def read_adapter_config(adapter_dir: str | Path) -> AdapterConfig:
     """The :class:`AdapterConfig` stored in an adapter directory (PEFT LoRA directories from other tools too)."""
     d = Path(adapter_dir)
+    recover_dir(d)
     if not (d / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{d} has no adapter_config.json; pass a directory written by save_adapter or PEFT")
-    meta_path = d / "lowbit_adapter.json"
-    if meta_path.is_file():
-        return AdapterConfig(**json.loads(meta_path.read_text())["adapter"])
-    peft = json.loads((d / "adapter_config.json").read_text())
+    meta = read_adapter_meta(d)
+    if meta is not None:
+        return AdapterConfig(**meta["adapter"])
+    peft = read_json(d / "adapter_config.json", "re-save the adapter")
     by_type = {cls.peft_type: (name, cls) for name, cls in ADAPTERS.items() if cls.peft_type}
-    if peft.get("peft_type") not in by_type:
-        raise ValueError(f"{d}: unsupported peft_type {peft.get('peft_type')!r}; lowbit loads "
-                         f"{' and '.join(by_type)}")
+    if not isinstance(peft, dict) or peft.get("peft_type") not in by_type:
+        got = peft.get("peft_type") if isinstance(peft, dict) else peft
+        raise ValueError(f"{d}: unsupported peft_type {got!r}; lowbit loads {' and '.join(by_type)}")
     name, cls = by_type[peft["peft_type"]]
     return AdapterConfig(adapter=name, **cls.config_from_peft(peft))
+
+
+def _load_weights(d: Path) -> dict[str, torch.Tensor]:
+    state = load_safetensors(d / WEIGHTS, what="re-run the fine-tuning that wrote it")
+    check_finite(state, d / WEIGHTS, "re-run the fine-tuning that wrote it, from a checkpoint before it diverged")
+    meta = read_adapter_meta(d)
+    if meta is not None:  # then the checksums (none in older directories): what the checks above cannot notice
+        verify_files(d, meta.get("files") or {}, "re-run the fine-tuning that wrote it")
+    return state
+
+
+def _check_base(model: nn.Module, d: Path, meta: dict | None, force: bool) -> None:
+    """Compare ``model`` with the fingerprint of the base the adapter was trained on (see the module docstring)."""
+    saved = (meta or {}).get("base_fingerprint")
+    if saved is None:
+        log.warning("adapter %s records no base fingerprint (written by PEFT or an older lowbit): lowbit cannot check "
+                    "that this model is the base it was trained on", d)
+        return
+    diff = base_difference(saved, base_fingerprint(model))
+    if diff is None:
+        return
+    where = f" (recorded: {meta['base']})" if meta.get("base") else ""
+    msg = f"adapter {d} was trained on a different base: {diff}"
+    if force:
+        log.warning("%s; attaching it anyway (force=True)", msg)
+        return
+    raise ValueError(f"{msg}. Load it onto the base it was trained on{where}, or pass force=True to load_adapter "
+                     f"(--force-adapter on the command line) to attach it anyway")
 
 
 def _stored_modules(state: dict[str, torch.Tensor], suffixes: tuple[str, ...]) -> set[str]:
@@ -83,17 +153,19 @@ def _stored_modules(state: dict[str, torch.Tensor], suffixes: tuple[str, ...]) -
     return names
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> nn.Module:
+def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = False, force: bool = False
+                 ) -> nn.Module:
     """Attach the adapter saved in ``adapter_dir`` to ``model`` (float or quantized base) and return ``model``.
 
-    Raises ``ValueError`` before changing the model when the adapter's modules or shapes do not match it.
+    Raises ``ValueError`` before changing the model when the adapter's modules or shapes do not match it, when its
+    files are corrupt, or when ``model`` is not the base the adapter was trained on (its recorded fingerprint,
+    :mod:`lowbit.adapters.fingerprint`); ``force=True`` attaches it anyway, with a logged warning.
     """
-    from safetensors.torch import load_file
-
     d = Path(adapter_dir)
     config = read_adapter_config(d)
+    meta = read_adapter_meta(d)
     cls = ADAPTERS[config.adapter]
-    state = load_file(str(d / "adapter_model.safetensors"))
+    state = _load_weights(d)
     names = resolve_targets(model, config.targets)
     present = _stored_modules(state, tuple(cls.stored_params))
     missing_in_model = sorted(present - set(names))
@@ -113,6 +185,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
         if want != got:
             raise ValueError(f"adapter {d} does not match the model at {name}: stored shapes {got}, the model's "
                              f"{out}x{inp} layer needs {want}; it belongs to a different base")
+    _check_base(model, d, meta, force)
     for name in names:
         w = make_adapter(model.get_submodule(name), config)
         w.load_adapter_state(state, PEFT_PREFIX + name)
@@ -130,9 +203,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
 def set_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
     """Copy the weights saved in ``adapter_dir`` into the adapters already attached to ``model`` (resuming a
     run). Raises ``ValueError`` when the stored and attached adapters differ in modules or shapes."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    state = _load_weights(recover_dir(adapter_dir))
     current = _adapter_state(model)
     if set(state) != set(current):
         extra, missing = sorted(set(state) - set(current)), sorted(set(current) - set(state))

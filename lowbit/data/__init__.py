@@ -7,7 +7,7 @@ Importing :mod:`lowbit.data` is cheap: no torch, transformers or datasets import
   LLM-Adapters JSON arrays (``math_10k.json``, ``<set>/test.json``), used by training and evaluation alike.
 * ``mawps``: MAWPS train format -> records, with rationales written from checked equations.
 * ``loaders``: training sources (GSM8K JSONL, MAWPS, LLM-Adapters JSON), mixing, test-set overlap checks, and
-  the Math10K training set or its documented substitute.
+  the Math10K training set or, when named, its documented substitute.
 * ``testsets``: the evaluation-set registry (``register_eval_set``): the seven LLM-Adapters test sets and the
   synthetic families, the data directory (``default_data_dir``), ``resolve_datasets`` and ``load_records``.
 * ``wordproblems``: sentence-building blocks of the synthetic word problems (people, items, events, ranges).
@@ -26,6 +26,7 @@ from .loaders import (
     load_gsm8k_jsonl,
     load_source,
     mix_sources,
+    training_set_files,
 )
 from .mawps import load_mawps_train, mawps_to_record
 from .prompts import PROMPTS, format_prompt
@@ -98,5 +99,6 @@ __all__ = [
     "resolve_datasets",
     "test_split",
     "train_split",
+    "training_set_files",
     "unregister_eval_set",
 ]

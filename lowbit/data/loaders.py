@@ -18,11 +18,11 @@ always equals the number in the closing ``"The answer is X."`` sentence.
 
 The substitute for the missing Math10K training set
 ---------------------------------------------------
-``math_10k.json`` (GSM8K + MAWPS + 1,000 AQuA rationales, about 10K records) is not part of the local data
-directory. :func:`default_math_training_set` uses it when present; otherwise it builds the substitute
-**GSM8K train (7,473) + MAWPS train (1,878 usable)**, 9,324 records after the overlap filter below, with a logged
-warning. Differences a reader must know: no AQuA-style multiple-choice examples (Math10K has 1,000), and GSM8K's
-own terse rationales instead of Math10K's generated ones.
+``math_10k.json`` (GSM8K + MAWPS + 1,000 AQuA rationales, about 10K records) is not in the local data directory.
+:func:`default_math_training_set` reads it (``source="math10k"``) and fails when it is absent; the documented
+substitute **GSM8K train (7,473) + MAWPS train (1,878 usable)**, 9,324 records after the overlap filter below, is
+read only when named (``source="gsm8k-mawps"``), never as a fallback. It lacks Math10K's 1,000 AQuA-style
+multiple-choice examples, and has GSM8K's own terse rationales instead of Math10K's generated ones.
 
 Test sets are never trained on: :func:`find_test_overlap` compares questions after lowercasing and removing
 everything but letters and digits (whitespace, punctuation and its spacing: MAWPS writes ``"cost ?"``, the
@@ -74,12 +74,16 @@ __all__ = [
     "load_source",
     "mix_sources",
     "normalize_question",
+    "training_set_files",
 ]
 
 #: Where LLM-Adapters keeps the training set, relative to the data directory.
 MATH10K_RELPATH = Path("ft-training_set") / "math_10k.json"
 GSM8K_TRAIN_RELPATH = Path("gsm8k_openai") / "train.jsonl"
 MAWPS_TRAIN_RELPATH = Path("mawps") / "trainset.json"
+#: The named Math10K-setting training sets: the real one, and the substitute read only when named.
+MATH10K, SUBSTITUTE = "math10k", "gsm8k-mawps"
+TRAINING_SETS = (MATH10K, SUBSTITUTE)
 
 
 def normalize_question(text: str) -> str:
@@ -241,31 +245,52 @@ def check_no_test_overlap(train_records: Sequence[Mapping[str, Any]],
                          f"{train_records[hits[0]]['instruction']!r:.100} is in {name}")
 
 
-def default_math_training_set(data_dir: str | Path, math10k_path: str | Path | None = None, seed: int = 0,
-                              test_sets: Sequence[str] = PAPER_TEST_SETS, on_overlap: str = "drop"
-                              ) -> datasets.Dataset:
-    """The Math10K training set as a shuffled ``datasets.Dataset`` (columns ``FIELDS``).
+def training_set_files(data_dir: str | Path, source: str = MATH10K, math10k_path: str | Path | None = None
+                       ) -> list[Path]:
+    """The files of training set ``source``: ``math10k``: ``math10k_path`` (default under ``data_dir``, see
+    :data:`MATH10K_RELPATH`); ``gsm8k-mawps``: GSM8K and MAWPS train under ``data_dir``. ``FileNotFoundError``
+    names a missing file; a ``math10k_path`` given to the substitute (it would be ignored) is a ``ValueError``."""
+    if source not in TRAINING_SETS:
+        raise ValueError(f"unknown training set {source!r}; choose one of {', '.join(TRAINING_SETS)}")
+    if source == MATH10K:
+        files = [Path(math10k_path) if math10k_path is not None else Path(data_dir) / MATH10K_RELPATH]
+        if not files[0].is_file():
+            raise FileNotFoundError(f"Math10K training set {files[0]} not found (LLM-Adapters' math_10k.json); put "
+                                    f"the file there, or ask for the documented substitute GSM8K train + MAWPS "
+                                    f"train by name: source={SUBSTITUTE!r}")
+        return files
+    if math10k_path is not None:
+        raise ValueError(f"math10k_path={str(math10k_path)!r} is not read by the substitute {SUBSTITUTE!r}; pass "
+                         f"source={MATH10K!r} to train on that file, or drop it")
+    files = [Path(data_dir) / GSM8K_TRAIN_RELPATH, Path(data_dir) / MAWPS_TRAIN_RELPATH]
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"the substitute training set {SUBSTITUTE!r} reads {f}, which is missing")
+    return files
 
-    Uses ``math10k_path`` (default ``data_dir/ft-training_set/math_10k.json``) when that file exists; otherwise
-    the documented substitute GSM8K train + MAWPS train from ``data_dir``, with a warning. Training questions
-    found in the ``test.json`` under ``data_dir`` of an evaluation set in ``test_sets`` (registered names such as
-    ``"svamp"``, or their folders such as ``"SVAMP"``; reported by folder) are dropped (``on_overlap="drop"``, with
-    a logged count), rejected (``"error"``) or kept with a warning (``"keep"``: to reproduce a published set
-    exactly). Records with an empty ``output`` (nothing to learn) are dropped with a logged count.
+
+def default_math_training_set(data_dir: str | Path, math10k_path: str | Path | None = None, seed: int = 0,
+                              test_sets: Sequence[str] = PAPER_TEST_SETS, on_overlap: str = "drop",
+                              source: str = MATH10K) -> datasets.Dataset:
+    """Training set ``source`` (files: :func:`training_set_files`; never one for the other) as a shuffled
+    ``datasets.Dataset`` (columns ``FIELDS``). Training questions found in the ``test.json`` under ``data_dir`` of
+    an evaluation set in ``test_sets`` (registered names such as ``"svamp"``, or their folders such as ``"SVAMP"``;
+    reported by folder) are dropped (``on_overlap="drop"``, with a logged count), rejected (``"error"``) or kept
+    with a warning (``"keep"``: to reproduce a published set exactly). Records with an empty ``output`` (nothing
+    to learn) are dropped with a logged count.
     """
     if on_overlap not in ("drop", "error", "keep"):
         raise ValueError(f"on_overlap must be 'drop', 'error' or 'keep', got {on_overlap!r}")
     data_dir = Path(data_dir)
-    real = Path(math10k_path) if math10k_path is not None else data_dir / MATH10K_RELPATH
-    if real.is_file():
-        log.info("training set: %s", real)
-        records = load_llm_adapters_json(real)
+    files = training_set_files(data_dir, source, math10k_path)
+    if source == MATH10K:
+        log.info("training set: %s", files[0])
+        records = load_llm_adapters_json(files[0])
     else:
-        gsm = load_gsm8k_jsonl(data_dir / GSM8K_TRAIN_RELPATH)
-        mawps = load_mawps_train(data_dir / MAWPS_TRAIN_RELPATH)
-        log.warning("math_10k.json not found at %s: using the documented substitute, GSM8K train (%d) + MAWPS train "
-                    "(%d) from %s. It has no AQuA multiple-choice examples (Math10K has 1,000), so AQuA accuracy is "
-                    "not comparable with the paper tables.", real, len(gsm), len(mawps), data_dir)
+        gsm, mawps = load_gsm8k_jsonl(files[0]), load_mawps_train(files[1])
+        log.warning("training on the substitute %s: GSM8K train (%d) + MAWPS train (%d) from %s. It has no AQuA "
+                    "multiple-choice examples (Math10K has 1,000), so AQuA accuracy is not comparable with the "
+                    "paper tables.", SUBSTITUTE, len(gsm), len(mawps), data_dir)
         records = gsm + mawps
     try:
         tests = load_test_sets(data_dir, test_sets)

@@ -10,12 +10,11 @@ top-level keys ``bits``, ``method``, ``trainable_params`` (an integer count), ``
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from ..data.testsets import display_name, known_datasets
-from ..io import atomic_write_figure, atomic_write_text
+from ..io import atomic_write_figure, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +29,7 @@ def load_run(path: str | Path) -> dict:
     if not summary_path.is_file():
         raise ValueError(f"{str(path)!r} holds no summary.json; evaluate the run first with "
                          f"`lowbit evaluate --model ... --out {path}`")
-    try:
-        summary = json.loads(summary_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{summary_path} is not valid JSON ({e}); re-run `lowbit evaluate --out {p}`") from None
+    summary = read_json(summary_path, f"re-run `lowbit evaluate --out {p}`")
     if not isinstance(summary, dict) or not isinstance(summary.get("datasets"), dict):
         raise ValueError(f"{summary_path} is not a `lowbit evaluate` summary (no 'datasets' entry)")
     run_dir = summary_path.parent
@@ -41,10 +37,14 @@ def load_run(path: str | Path) -> dict:
     if (run_dir / "config.yaml").is_file():
         import yaml
 
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        try:
+            cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ValueError(f"{run_dir / 'config.yaml'} is corrupt ({type(e).__name__}); restore it or delete it "
+                             f"(it only names the run's settings here)") from None
         meta.update({k: cfg[k] for k in RUN_KEYS if isinstance(cfg, dict) and cfg.get(k) is not None})
     if (run_dir / "run.json").is_file():
-        info = json.loads((run_dir / "run.json").read_text())
+        info = read_json(run_dir / "run.json", "re-run the fine-tuning that wrote it, or delete it")
         meta.update({k: info[k] for k in RUN_KEYS if isinstance(info, dict) and info.get(k) is not None})
     meta.setdefault("bits", summary.get("bits"))
     if not summary.get("complete", True):

@@ -27,7 +27,8 @@ class EvalConfig:
     letter rule, ``llm-adapters`` (first capital A-E) or ``strict`` (last "answer is (X)"). synthetic_seed: dataset
     seed of the synthetic sets. response_loss: also score the held-out response loss (teacher-forced NLL of the
     reference rationale given the prompt; :mod:`lowbit.eval.response_loss`) on the first ``loss_limit`` records
-    (default ``limit``)."""
+    (default ``limit``). accuracy: generate answers and score them (``False``: the response loss only, no
+    generation; needs ``response_loss``)."""
 
     datasets: list[str] = field(default_factory=lambda: ["gsm8k", "svamp", "mawps", "aqua"])
     data_dir: str | None = None
@@ -40,6 +41,7 @@ class EvalConfig:
     synthetic_seed: int = 0
     response_loss: bool = False
     loss_limit: int | None = None
+    accuracy: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.datasets, str):
@@ -54,6 +56,9 @@ class EvalConfig:
                         ("num_beams", self.num_beams), ("limit", self.limit), ("loss_limit", self.loss_limit)):
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
+        if not (self.accuracy or self.response_loss):
+            raise ValueError("accuracy=false and response_loss=false leave nothing to evaluate; set either to true "
+                             "(--no-accuracy needs --response-loss)")
 
     @property
     def prompt(self) -> str:

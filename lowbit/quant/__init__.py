@@ -16,10 +16,11 @@ from .packing import pack, unpack
 from .qlinear import QuantLinear
 from .qweight import QuantizedWeight
 from .rtn import rtn_quantize
-from .serialization import load_quantized, read_quant_meta, save_quantized
+from .serialization import holds_packed_weights, load_quantized, read_quant_meta, save_quantized, verify_quantized
 
 __all__ = [
     "QuantizedWeight", "QuantLinear", "QuantConfig", "QUANTIZERS", "register_quantizer", "quantize_model",
     "quantize_linear", "quantized_modules", "dequantize_model", "save_quantized", "load_quantized",
-    "read_quant_meta", "rtn_quantize", "gptq_quantize", "magr", "nf_quantize", "pack", "unpack", "output_error",
+    "read_quant_meta", "verify_quantized", "holds_packed_weights", "rtn_quantize", "gptq_quantize", "magr",
+    "nf_quantize", "pack", "unpack", "output_error",
 ]

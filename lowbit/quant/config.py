@@ -24,18 +24,21 @@ class Quantizer:
     needs_calibration: bool
     bits: tuple[int, ...] = SUPPORTED_BITS
     needs_groups: bool = False  # True: a block size is required (group_size > 0)
+    ignores: tuple[str, ...] = ()  # QuantConfig fields it has no use for: a non-default value is refused
 
 
 QUANTIZERS: dict[str, Quantizer] = {}
+GROUP_PARAMS = ("current", "block-start")
 
 
 def register_quantizer(name: str, needs_calibration: bool, bits: tuple[int, ...] = SUPPORTED_BITS,
-                       needs_groups: bool = False):
-    """Decorator: register ``fn(W, H, config) -> QuantizedWeight`` as quantization method ``name``."""
+                       needs_groups: bool = False, ignores: tuple[str, ...] = ()):
+    """Decorator: register ``fn(W, H, config) -> QuantizedWeight`` as quantization method ``name``. ``ignores``:
+    :class:`QuantConfig` fields the method has no use for (``QuantConfig`` refuses a non-default value)."""
     def deco(fn):
         if name in QUANTIZERS:
             raise ValueError(f"quantizer {name!r} is already registered")
-        QUANTIZERS[name] = Quantizer(name, fn, needs_calibration, tuple(bits), needs_groups)
+        QUANTIZERS[name] = Quantizer(name, fn, needs_calibration, tuple(bits), needs_groups, tuple(ignores))
         return fn
     return deco
 
@@ -50,6 +53,9 @@ class QuantConfig:
     and zero fixed up front on the original weights, so groups stay contiguous (plain ``g_idx``, any GPTQ kernel).
     The default, act-order with static groups, is the most accurate contiguous-group GPTQ on real checkpoints
     (docs/RESULTS.md); ``act_order=false static_groups=false`` is the plain GPTQ of the paper.
+    group_params: GPTQ without static groups: a group's scale and zero from its ``current`` (error-updated)
+    weights, or from the weights as they stood when the current column block began (``block-start``: the rule of the
+    reference GPTQ code and GPTQModel, for results comparable with theirs).
     damp: GPTQ relative damping. block_size: GPTQ column block. clip_search: MSE range search.
     magr_alpha: MagR penalty (default 1e-3 per-channel, 1e-4 per-group). magr_iters: MagR proximal iterations.
     targets: linear names (suffixes such as ``q_proj``) to quantize; default all of the architecture's groups.
@@ -61,6 +67,7 @@ class QuantConfig:
     sym: bool = False
     act_order: bool = True
     static_groups: bool = True
+    group_params: str = "current"
     damp: float = 0.01
     block_size: int = 128
     clip_search: bool = False
@@ -78,6 +85,16 @@ class QuantConfig:
             raise ValueError(f"group_size must be a positive integer or -1 (per-channel), got {self.group_size!r}")
         if q.needs_groups and self.group_size == -1:
             raise ValueError(f"method {self.method!r} needs a block size (group_size > 0, e.g. 64)")
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in q.ignores:
+            if getattr(self, name) != defaults[name]:
+                raise ValueError(f"method {self.method!r} has no use for {name}={getattr(self, name)!r} (it would be "
+                                 f"ignored): leave {name} at {defaults[name]!r}")
+        if self.group_params not in GROUP_PARAMS:
+            raise ValueError(f"group_params must be one of {list(GROUP_PARAMS)}, got {self.group_params!r}")
+        if self.static_groups and self.group_params != "current":
+            raise ValueError(f"group_params={self.group_params!r} applies to GPTQ without static groups (static_groups "
+                             f"fixes every group's parameters up front); set static_groups=false")
         if not 0 <= self.damp < 1:
             raise ValueError(f"damp must be in [0, 1), got {self.damp}")
         if self.block_size <= 0:

@@ -186,7 +186,7 @@ def _untouched_linears(model: nn.Module, qnames: set[str]) -> list[str]:
 
 
 def export_gptq(model: nn.Module, out_dir: str | Path, checkpoint_format: str = "auto",
-                tokenizer: Any = None) -> Path:
+                tokenizer: Any = None, overwrite: bool = False) -> Path:
     """Write ``model`` (a Hugging Face causal LM with ``QuantLinear`` layers) as a GPTQ checkpoint.
 
     Args:
@@ -196,9 +196,11 @@ def export_gptq(model: nn.Module, out_dir: str | Path, checkpoint_format: str = 
         checkpoint_format: ``"gptq"`` (v1, stores ``zero - 1``), ``"gptq_v2"`` (stores ``zero``) or ``"auto"``
             (``"gptq"`` when symmetric, else ``"gptq_v2"``; see the module docstring).
         tokenizer: saved alongside if given.
+        overwrite: replace an existing ``out_dir`` (atomically: it names the old export or the new one, never a
+            mix).
 
     Returns the output directory. Raises ``ValueError`` for NormalFloat layers, mixed bit widths or group
-    sizes, a zero point of 0 with ``"gptq"``, or a non-empty ``out_dir``.
+    sizes, a zero point of 0 with ``"gptq"``, or a non-empty ``out_dir`` (unless ``overwrite``).
     """
     from safetensors.torch import save_file
 
@@ -206,7 +208,8 @@ def export_gptq(model: nn.Module, out_dir: str | Path, checkpoint_format: str = 
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ValueError(f"checkpoint_format must be one of {list(CHECKPOINT_FORMATS)}, "
                          f"got {checkpoint_format!r}")
-    _check_out_dir(out_dir)
+    if not overwrite:
+        _check_out_dir(out_dir)
     qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not qmods:
         raise ValueError("model holds no QuantLinear modules: quantize it first "
@@ -269,7 +272,8 @@ def export_gptq(model: nn.Module, out_dir: str | Path, checkpoint_format: str = 
                 log.warning("generation config not saved: %s", e)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _check_out_dir(out_dir)  # nothing appeared there meanwhile (atomic_dir would replace it)
+        if not overwrite:
+            _check_out_dir(out_dir)  # nothing appeared there meanwhile (atomic_dir would replace it)
     log.info("exported %d quantized modules (%d-bit, group_size %d, %s, sym=%s, desc_act=%s) to %s",
              len(qmods), bits, group_size, fmt, sym, desc_act, out_dir)
     return out_dir

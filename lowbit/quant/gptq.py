@@ -8,7 +8,9 @@ the steps; the reference implementation is IST-DASLab/gptq.
 
 Conventions: ``W`` is ``(out, in)``; ``H`` is ``(in, in)`` and any positive multiple of ``X^T X`` gives the same
 result (damping is relative to ``mean(diag H)``). Group parameters are chosen on the *current*, error-updated
-weights of the group when its first column is reached.
+weights of the group when its first column is reached (``group_params="block-start"``: on the weights as they stood
+when the current column block began, without the block's pending updates -- the rule of the reference code and
+GPTQModel, whose results it reproduces).
 """
 
 from __future__ import annotations
@@ -19,18 +21,21 @@ import torch
 
 from .config import QuantConfig, register_quantizer
 from .qweight import QuantizedWeight, check_bits, check_group_size, check_weight, quantize_codes
-from .rtn import group_params
+from .rtn import group_params as group_params_of
 
 log = logging.getLogger(__name__)
 
 
 def check_hessian(H: torch.Tensor, in_features: int) -> None:
+    """Raise ``ValueError`` unless ``H`` is a finite ``(in, in)`` tensor."""
     if not isinstance(H, torch.Tensor) or H.shape != (in_features, in_features):
         shape = tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__
         raise ValueError(f"H must be (in, in) = ({in_features}, {in_features}) (H = X.T @ X over calibration "
                          f"inputs), got {shape}")
     if not torch.isfinite(H).all():
-        raise ValueError("H holds NaN/Inf: the calibration activations overflowed; run calibration in float32")
+        raise ValueError("H = X^T X holds NaN/Inf: the calibration activations are non-finite (an fp16/bf16 "
+                         "overflow, or NaN/Inf in the model's weights or inputs); run calibration in float32 and check "
+                         "the model")
 
 
 def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -54,7 +59,8 @@ def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1, sym: bool = False,
                   act_order: bool = False, damp: float = 0.01, block_size: int = 128,
-                  static_groups: bool = False, clip_search: bool = False) -> QuantizedWeight:
+                  static_groups: bool = False, clip_search: bool = False, group_params: str = "current"
+                  ) -> QuantizedWeight:
     """Quantize ``W`` ``(out, in)`` with GPTQ given ``H`` ``(in, in)``.
 
     Args:
@@ -64,6 +70,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
         static_groups: with act-order, choose every group's parameters up front on the original weights,
             so that groups stay contiguous (``g_idx = c // g``, faster kernels) at a small accuracy cost.
         clip_search: MSE range search for each group's parameters (helps at 2 bits).
+        group_params: ``current`` or ``block-start`` (without static groups; see the module docstring).
 
     Computes in float64 if ``W`` is float64, else float32.
     """
@@ -74,6 +81,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     g = check_group_size(n, group_size)
     if not 0 <= damp < 1:
         raise ValueError(f"damp must be in [0, 1) (relative to mean(diag H)), got {damp}")
+    if group_params not in ("current", "block-start"):
+        raise ValueError(f"group_params must be 'current' or 'block-start', got {group_params!r}")
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     W = W.detach().to(dtype).clone()
     H = H.detach().to(dtype=dtype, device=W.device).clone()
@@ -84,7 +93,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
 
     static = None
     if static_groups:
-        static = [group_params(W[:, s:s + g], bits, sym, clip_search) for s in range(0, n, g)]
+        static = [group_params_of(W[:, s:s + g], bits, sym, clip_search) for s in range(0, n, g)]
 
     perm = None
     if act_order:
@@ -110,7 +119,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
                 scale, zero = static[orig // g]
                 col_group[col] = orig // g
             else:
-                if col % g == 0:
+                if col % g == 0 and group_params == "block-start":
+                    # W holds the block-start weights: in-block updates live in W1 until the block ends.
+                    scale, zero = group_params_of(W[:, col:col + g], bits, sym, clip_search)
+                    scales.append(scale)
+                    zeros.append(zero)
+                elif col % g == 0:
                     # The group's current weights: updated in-block columns, then any columns past the block
                     # with this block's pending (lazy) updates applied.
                     cur = W1[:, i:i + g]
@@ -118,7 +132,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
                         end = i1 + i + g
                         tail = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:i1 + i, i2:end]
                         cur = torch.cat([cur, tail], dim=1)
-                    scale, zero = group_params(cur, bits, sym, clip_search)
+                    scale, zero = group_params_of(cur, bits, sym, clip_search)
                     scales.append(scale)
                     zeros.append(zero)
                 col_group[col] = col // g
@@ -160,4 +174,4 @@ def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, relative: bo
 @register_quantizer("gptq", needs_calibration=True)
 def _gptq(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig) -> QuantizedWeight:
     return gptq_quantize(W, H, cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, cfg.damp, cfg.block_size,
-                         cfg.static_groups, cfg.clip_search)
+                         cfg.static_groups, cfg.clip_search, cfg.group_params)

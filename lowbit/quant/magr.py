@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .config import QuantConfig, register_quantizer
-from .gptq import gptq_quantize
+from .gptq import check_hessian, gptq_quantize
 from .qweight import QuantizedWeight, check_group_size, check_weight, pad_to_groups
 from .rtn import rtn_quantize
 
@@ -47,8 +47,8 @@ def magr(W: torch.Tensor, H: torch.Tensor, alpha: float = 1e-3, iters: int = 200
     each group of ``group_size`` inputs (the paper uses α = 1e-3 per-channel and 1e-4 per-group)."""
     check_weight(W)
     out, n = W.shape
-    if not isinstance(H, torch.Tensor) or H.shape != (n, n):
-        raise ValueError(f"H must be ({n}, {n}), got {tuple(H.shape) if isinstance(H, torch.Tensor) else H}")
+    # Non-finite H (NaN activations) would turn every weight into NaN, reported later as a corrupt checkpoint.
+    check_hessian(H, n)
     if alpha <= 0 or iters < 0:
         raise ValueError(f"need alpha > 0 and iters >= 0, got alpha={alpha}, iters={iters}")
     g = check_group_size(n, group_size)
@@ -77,12 +77,12 @@ def _magr(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
 @register_quantizer("magr-gptq", needs_calibration=True)
 def _magr_gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
     qw = gptq_quantize(_magr(W, H, cfg), H, cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, cfg.damp,
-                       cfg.block_size, cfg.static_groups, cfg.clip_search)
+                       cfg.block_size, cfg.static_groups, cfg.clip_search, cfg.group_params)
     qw.method = "magr-gptq"
     return qw
 
 
-@register_quantizer("magr-rtn", needs_calibration=True)
+@register_quantizer("magr-rtn", needs_calibration=True, ignores=("group_params",))
 def _magr_rtn(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
     qw = rtn_quantize(_magr(W, H, cfg), cfg.bits, cfg.group_size, cfg.sym, cfg.clip_search)
     qw.method = "magr-rtn"

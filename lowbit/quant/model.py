@@ -104,13 +104,18 @@ def quantize_model(model: nn.Module, config: QuantConfig, calibration: torch.Ten
             for name, lin in linears.items():
                 full = f"{spec.layers}.{i}.{name}"
                 if precomputed is not None and full in precomputed:
+                    _check_h(i, name, Hs[name])
                     qlin = precomputed[full]
                     W, Q = lin.weight.detach().float(), qlin.dequantize(torch.float32)
                     stats = {"rel_weight_error": float((W - Q).norm() / W.norm().clamp(min=1e-30)), "time_s": 0.0}
                     if Hs[name] is not None:
                         stats["rel_output_error"] = output_error(W, Q, Hs[name])
                 else:
-                    qlin, stats = quantize_linear(lin, config, Hs[name])
+                    _check_h(i, name, Hs[name])
+                    try:
+                        qlin, stats = quantize_linear(lin, config, Hs[name])
+                    except ValueError as e:  # the quantizer does not know which layer it was given
+                        raise ValueError(f"layer {i} {name}: {e}") from e
                 qlin.to(lin.weight.device)
                 new = on_linear(i, name, lin, qlin, Hs[name]) if on_linear is not None else qlin
                 set_submodule(layer, name, new)
@@ -127,7 +132,16 @@ def quantize_model(model: nn.Module, config: QuantConfig, calibration: torch.Ten
         elif hidden is not None:
             hidden = cal.run_layer(layer, hidden, kwargs_list)
     model.train(was_training)
+    model.lowbit_quant_config = config  # how the base was quantized, for messages (adapter base checks)
     return report
+
+
+def _check_h(i: int, name: str, H: torch.Tensor | None) -> None:
+    # NaN activations are the calibration pass's fault, not the checkpoint's (whose weights _check_dims checked).
+    if H is not None and not bool(torch.isfinite(H).all()):
+        raise ValueError(f"layer {i} {name}: the calibration activations reaching it are non-finite (H = X^T X holds "
+                         f"NaN/Inf; the weights themselves are finite): an fp16/bf16 overflow, or NaN/Inf in earlier "
+                         f"weights (embeddings, norms) or inputs; load the model in float32 and check it")
 
 
 def _check_dims(layers: nn.ModuleList, groups: list[list[str]], cfg: QuantConfig) -> None:

@@ -10,6 +10,7 @@ is reachable from a recipe. Unknown keys at any depth are errors that list the v
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters import AdapterConfig
+from ..data.loaders import MATH10K
 from ..eval.config import EvalConfig
 from ..quant import QuantConfig
 
@@ -57,9 +59,11 @@ class CalibrationConfig:
 
 @dataclass
 class DataConfig:
-    """Training data. source: ``synthetic`` (the embedded task's training split), ``math10k`` (``path`` to
-    math_10k.json; where absent, the substitute GSM8K-train + MAWPS-train from ``data_dir``), or a file path
-    (LLM-Adapters .json, GSM8K .jsonl). prompt: ``apiq`` (Alpaca) or ``llm-adapters``."""
+    """Training data. source: ``synthetic`` (the embedded task's training split), ``math10k`` (LLM-Adapters'
+    math_10k.json: ``path``, relative to the working directory, else ``<data_dir>/ft-training_set/math_10k.json``;
+    missing is an error), ``gsm8k-mawps`` (the documented substitute: GSM8K and MAWPS train from ``data_dir``, used
+    only when named), or a file path (LLM-Adapters .json, GSM8K .jsonl). data_dir: default ``$LOWBIT_DATA_DIR``
+    (also read for the test-set overlap check). prompt: ``apiq`` (Alpaca) or ``llm-adapters``."""
 
     source: str = "synthetic"
     path: str | None = None
@@ -77,6 +81,10 @@ class DataConfig:
             raise ValueError(f"data.prompt must be 'apiq' or 'llm-adapters', got {self.prompt!r}")
         if self.num_examples is not None and self.num_examples <= 0:
             raise ValueError(f"data.num_examples must be positive, got {self.num_examples}")
+        if self.path is not None and self.source != MATH10K:
+            # data.path names math_10k.json; under another source it would be silently ignored
+            raise ValueError(f"data.path ({self.path!r}) is read only with data.source={MATH10K}, not with "
+                             f"data.source={self.source!r}; set data.path=null or data.source={MATH10K}")
 
 
 @dataclass
@@ -140,6 +148,7 @@ class RecipeConfig:
     eval: EvalConfig | None = None
 
     def __post_init__(self) -> None:
+        self.adapter.check_quant(self.quant)  # e.g. apiq-bw with quant.sym: refused before any model loads
         if self.eval is not None and self.eval.prompt != self.data.prompt:
             raise ValueError(f"eval.variant {self.eval.variant!r} prompts with {self.eval.prompt!r} but the model is "
                              f"trained with data.prompt {self.data.prompt!r}; make them agree")
@@ -229,27 +238,60 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if not isinstance(node.get(p), dict):
                 node[p] = {}
             node = node[p]
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        try:
+            node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
     return out
 
 
-def find_recipe(path: str | Path) -> Path:
-    """A recipe file: an existing path, or the name of a built-in recipe (with or without ``.yaml``)."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    for cand in (CONFIG_DIR / p.name, CONFIG_DIR / f"{p.name}.yaml"):
-        if cand.is_file():
-            return cand
+def _yaml_problem(e: Exception) -> str:
+    """The one-line cause of a YAML error (its ``problem``, else its first line)."""
+    return getattr(e, "problem", None) or str(e).splitlines()[0]
+
+
+def find_recipe(recipe: str | Path) -> Path:
+    """A recipe file: a path (it holds a ``/`` or ends in ``.yaml``/``.yml``; it must exist) or the name of a
+    built-in recipe (no extension). One is never taken for the other: a missing path does not fall back to the
+    built-in recipe of the same file name."""
+    text = str(recipe)
     builtin = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
-    raise FileNotFoundError(f"recipe {path} not found; built-in recipes: {builtin}")
+    if "/" in text or os.sep in text or Path(text).suffix in (".yaml", ".yml"):
+        p = Path(text).expanduser()
+        if p.is_file():
+            return p
+        hint = f"; the built-in recipe is named without a path: {p.stem}" if p.stem in builtin else ""
+        raise FileNotFoundError(f"recipe file {text} not found{' (it is a directory)' if p.is_dir() else ''}{hint}")
+    if (CONFIG_DIR / f"{text}.yaml").is_file():
+        return CONFIG_DIR / f"{text}.yaml"
+    raise FileNotFoundError(f"no built-in recipe named {text!r}; built-in recipes: {builtin} (a recipe file is "
+                            f"given by its path, e.g. ./{text}.yaml)")
+
+
+def read_recipe(path: Path) -> dict:
+    """The mapping in a recipe file; an empty file, a non-mapping or a YAML syntax error (with its line) is a
+    ``ValueError`` naming the file."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"recipe {path}: YAML syntax error{where}: {_yaml_problem(e)}") from None
+    if raw is None:
+        raise ValueError(f"recipe {path} is empty; a recipe is a YAML mapping of settings (method, model, quant, "
+                         f"adapter, data, train, ...)")
+    if not isinstance(raw, dict):
+        raise ValueError(f"recipe {path} must be a YAML mapping of settings (method, model, quant, ...), got a "
+                         f"{type(raw).__name__}")
+    return raw
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> RecipeConfig:
-    """Read a recipe YAML (``None``: all defaults), apply overrides, validate."""
-    import yaml
-
-    raw = (yaml.safe_load(find_recipe(path).read_text()) or {}) if path is not None else {}
+    """Read a recipe (a file path or a built-in name, see :func:`find_recipe`; ``None``: all defaults), apply
+    overrides, validate."""
+    raw = read_recipe(find_recipe(path)) if path is not None else {}
     return build_config(RecipeConfig, apply_overrides(raw, overrides or []))
 
 

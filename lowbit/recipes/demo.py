@@ -8,7 +8,9 @@
 3. ``lowbit compare`` over the runs: the markdown table (printed), ``results.json`` and ``comparison.png``.
 
 Everything is cached: a run whose directory already holds ``run.json`` and ``summary.json`` for the same settings
-is skipped, so a second ``lowbit demo`` only redoes what changed.
+is skipped, so a second ``lowbit demo`` only redoes what changed. A cache entry that is damaged (a base whose files
+fail their checksums, an unreadable ``perplexity.json``, ``demo_stamp.json``, ``run.json`` or ``summary.json``) is
+not an error: that step runs again, with a warning.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io import atomic_write_json, atomic_write_text, sha256_file
+from ..io import atomic_write_json, atomic_write_text, read_json, recover_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +104,7 @@ def build_bases(out: Path, sections: list, source: str | None = None) -> list[di
     tok = AutoTokenizer.from_pretrained(src)
     held = heldout_text_ids(tok, n_docs=400)
     cache = out / "bases" / "perplexity.json"
-    ppl = json.loads(cache.read_text()) if cache.is_file() else {}
+    ppl = _read_cache(cache) or {}
     source = source or model_fingerprint()
     if ppl.get("source") != source:  # built from another checkpoint of the tiny model: rebuild everything
         ppl = {"source": source}
@@ -123,32 +125,48 @@ def build_bases(out: Path, sections: list, source: str | None = None) -> list[di
             ppl.pop(key, None)
         if key not in ppl:
             ppl[key] = perplexity(load_quantized(d), held, 256, max_windows=16)
-        atomic_write_json(cache, ppl)  # per base: a killed demo keeps what it built
+        atomic_write_json(cache, ppl, seal=True)  # per base: a killed demo keeps what it built
         rows.append({"base": qcfg.method, "bits": qcfg.bits, "ppl": ppl[key], "ratio": ppl[key] / ppl["fp"],
                      "seconds": t})
         log.info("base %s %d-bit: held-out ppl %.3f (%.2fx full precision)", qcfg.method, qcfg.bits, ppl[key],
                  ppl[key] / ppl["fp"])
-    atomic_write_json(cache, ppl)
+    atomic_write_json(cache, ppl, seal=True)
     return rows
 
 
-def base_settings(d: Path) -> dict | None:
-    from ..quant import read_quant_meta
-
-    if not (d / "quant_config.json").is_file():
+def _read_cache(path: Path):
+    """A cache file's JSON, or ``None`` when it is missing or damaged (then logged: the step runs again)."""
+    if not path.is_file():
         return None
     try:
-        return read_quant_meta(d).get("quantization")
-    except (ValueError, OSError):
+        return read_json(path)
+    except ValueError as e:
+        log.warning("%s; running that step again", str(e).split("; re-create it")[0])
         return None
 
 
-def cached_run(run_dir: Path, stamp: dict) -> bool:
-    """A finished run with the same settings: same recipe overrides and the same cached base."""
-    if not ((run_dir / "run.json").is_file() and (run_dir / "summary.json").is_file()):
+def base_settings(d: Path) -> dict | None:
+    """The quantization of a cached base, or ``None`` when there is none or it is damaged (any file failing its
+    checksum: then it is rebuilt)."""
+    from ..quant import verify_quantized
+
+    if not (recover_dir(d) / "quant_config.json").is_file():
+        return None
+    try:
+        return verify_quantized(d).get("quantization")
+    except (ValueError, OSError) as e:
+        log.warning("cached base %s is damaged (%s); rebuilding it", d, str(e).split("; re-create it")[0])
+        return None
+
+
+def cached_run(run_dir: Path, stamp: dict, need_summary: bool = True) -> bool:
+    """A finished run with the same settings: same recipe overrides and the same cached base, its ``run.json`` (and
+    ``summary.json``) intact."""
+    files = ["run.json", "summary.json"] if need_summary else ["run.json"]
+    if not all((run_dir / f).is_file() for f in files):
         return False
-    path = run_dir / "demo_stamp.json"
-    return path.is_file() and json.loads(path.read_text()) == stamp
+    return _read_cache(run_dir / "demo_stamp.json") == stamp and all(_read_cache(run_dir / f) is not None
+                                                                     for f in files)
 
 
 def run_demo(out_dir: str | Path = "demo_out", quick: bool = False, budget: DemoBudget | None = None) -> dict:
@@ -186,7 +204,7 @@ def run_demo(out_dir: str | Path = "demo_out", quick: bool = False, budget: Demo
 
                 shutil.rmtree(run_dir)  # a stale or half-finished run of other settings
             finetune(cfg)
-            atomic_write_json(run_dir / "demo_stamp.json", stamp)
+            atomic_write_json(run_dir / "demo_stamp.json", stamp, seal=True)
         done.append(load_run(run_dir))
     table = compare_table(done)
     plot_runs(done, out / "comparison.png")

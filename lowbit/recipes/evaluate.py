@@ -9,10 +9,15 @@ changes scoring; the summary reports choice sets under both rules.
 Files written under ``--out``:
 
 * ``settings.json``: what determines the generations (model, adapter, prompt, beams, max new tokens, dtype, and a
-  fingerprint of the weight files); a rerun with other settings is refused unless ``--overwrite``.
+  fingerprint of the weight files: their recorded SHA-256 for lowbit directories, else names, sizes and times); a
+  rerun with other settings is refused unless ``--overwrite``, and so are rows without it (their settings unknown).
 * ``<set>.jsonl``: one row per example ``{index, prompt, generation, extracted, label, correct}``; rows are appended
   after every batch, and rewritten in index order once the set is complete.
+* ``<set>.loss.json``: the response loss (a cache: a damaged one is recomputed, with a warning).
 * ``summary.json``: per-set accuracy and n, the average over sets, model, adapter, settings, time.
+
+Every JSON object written here (each row too) is sealed (:func:`lowbit.io.sealed`): a damaged file is an error
+naming it (rows: the line), never a silently different number.
 
 Resuming: a rerun reads the rows back (a truncated last line left by a crash is dropped), checks each stored prompt
 against the dataset (a different file or prompt is an error, not a silent mix), and generates only the missing
@@ -22,9 +27,7 @@ indices; extraction and scoring are recomputed from the stored generations, so t
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -35,8 +38,8 @@ from ..data.prompts import format_prompt
 from ..data.testsets import DatasetSpec, known_datasets, load_records, load_reference_records, resolve_datasets
 from ..eval.answers import score_generation
 from ..eval.config import EvalConfig
-from ..eval.results import make_row, read_rows, set_result, write_rows
-from ..io import atomic_write_json
+from ..eval.results import append_rows, make_row, read_rows, set_result, write_rows
+from ..io import atomic_write_json, read_json, recover_dir
 from .loading import load_model, quantized_info, resolve_device_dtype, resolve_model
 
 log = logging.getLogger(__name__)
@@ -55,7 +58,8 @@ class EvaluateRun:
     model: a model directory, hub id, lowbit quantized directory or alias (``tiny``). adapter: an adapter directory.
     out: results directory (default ``eval_out/<model>[+<adapter>]``). device: default cuda when available.
     dtype: ``auto`` (bfloat16 on cuda, float32 on cpu; quantized models keep their stored dtype).
-    overwrite: discard earlier generations in ``out`` made with other settings."""
+    overwrite: discard earlier generations in ``out`` made with other settings. force_adapter: attach ``adapter``
+    even when its recorded base fingerprint differs from ``model`` (by default that is an error)."""
 
     model: str
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -64,6 +68,7 @@ class EvaluateRun:
     device: str | None = None
     dtype: str = "auto"
     overwrite: bool = False
+    force_adapter: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -74,13 +79,19 @@ class EvaluateRun:
 # ------------------------------------------------------------------------------------------------------ model
 
 def _fingerprint(path: str | None) -> str | None:
-    """A cheap identity of a directory's weight files (names, sizes, mtimes): a retrained adapter or re-quantized
-    model in the same place must not be mixed with the generations of the old one."""
+    """A cheap identity of a directory's weight files: a retrained adapter or re-quantized model in the same place
+    must not be mixed with the generations of the old one. Their SHA-256 recorded by lowbit (quantized models,
+    adapters: the same content rewritten, as by a resumed run, keeps its identity), else names, sizes and mtimes."""
     if path is None or not Path(path).is_dir():
         return None
-    files = sorted(f for f in Path(path).iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".pth"))
-    h = hashlib.sha256()
-    for f in files:
+    suffixes, h = (".safetensors", ".bin", ".pt", ".pth"), hashlib.sha256()
+    metas = [Path(path) / m for m in ("quant_config.json", "lowbit_adapter.json") if (Path(path) / m).is_file()]
+    recorded = (read_json(metas[0]).get("files") or {}) if metas else {}
+    if recorded:
+        h.update("".join(f"{n}:{d.get('sha256')};" for n, d in sorted(recorded.items()) if n.endswith(suffixes)
+                         and isinstance(d, dict)).encode())
+        return h.hexdigest()[:16]
+    for f in sorted(f for f in Path(path).iterdir() if f.suffix in suffixes):
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
     return h.hexdigest()[:16]
@@ -99,7 +110,17 @@ def _check_settings(out: Path, key: dict, dataset_names: list[str], overwrite: b
     """Refuse an ``--out`` holding generations made with other settings (unless ``overwrite``); -> the result files
     to discard. Nothing is deleted or written here, so a run that fails later (a bad adapter) changes nothing."""
     f = out / SETTINGS
-    old = json.loads(f.read_text()) if f.is_file() else None
+    try:
+        old = read_json(f, "pass --overwrite to discard the generations there") if f.is_file() else None
+    except ValueError:
+        if not overwrite:
+            raise
+        old = {}  # damaged: the settings there are unknown, every set there is stale
+    rows = [out / f"{n}.jsonl" for n in dataset_names if (out / f"{n}.jsonl").is_file()]
+    if not isinstance(old, dict) and rows and not overwrite:
+        raise ValueError(f"{f} is missing or corrupt, so the settings that generated {rows[0]} are unknown; pass "
+                         f"--overwrite to discard those rows (or choose another --out)")
+    old = old if isinstance(old, dict) else ({} if f.is_file() else None)
     diff = [k for k in key if old is not None and old.get(k) != key[k]]
     if diff and not overwrite:
         what = ", ".join(f"{k} {old.get(k)!r} there, {key[k]!r} now" for k in diff)
@@ -125,7 +146,8 @@ def run_evaluation(run: EvaluateRun, generate_batches: BatchGenerator | None = N
     t_start = time.perf_counter()
     cfg = run.eval
     specs = resolve_datasets(cfg.datasets, cfg.data_dir)
-    records = {s.name: load_records(s, cfg.limit, cfg.synthetic_seed) for s in specs}
+    # accuracy=False: nothing to generate, only the response loss below.
+    records = {s.name: load_records(s, cfg.limit, cfg.synthetic_seed) if cfg.accuracy else [] for s in specs}
     if generate_batches is None:
         model_path, quantized = resolve_model(run.model)
         device, dtype = resolve_device_dtype(run.device, run.dtype)
@@ -133,7 +155,7 @@ def run_evaluation(run: EvaluateRun, generate_batches: BatchGenerator | None = N
         model_path, quantized, device, dtype = run.model, False, "n/a", "n/a"
     adapter_path = None
     if run.adapter is not None:
-        if not Path(run.adapter).expanduser().is_dir():
+        if not recover_dir(Path(run.adapter).expanduser()).is_dir():
             raise ValueError(f"--adapter {run.adapter!r} is not a directory; pass the adapter directory written by "
                              f"fine-tuning")
         adapter_path = str(Path(run.adapter).expanduser().resolve())
@@ -177,7 +199,7 @@ def run_evaluation(run: EvaluateRun, generate_batches: BatchGenerator | None = N
         from ..eval.generate import iter_generate
 
         t0 = time.perf_counter()
-        model, tok, loaded = load_model(model_path, adapter_path, device, run.dtype)
+        model, tok, loaded = load_model(model_path, adapter_path, device, run.dtype, force_adapter=run.force_adapter)
         log.info("loaded %s%s in %.1fs (%s, %s)", model_path, f" + adapter {adapter_path}" if adapter_path else "",
                  time.perf_counter() - t0, loaded["dtype"], loaded["device"])
         if device.startswith("cuda"):
@@ -195,13 +217,22 @@ def run_evaluation(run: EvaluateRun, generate_batches: BatchGenerator | None = N
         log.info("--overwrite: removing %s", p)
         p.unlink()
     if any(missing.values()) or not (out / SETTINGS).is_file():
-        atomic_write_json(out / SETTINGS, key)
+        atomic_write_json(out / SETTINGS, key, seal=True)
     settings = {k: v for k, v in asdict(cfg).items() if k != "datasets"}
     settings.update(zip(("max_new_tokens", "num_beams"), cfg.generation), device=run.device, dtype=run.dtype,
                     prompt=cfg.prompt)
     summary = {"model": run.model, "model_path": model_path, "adapter": adapter_path, **info, "settings": settings,
                "datasets": {}, "average": None, "generated": 0, "generation_s": 0.0}
     for s in specs:
+        if not cfg.accuracy:
+            res = summary["datasets"][s.name] = {"name": s.name, "display": s.display, "kind": s.kind,
+                                                 "accuracy": None, "correct": 0, "n": 0, "generated": 0, "file": None}
+            res["response_loss"] = _response_loss(out / f"{s.name}.loss.json", key, loss_done[s.name], model, tok,
+                                                  loss_records[s.name], cfg)
+            log.info("%s: response loss %.4f (%d records)", s.name, res["response_loss"]["loss"],
+                     res["response_loss"]["n"])
+            _finish_summary(summary, out, t_start, complete=False, peak=peak)
+            continue
         gen_s = _generate_missing(s, out / f"{s.name}.jsonl", prompts[s.name], records[s.name], stored[s.name],
                                   missing[s.name], generate_batches, cfg, run.progress)
         rows = stored[s.name]
@@ -238,14 +269,12 @@ def _generate_missing(spec: DatasetSpec, path: Path, prompts: list[str], records
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    with open(path, "a") as f, tqdm(total=len(missing), desc=spec.name, unit="ex", disable=not progress) as bar:
+    with tqdm(total=len(missing), desc=spec.name, unit="ex", disable=not progress) as bar:
         for idx, texts in generate_batches([prompts[i] for i in missing]):
             for j, text in zip(idx, texts):
                 i = missing[j]
                 rows[i] = make_row(i, prompts[i], text, str(records[i]["answer"]), spec.kind, cfg.choice_rule)
-                f.write(json.dumps(rows[i], ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())  # a crash loses at most the batch in flight
+            append_rows(path, [rows[missing[j]] for j in idx])  # fsynced: a crash loses at most this batch
             bar.update(len(idx))
     got = [i for i in missing if i not in rows]
     if got:
@@ -254,11 +283,15 @@ def _generate_missing(spec: DatasetSpec, path: Path, prompts: list[str], records
 
 
 def _stored_loss(path: Path, key: dict, n_records: int) -> dict | None:
-    """A response-loss result stored by an earlier run with the same settings and records, else None."""
-    if not path.is_file():
+    """A response-loss result stored by an earlier run with the same settings and records, else None (also when the
+    file is damaged: it is a cache, recomputed)."""
+    try:
+        stored = read_json(path) if path.is_file() else None
+    except ValueError as e:
+        log.warning("%s; recomputing the response loss", str(e).split("; re-create it")[0])
         return None
-    stored = json.loads(path.read_text())
-    return stored if stored.get("settings") == key and stored.get("n_records") == n_records else None
+    ok = isinstance(stored, dict) and stored.get("settings") == key and stored.get("n_records") == n_records
+    return stored if ok else None
 
 
 def _response_loss(path: Path, key: dict, stored: dict | None, model, tok, records: list[dict],
@@ -269,14 +302,14 @@ def _response_loss(path: Path, key: dict, stored: dict | None, model, tok, recor
     if stored is None:
         res = response_loss(model, tok, records, variant=cfg.prompt, batch_size=cfg.batch_size)
         stored = {"settings": key, "n_records": len(records), **res}
-        atomic_write_json(path, stored)
+        atomic_write_json(path, stored, seal=True)
     return {k: stored[k] for k in ("loss", "record_mean", "ppl", "n", "tokens", "skipped")}
 
 
 def _finish_summary(summary: dict, out: Path, t_start: float, complete: bool, peak: float | None) -> dict:
     import torch
 
-    accs = [d["accuracy"] for d in summary["datasets"].values()]
+    accs = [d["accuracy"] for d in summary["datasets"].values() if d["accuracy"] is not None]
     summary.update(
         average=sum(accs) / len(accs) if accs else None, complete=complete,
         examples_per_s=summary["generated"] / summary["generation_s"] if summary["generation_s"] else None,
@@ -285,5 +318,5 @@ def _finish_summary(summary: dict, out: Path, t_start: float, complete: bool, pe
     from .. import __version__
 
     summary["lowbit"] = __version__
-    atomic_write_json(out / SUMMARY, summary)
+    atomic_write_json(out / SUMMARY, summary, seal=True)
     return summary

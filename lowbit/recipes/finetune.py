@@ -1,14 +1,19 @@
 """``lowbit finetune RECIPE.yaml [key=value ...]``: quantize (if needed) -> initialise adapters -> train -> save.
 
-Reads top to bottom: 1. config and run directory, 2. tokenizer and data (every error surfaces here, before the
+Reads top to bottom: 1. config, run directory and the cheap checks (the checkpoint to resume, the training files,
+the model's architecture from its config.json), 2. tokenizer and data (every error surfaces by here, before the
 model is loaded), 3. base model, quantization and adapter initialisation, 4. the Hugging Face ``Trainer`` with
 lowbit's callbacks, 5. the adapter, ``run.json`` and ``loss.png``. The run directory holds ``config.yaml``
 (resolved), ``log.jsonl`` (one JSON object per logging step), ``checkpoint-*`` (adapter + optimizer state only),
-``adapter/`` (PEFT layout), ``loss.png`` and ``run.json``.
+``adapter/`` (PEFT layout), ``loss.png`` and ``run.json`` (the summary, with the training set's files, SHA-256
+and record count, and the base's fingerprint: weight hashes and quantization).
 
 Checkpoints are committed by a ``COMPLETE`` marker written (atomically) after the Trainer has written every file
-of the checkpoint; ``--resume`` continues from the newest complete checkpoint, so a process killed mid-save never
-resumes from a half-written one.
+of the checkpoint, with their checksums; ``--resume`` continues from the newest complete checkpoint, so a process
+killed mid-save never resumes from a half-written one, and a damaged checkpoint is an error naming the file; without
+a complete checkpoint ``--resume`` is an error that changes nothing. A run killed before its first complete
+checkpoint (``config.yaml`` but no checkpoint, ``adapter/`` or ``run.json``) holds nothing to keep: the same command
+without ``--resume`` starts it over.
 """
 
 from __future__ import annotations
@@ -23,40 +28,20 @@ import torch
 
 from ..io import atomic_write_json, atomic_write_text
 from .config import RecipeConfig, dump_recipe
-from .loading import resolve_model
-from .trainer import latest_checkpoint, plot_loss, trainer_classes, truncate_log
+from .loading import base_fingerprint, check_architecture, read_model_config, resolve_model
+from .trainer import (
+    check_checkpoint,
+    discard_incomplete_checkpoints,
+    latest_checkpoint,
+    plot_loss,
+    trainer_classes,
+    truncate_log,
+)
+from .training_data import load_training_records, training_files, training_set_record
 
 log = logging.getLogger(__name__)
 
-# ---------------------------------------------------------------------------------------------- data, model
-
-def load_training_records(cfg: RecipeConfig) -> list[dict]:
-    """The training records named by ``cfg.data`` (validated; never a test set)."""
-    d = cfg.data
-    if d.source == "synthetic":
-        from ..data.synthetic import train_split
-
-        recs = train_split(d.num_examples or 10000, seed=d.seed)
-    elif d.source == "math10k":
-        from ..data.loaders import default_math_training_set
-        from ..data.testsets import DATA_DIR_ENV, default_data_dir
-
-        data_dir = d.data_dir or default_data_dir()
-        if data_dir is None:
-            raise ValueError(f"data.source=math10k reads its files from a data directory, and none is set: pass "
-                             f"data.data_dir=DIR or set {DATA_DIR_ENV}")
-        recs = default_math_training_set(data_dir, math10k_path=d.path, seed=d.seed)
-    else:
-        from ..data.loaders import load_source
-
-        recs = load_source(d.source)
-    recs = list(recs)
-    if d.num_examples is not None:
-        recs = recs[: d.num_examples]
-    if not recs:
-        raise ValueError(f"the training data ({d.source}) is empty")
-    return recs
-
+# ---------------------------------------------------------------------------------------------- model
 
 def build_model(cfg: RecipeConfig, tokenizer, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """Base model (quantized as configured) with adapters initialised; returns (model, adapter report)."""
@@ -96,26 +81,51 @@ def build_model(cfg: RecipeConfig, tokenizer, device: torch.device) -> tuple[tor
 
 # ---------------------------------------------------------------------------------------------- the recipe
 
+def _interrupted_start(out: Path) -> bool:
+    """A run directory whose run was killed before anything worth keeping: ``config.yaml``, but no complete
+    checkpoint, no ``adapter/`` and no ``run.json``."""
+    return ((out / "config.yaml").is_file() and latest_checkpoint(out) is None and not (out / "adapter").exists()
+            and not (out / "run.json").exists())
+
+
 def _check_run_dir(out: Path, cfg: RecipeConfig, resume: bool) -> None:
     saved = out / "config.yaml"
     if not out.exists() or not any(out.iterdir()):
         return
+    if not resume and _interrupted_start(out):
+        log.warning("%s holds a run killed before its first complete checkpoint; starting it over", out)
+        discard_incomplete_checkpoints(out)
+        (out / "log.jsonl").unlink(missing_ok=True)
+        return
     if not resume:
         raise ValueError(f"output_dir {out} already holds a run; pass --resume to continue it, or choose another "
                          f"output_dir=...")
-    if saved.is_file():
-        import yaml
+    if not saved.is_file():
+        if latest_checkpoint(out) is None:
+            return  # nothing to resume: reported next, changing nothing
+        raise ValueError(f"--resume: {saved} is missing, so the run's settings cannot be checked against the "
+                         f"recipe; restore it, or start over in a new output_dir")
+    import yaml
 
+    try:
         old = yaml.safe_load(saved.read_text())
-        new = cfg.to_dict()
-        # Training length may grow on resume; anything else changing would mix two different runs.
-        for d in (old, new):
-            d.get("train", {}).pop("max_steps", None)
-            d.get("train", {}).pop("epochs", None)
-        if old != new:
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise ValueError(f"--resume: the recipe differs from the run in {out} in {diff}; resume with the same "
-                             f"settings (only train.max_steps/epochs may change) or use a new output_dir")
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"--resume: {saved} is corrupt ({type(e).__name__}); restore it, or start over in a new "
+                         f"output_dir") from None
+    if not isinstance(old, dict):
+        raise ValueError(f"--resume: {saved} is corrupt (not a recipe mapping); restore it, or start over in a "
+                         f"new output_dir")
+    new = cfg.to_dict()
+    # Training length may grow on resume; anything else changing would mix two different runs.
+    for d in (old, new):
+        if isinstance(d.get("train"), dict):
+            d["train"].pop("max_steps", None)
+            d["train"].pop("epochs", None)
+    if old != new:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise ValueError(f"--resume: the recipe differs from the run in {out} ({saved.name}) in {diff}; resume "
+                         f"with the same settings (only train.max_steps/epochs may change) or use a new "
+                         f"output_dir")
 
 
 def precision_flags(precision: str, device: torch.device) -> dict:
@@ -140,6 +150,16 @@ def finetune(cfg: RecipeConfig, resume: bool = False, callbacks: list | None = N
     if int(os.environ.get("RANK", "0")) == 0:
         # Rank 0 alone: the others would see the config.yaml it writes below and call the run an old one.
         _check_run_dir(out, cfg, resume)
+    # 1b. Cheap checks before anything is written or loaded: the checkpoint to resume, the training files, the
+    # architecture (from config.json alone).
+    ckpt = _resume_checkpoint(out) if resume else None
+    data_files = training_files(cfg.data)
+    loaded = cfg.model.quantized or cfg.model.name
+    if cfg.model.quantized:  # its config and tokenizer are read next: their checksums first (the weights on load)
+        from ..quant import verify_quantized
+
+        verify_quantized(cfg.model.quantized, weights=False)
+    check_architecture(read_model_config(loaded), loaded)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     if torch.cuda.is_available():
@@ -198,14 +218,9 @@ def finetune(cfg: RecipeConfig, resume: bool = False, callbacks: list | None = N
     trainer = AdapterTrainer(model=model, args=args, train_dataset=train_ds,
                              data_collator=CausalLMCollator(tokenizer),
                              callbacks=[CommitCheckpoint(), JsonlLogger(out / "log.jsonl"), *(callbacks or [])])
-    ckpt = latest_checkpoint(out) if resume else None
-    if resume and ckpt is None:
-        log.warning("--resume: no complete checkpoint in %s; starting from the beginning", out)
-    if local_rank == 0:
-        if ckpt is not None:
-            truncate_log(out / "log.jsonl", int(ckpt.name.split("-")[-1]))
-        elif (out / "log.jsonl").exists():
-            (out / "log.jsonl").unlink()
+    if local_rank == 0 and ckpt is not None:
+        truncate_log(out / "log.jsonl", int(ckpt.name.split("-")[-1]))
+        discard_incomplete_checkpoints(out)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t1 = time.perf_counter()
@@ -233,14 +248,37 @@ def finetune(cfg: RecipeConfig, resume: bool = False, callbacks: list | None = N
             "final_loss": float(result.training_loss), "train_time_s": train_time, "init_time_s": init_time,
             "peak_memory_gb": peak, "peak_memory_kind": peak_kind, "world_size": world,
             "resumed_from": ckpt.name if ckpt else None, "device": str(device), "base": base_dir,
+            "base_fingerprint": _base_fingerprint(cfg),
+            "training_set": training_set_record(cfg.data, data_files, records),
         }
-        atomic_write_json(out / "run.json", summary)
+        atomic_write_json(out / "run.json", summary, seal=True)
         plot_loss(out / "log.jsonl", out / "loss.png", title=f"{summary['method']} ({summary['bits']}-bit)")
         log.info("run done: %d steps, final loss %.4f, %.1fs -> %s", result.global_step, result.training_loss,
                  train_time, out)
         if cfg.eval is not None:
             summary["eval"] = evaluate_run(cfg, out, base_dir)
     return summary
+
+
+def _resume_checkpoint(out: Path) -> Path:
+    """The newest complete checkpoint to resume from, its files checked against their checksums; without one, or
+    with a damaged one, an error that leaves the directory as it is."""
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        state = "holds no complete checkpoint (checkpoint-*/COMPLETE)" if out.is_dir() else "does not exist"
+        raise ValueError(f"--resume: output_dir {out} {state}, so there is nothing to resume; nothing was changed. "
+                         f"Start over without --resume in a new output_dir (or after deleting {out})")
+    check_checkpoint(ckpt)
+    return ckpt
+
+
+def _base_fingerprint(cfg: RecipeConfig) -> dict:
+    """The base the adapter was trained on: the loaded model's identity (:func:`base_fingerprint`) and the
+    quantization applied to it (a quantized directory's own, the recipe's ``quant``, or ``None``)."""
+    fp = base_fingerprint(cfg.model.quantized or cfg.model.name)
+    if not cfg.model.quantized:
+        fp["quantization"] = cfg.quant.to_dict() if cfg.quant is not None else None
+    return fp
 
 
 def _bits_and_method(cfg: RecipeConfig) -> dict:

@@ -34,20 +34,112 @@ def _tiny() -> Path:
 def resolve_model(model: str) -> tuple[str, bool]:
     """A model name -> (local path or hub id, whether it is a lowbit quantized directory). Raises ``ValueError``
     naming the value and what is accepted."""
+    from ..io import recover_dir
+
     accepted = (f"a Hugging Face model directory or hub id, a lowbit quantized directory (from `lowbit quantize "
                 f"--out`) or an alias ({', '.join(sorted(MODEL_ALIASES))})")
-    p = Path(model).expanduser()
+    p = recover_dir(Path(model).expanduser())  # a directory swap cut short by a crash is finished first
     if p.is_dir():
         if (p / "quant_config.json").is_file():
             return str(p.resolve()), True
         if not (p / "config.json").is_file():
             raise ValueError(f"model {model!r} is a directory without config.json; pass {accepted}")
+        from ..quant import holds_packed_weights
+
+        if not (p / "quantize_config.json").is_file() and holds_packed_weights(p):
+            # Loaded as a float model, its packed layers would be ignored and the linears left random.
+            raise FileNotFoundError(f"{p / 'quant_config.json'} does not exist, but {p / 'model.safetensors'} holds "
+                                    f"lowbit's packed layers: the quantized model directory is damaged; re-create "
+                                    f"it (`lowbit quantize --out {p}`)")
         return str(p.resolve()), False
     if model in MODEL_ALIASES:
         return str(MODEL_ALIASES[model]().resolve()), False
     if p.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ValueError(f"model {model!r} is not a model directory; pass {accepted}")
     return model, False  # a hub id: from_pretrained reports whether it exists
+
+
+def read_model_config(model: str):
+    """The Hugging Face config of a model name (:func:`resolve_model`), from ``config.json`` alone: no weights are
+    read. Raises ``ValueError`` naming the model."""
+    from transformers import AutoConfig
+
+    path = resolve_model(model)[0]
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read a model config from {model!r}: {e}") from None
+
+
+def check_architecture(hf_config, model: str) -> None:
+    """Raise ``ValueError`` unless lowbit's architecture table (:mod:`lowbit.quant.arch`) knows the config's
+    ``model_type``: quantization and adapters both need it, so this runs before any weights are loaded."""
+    from ..quant.arch import ARCHITECTURES
+
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        archs = ", ".join(getattr(hf_config, "architectures", None) or []) or "no architectures listed"
+        raise ValueError(f"model {model!r} has architecture {model_type!r} ({archs}), which lowbit cannot quantize "
+                         f"or fit adapters to; supported model types: {sorted(ARCHITECTURES)} (a LLaMA-like model "
+                         f"needs an ArchSpec in lowbit.quant.arch.ARCHITECTURES)")
+
+
+# Weight files are hashed once per process while their size and mtime are unchanged: a 7B base is ~13 GB.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _weight_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        from ..io import sha256_file
+
+        _HASHES[key] = sha256_file(path)
+    return _HASHES[key]
+
+
+def _local_dir(path: str) -> Path | None:
+    """A local directory, or the cached snapshot of a hub id (``None`` if it was never downloaded)."""
+    if Path(path).is_dir():
+        return Path(path)
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(path, "config.json")
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def base_fingerprint(model: str) -> dict:
+    """The identity of a base model, without loading it: ``{model, path, quantized, model_type, weights,
+    weights_sha256, quantization}``.
+
+    The identity is the SHA-256 of every weight file in the model's directory (``weights``: file name ->
+    hex digest, files ending in :data:`WEIGHT_SUFFIXES`) -- sound, as any changed weight changes it, and
+    independent of where the directory lives; ``weights_sha256`` hashes the sorted ``name:digest`` lines into one
+    value. Aliases are fingerprinted through their resolved directory. ``quantization``: the stored
+    ``QuantConfig`` dict of a lowbit quantized directory (``source``: its source model), else ``None``. A hub id
+    that is not in the local cache has no weights to hash: ``weights_sha256`` is ``None``.
+    """
+    import hashlib
+
+    from ..io import read_json
+
+    path, quantized = resolve_model(model)
+    d = _local_dir(path)
+    files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES) if d else []
+    weights = {p.name: _weight_sha256(p) for p in files}
+    joined = "".join(f"{n}:{h}\n" for n, h in weights.items())
+    config = d / "config.json" if d else None
+    out = {"model": model, "path": path, "quantized": quantized,
+           "model_type": read_json(config).get("model_type") if config and config.is_file() else None,
+           "weights": weights, "weights_sha256": hashlib.sha256(joined.encode()).hexdigest() if weights else None,
+           "quantization": None}
+    if quantized:
+        from ..quant import read_quant_meta
+
+        meta = read_quant_meta(path)
+        out.update(quantization=meta.get("quantization"), source=meta.get("source"))
+    return out
 
 
 def resolve_device_dtype(device: str | None, dtype: str) -> tuple[str, str]:
@@ -81,7 +173,11 @@ def load_tokenizer(path: str, quantized: bool = False):
             raise ValueError(f"quantized model {path} holds no tokenizer and names no source model; re-run "
                              f"`lowbit quantize` (it saves the tokenizer)")
         src = resolve_model(src)[0]
-    return AutoTokenizer.from_pretrained(src)
+    try:
+        return AutoTokenizer.from_pretrained(src)
+    except Exception as e:  # tokenizers raises its own types on a damaged file
+        raise ValueError(f"cannot load the tokenizer of {src} ({type(e).__name__}: {str(e)[:300]}); its tokenizer "
+                         f"files are missing or damaged") from None
 
 
 def load_base(model: str, device: str = "cpu", dtype: str = "float32"):
@@ -95,14 +191,18 @@ def load_base(model: str, device: str = "cpu", dtype: str = "float32"):
 
         m = load_quantized(path, device=device)  # keeps the dtype it was quantized in
     else:
+        from safetensors import SafetensorError
+
         try:
-            m = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
-        except OSError as e:
+            m = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        except (OSError, SafetensorError) as e:
             raise ValueError(f"cannot load model {model!r}: {e}") from None
+        m = m.to(device)
     return m, load_tokenizer(path, quantized), path, quantized
 
 
-def load_model(model: str, adapter: str | None = None, device: str | None = None, dtype: str = "auto"):
+def load_model(model: str, adapter: str | None = None, device: str | None = None, dtype: str = "auto",
+               force_adapter: bool = False):
     """Load ``model`` (see :func:`resolve_model`) and its tokenizer, attach ``adapter`` (a directory written by
     fine-tuning or PEFT) -> ``(model, tokenizer, info)`` with ``info = {quantized, quantization, bits, dtype,
     device}``, in eval mode. Raises ``ValueError`` with the fix."""
@@ -116,7 +216,7 @@ def load_model(model: str, adapter: str | None = None, device: str | None = None
         from ..adapters import load_adapter
 
         try:
-            m = load_adapter(m, adapter)
+            m = load_adapter(m, adapter, force=force_adapter)
         except (ValueError, FileNotFoundError) as e:
             raise ValueError(f"adapter {adapter!r} cannot be attached to model {model!r}: {e}. Pass as --model the "
                              f"base model (or quantized base) the adapter was trained on") from None

@@ -1,9 +1,12 @@
 """``lowbit quantize``: load a model, quantize its decoder linears, report perplexity and per-layer errors, save.
 
-Cheap validation first (settings, output directory, calibration text), then the expensive part. The output
-directory holds the packed model (``quant_config.json`` + ``model.safetensors`` + tokenizer, loadable with
-:func:`lowbit.quant.load_quantized`), ``layer_errors.json`` / ``layer_errors.md``, and optionally a GPTQ-format
-export (``export_gptq``) that GPTQModel and ``transformers`` load.
+Cheap validation first (settings, the architecture from the model's config.json, output directory, calibration
+text), then the expensive part. The output directory holds the packed model (``quant_config.json`` +
+``model.safetensors`` + tokenizer, loadable with :func:`lowbit.quant.load_quantized`), ``layer_errors.json`` /
+``layer_errors.md``, all written in one atomic step, and optionally a GPTQ-format export (``export_gptq``, its own
+atomic step) that GPTQModel and ``transformers`` load. A process killed at any point leaves each directory holding
+its previous complete content or the new one; the same command run again completes (it replaces an output that
+holds the same model and settings, and a lowbit export of the same bit width and group size).
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_write_json, atomic_write_text
+from ..io import read_json, recover_dir
 from ..quant import QuantConfig
 from .config import TINY, CalibrationConfig
-from .loading import resolve_model
+from .loading import check_architecture, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +31,8 @@ log = logging.getLogger(__name__)
 class QuantizeRun:
     """One ``lowbit quantize`` run. model: directory, hub id or alias. out: output directory. dtype: load dtype of the
     float model. device: default cuda when available. ppl_windows: held-out windows scored for perplexity (0: skip).
-    overwrite: replace an output directory holding another model. export_gptq: also write a GPTQ-format checkpoint
-    to this directory."""
+    overwrite: replace an output directory (and export directory) holding another model. export_gptq: also write a
+    GPTQ-format checkpoint to this directory."""
 
     model: str
     out: str
@@ -74,9 +77,14 @@ def _check_out_dir(out: Path, source: str, fingerprint: str, quant: dict, overwr
     if not qc.is_file():
         raise ValueError(f"--out {out} is a non-empty directory that is not a lowbit quantized model; "
                          f"choose another --out or pass --overwrite to replace it")
-    meta = json.loads(qc.read_text())
-    old_src = meta.get("source", {})
-    old_q = meta.get("quantization", {})
+    from ..quant import read_quant_meta
+
+    try:
+        meta = read_quant_meta(out)
+    except ValueError as e:
+        raise ValueError(f"--out {out} holds a damaged quantized model ({e}); pass --overwrite to replace it") from None
+    old_src = meta.get("source") or {}
+    old_q = meta.get("quantization") or {}
     try:
         same_q = QuantConfig.from_dict(old_q).to_dict() == quant  # also reads older lowbit's settings
     except (TypeError, ValueError):
@@ -86,6 +94,31 @@ def _check_out_dir(out: Path, source: str, fingerprint: str, quant: dict, overwr
                          f"(source {old_src.get('model')!r}, method {old_q.get('method')!r}, "
                          f"bits {old_q.get('bits')!r}); choose another --out or pass --overwrite to replace it")
     log.info("%s holds the same model and settings; it will be replaced", out)
+
+
+def _check_export_dir(d: Path, quant: QuantConfig, overwrite: bool) -> None:
+    """Refuse a non-empty ``--export-gptq`` directory unless it is a lowbit export of the same bit width and group
+    size (a rerun of the same command) or ``overwrite`` is set."""
+    if not d.exists() or overwrite:
+        return
+    if not d.is_dir():
+        raise ValueError(f"--export-gptq {d} exists and is a file; choose a directory path")
+    if not any(d.iterdir()):
+        return
+    qc_path = d / "quantize_config.json"
+    try:
+        qc = read_json(qc_path)
+        ours = isinstance(qc, dict) and any(str(q).startswith("lowbit:") for q in qc["meta"]["quantizer"])
+        why = None if ours and (qc["bits"], qc["group_size"]) == (quant.bits, quant.group_size) else \
+            f"{qc_path} names another quantizer or other settings"
+    except (ValueError, OSError) as e:
+        why = str(e).split("; re-create it")[0]
+    except (KeyError, TypeError):
+        why = f"{qc_path} is not a GPTQ quantize config"
+    if why:
+        raise ValueError(f"--export-gptq {d} is a non-empty directory that is not a lowbit export of these settings "
+                         f"({why}); choose another path or pass --overwrite to replace it")
+    log.info("%s holds a lowbit export of the same settings; it will be replaced", d)
 
 
 def error_table(report: list[dict]) -> str:
@@ -111,7 +144,7 @@ def run_quantize(run: QuantizeRun) -> dict:
     from ..quant import quantize_model, save_quantized
     from ..quant.serialization import config_fingerprint
 
-    # 1. Cheap validation first: model config, output directory, calibration text.
+    # 1. Cheap validation first: model config and architecture, output directory, calibration text.
     path, quantized = resolve_model(run.model)
     if quantized:
         raise ValueError(f"model {run.model!r} is already a lowbit quantized directory; pass the float model")
@@ -119,10 +152,11 @@ def run_quantize(run: QuantizeRun) -> dict:
         hf_config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read a model config from --model {run.model!r}: {e}") from None
-    out = Path(run.out)
+    check_architecture(hf_config, run.model)  # before the weights, not inside quantize_model after them
+    out = recover_dir(Path(run.out))  # a swap cut short by a crash is finished first
     _check_out_dir(out, run.model, config_fingerprint(hf_config), run.quant.to_dict(), run.overwrite)
-    if run.export_gptq and Path(run.export_gptq).exists() and any(Path(run.export_gptq).iterdir()):
-        raise ValueError(f"--export-gptq {run.export_gptq} is a non-empty directory; choose another path")
+    if run.export_gptq:
+        _check_export_dir(recover_dir(Path(run.export_gptq)), run.quant, run.overwrite)
     tok = AutoTokenizer.from_pretrained(path)
     windows = held = None
     if run.calibration.sources:
@@ -145,14 +179,14 @@ def run_quantize(run: QuantizeRun) -> dict:
     summary = {"model": run.model, "quantization": run.quant.to_dict(), "ppl_before": ppl_before,
                "ppl_after": ppl_after, "mean_rel_output_error": _mean(r.get("rel_output_error") for r in report),
                "mean_rel_weight_error": _mean(r["rel_weight_error"] for r in report), "seconds": elapsed}
-    save_quantized(model, out, run.quant, tokenizer=tok, source=run.model, extra={"summary": summary})
-    atomic_write_json(out / "layer_errors.json", report)
-    atomic_write_text(out / "layer_errors.md", error_table(report) + "\n")
+    save_quantized(model, out, run.quant, tokenizer=tok, source=run.model, extra={"summary": summary},
+                   files={"layer_errors.json": json.dumps(report, indent=2) + "\n",
+                          "layer_errors.md": error_table(report) + "\n"})
     if run.export_gptq:
         from ..quant.export import export_gptq
 
         try:
-            export_gptq(model, run.export_gptq, tokenizer=tok)
+            export_gptq(model, run.export_gptq, tokenizer=tok, overwrite=True)  # checked by _check_export_dir
         except ValueError as e:
             raise ValueError(f"GPTQ export failed: {e}") from None
     return summary

@@ -16,15 +16,14 @@ orderings in the table are measurements of this run, not verdicts.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io import atomic_write_figure, atomic_write_json, atomic_write_text
-from .demo import base_dir, base_settings
+from ..io import atomic_write_figure, atomic_write_json, atomic_write_text, read_json
+from .demo import base_dir, base_settings, cached_run
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +47,12 @@ class SuiteBudget:
     max_new_tokens: int | None = None
     calib_samples: int | None = None
     magr_iters: int | None = None
+    accuracy: bool = True
 
     def overrides(self, quantized: bool) -> list[str]:
         out = ["eval.response_loss=true"]  # the suite's main measure, whatever the recipe says
+        if not self.accuracy:
+            out.append("eval.accuracy=false")
         if self.steps is not None:
             out += [f"train.max_steps={self.steps}", f"train.save_steps={self.steps}"]
         for key, v in (("eval.limit", self.eval_limit), ("eval.loss_limit", self.loss_limit),
@@ -80,9 +82,9 @@ STAMP = "demo_stamp.json"
 
 
 def trained(run_dir: Path, stamp: dict) -> bool:
-    """A finished training run with the same settings (its evaluation may still be partial)."""
-    path = run_dir / STAMP
-    return (run_dir / "run.json").is_file() and path.is_file() and json.loads(path.read_text()) == stamp
+    """A finished training run with the same settings (its evaluation may still be partial); a damaged stamp or
+    ``run.json`` counts as not trained (it trains again)."""
+    return cached_run(run_dir, stamp, need_summary=False)
 
 
 def _recipe(prefix: str, key: str, bits: int | None) -> str:
@@ -140,8 +142,8 @@ def run_suite(out_dir: str | Path = "real_out", quick: bool = False, budget: Sui
             if run_dir.exists():
                 shutil.rmtree(run_dir)  # a stale or half-finished run of other settings
             finetune(load_recipe(recipe, [*overrides, "eval=null"]))  # evaluated below, resumably
-            atomic_write_json(run_dir / STAMP, stamp)
-        run = json.loads((run_dir / "run.json").read_text())
+            atomic_write_json(run_dir / STAMP, stamp, seal=True)
+        run = read_json(run_dir / "run.json", f"delete {run_dir} and run the suite again")
         after = evaluate_run(cfg, run_dir, run["base"])  # rows already generated are reused
         base_label = "fp" if bits is None else (name if key in OWN_BASE else f"{cfg.quant.method}-{bits}bit")
         before = _evaluate_before(out, base_label, run["base"], cfg.eval)

@@ -18,7 +18,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..io import atomic_dir, atomic_write_json, sha256_file
+from ..io import atomic_dir, atomic_write_json, recover_dir, sha256_file
 from .loading import register_model_alias
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def smollm2_135m() -> Path:
     if out is None:
         check_gguf(gguf)
         out = cache_root() / f"{ALIAS}-{sha256_file(gguf)[:16]}"
-    if not (out / "config.json").is_file():
+    if not (recover_dir(out) / "config.json").is_file():  # a conversion cut short by a crash left no directory
         convert(gguf, out)
     _RESOLVED[key] = out
     return out

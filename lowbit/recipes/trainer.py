@@ -1,15 +1,35 @@
 """The training loop's pieces around Hugging Face ``Trainer``: adapter-only checkpoints committed by a ``COMPLETE``
-marker (a process killed mid-save never resumes from a half-written checkpoint), a JSONL log, and the loss plot."""
+marker (a process killed mid-save never resumes from a half-written checkpoint), a JSONL log, and the loss plot.
+
+``COMPLETE`` is a sealed JSON manifest (:func:`lowbit.io.sealed`): the step and the SHA-256 of every file of the
+checkpoint, which :func:`check_checkpoint` verifies before a resume. The Trainer itself would resume silently from
+a checkpoint lacking ``trainer_state.json`` (from step 0) or ``optimizer.pt`` (with a fresh optimizer), and fails
+with a library error on a damaged one; the manifest turns each of these into an error naming the file. A marker of
+an older lowbit (the step alone) has no checksums: its required files are checked for presence only."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
-from ..io import atomic_write_figure, atomic_write_text
+from ..io import (
+    atomic_write_figure,
+    atomic_write_json,
+    atomic_write_text,
+    check_seal,
+    file_manifest,
+    read_json,
+    sealed,
+    verify_files,
+)
+
+log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
+#: Files a resumable checkpoint must hold (the Trainer skips a missing one without an error).
+REQUIRED = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter/adapter_model.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -25,6 +45,45 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     done = complete_checkpoints(run_dir)
     return done[-1] if done else None
+
+
+def discard_incomplete_checkpoints(run_dir: str | Path) -> None:
+    """Delete ``checkpoint-*`` directories without ``COMPLETE`` (saves cut short by a kill): they are never resumed
+    from, and the Trainer's rotation (``save_total_limit``) would count them and delete a complete one instead."""
+    import shutil
+
+    for p in Path(run_dir).glob("checkpoint-*"):
+        if p.is_dir() and not (p / COMPLETE).is_file():
+            shutil.rmtree(p)
+
+
+def commit_checkpoint(ckpt: Path, step: int) -> None:
+    """Write ``ckpt/COMPLETE``: the step and the SHA-256 of every file of the checkpoint, sealed."""
+    names = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != COMPLETE)
+    atomic_write_json(ckpt / COMPLETE, {"step": step, "files": file_manifest(ckpt, names)}, seal=True)
+
+
+def check_checkpoint(ckpt: Path) -> None:
+    """Raise ``ValueError`` (``FileNotFoundError`` for a missing file) naming the damaged file of a complete
+    checkpoint, and how to resume without it."""
+    older = [c for c in complete_checkpoints(ckpt.parent) if c != ckpt]
+    fix = (f"the checkpoint is damaged: delete {ckpt} to resume from {older[-1].name}" if older else
+           "the checkpoint is damaged and no older complete one exists: start over without --resume in a new "
+           "output_dir")
+    try:
+        if (ckpt / COMPLETE).read_bytes().strip().isdigit():  # an older marker: presence only
+            missing = [f for f in REQUIRED if not (ckpt / f).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{ckpt / missing[0]} does not exist")
+            return
+        manifest = read_json(ckpt / COMPLETE)
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict) or not set(REQUIRED) <= set(files):
+            raise ValueError(f"{ckpt / COMPLETE} is corrupt (no manifest of the required files)")
+        verify_files(ckpt, files)
+    except (ValueError, FileNotFoundError) as e:
+        cls = FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError
+        raise cls(f"{str(e).split('; re-create it')[0]}; {fix}") from None
 
 
 def trainer_classes():
@@ -53,10 +112,10 @@ def trainer_classes():
             if state.is_world_process_zero:
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if ckpt.is_dir():
-                    atomic_write_text(ckpt / COMPLETE, f"{state.global_step}\n")
+                    commit_checkpoint(ckpt, state.global_step)
 
     class JsonlLogger(TrainerCallback):
-        """One JSON object per logging step in ``log.jsonl`` (``step``, ``loss``, ``lr``, ``epoch`` ...)."""
+        """One sealed JSON object per logging step in ``log.jsonl`` (``step``, ``loss``, ``lr``, ``epoch`` ...)."""
 
         def __init__(self, path: Path) -> None:
             self.path = path
@@ -68,7 +127,7 @@ def trainer_classes():
             if "learning_rate" in rec:
                 rec["lr"] = rec.pop("learning_rate")
             with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.write(json.dumps(sealed(rec)) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
 
@@ -76,23 +135,31 @@ def trainer_classes():
 
 
 def read_log(path: str | Path) -> list[dict]:
-    """Records of a ``log.jsonl``; a truncated last line (killed mid-write) is ignored."""
+    """Records of a ``log.jsonl``. The log only feeds the loss plot: a last line cut short (killed mid-write) is
+    ignored, and a damaged line (not JSON, or its seal disagrees) is skipped with a warning naming it."""
     out = []
     p = Path(path)
     if not p.is_file():
         return out
-    for line in p.read_text().splitlines():
+    text = p.read_bytes().decode("utf-8", errors="replace")
+    lines = text.splitlines()
+    for k, line in enumerate(lines, 1):
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+            rec = check_seal(json.loads(line), p)
+            if not isinstance(rec, dict):
+                raise ValueError("not an object")
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            if k < len(lines) or text.endswith("\n"):  # not an interrupted append
+                log.warning("%s line %d is damaged and skipped (%s)", p, k, str(e)[:120])
             continue
+        out.append(rec)
     return out
 
 
 def truncate_log(path: Path, step: int) -> None:
     """Drop records after ``step`` (the resumed checkpoint), so a resumed run does not log steps twice."""
     recs = [r for r in read_log(path) if r.get("step", 0) <= step]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in recs))
+    atomic_write_text(path, "".join(json.dumps(sealed(r)) + "\n" for r in recs))
 
 
 def plot_loss(log_path: str | Path, png_path: str | Path, title: str = "") -> None:

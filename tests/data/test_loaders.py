@@ -321,17 +321,22 @@ def test_overlap_ignores_case_whitespace_punctuation_spacing():
     check_no_test_overlap(train[:1], test)
 
 
-def test_default_training_set_is_the_substitute_without_test_questions(tmp_path, caplog, tests4, real_data_dir):
+def test_substitute_only_when_named_and_without_test_questions(tmp_path, caplog, tests4, real_data_dir):
+    missing = tmp_path / "math_10k.json"
+    with pytest.raises(FileNotFoundError, match=r"math_10k\.json not found.*source='gsm8k-mawps'"):
+        default_math_training_set(real_data_dir, math10k_path=missing, seed=0)  # never the substitute in its place
+    with pytest.raises(ValueError, match="not read by the substitute"):
+        default_math_training_set(real_data_dir, math10k_path=missing, source="gsm8k-mawps")
     with caplog.at_level(logging.WARNING, logger="lowbit.data.loaders"):
-        ds = default_math_training_set(real_data_dir, math10k_path=tmp_path / "math_10k.json", seed=0)
-    assert "math_10k.json not found" in caplog.text and "substitute" in caplog.text
+        ds = default_math_training_set(real_data_dir, source="gsm8k-mawps", seed=0)
+    assert "training on the substitute gsm8k-mawps" in caplog.text
     assert "dropped 27 training records whose question is in a test set (mawps: 27)" in caplog.text
     assert isinstance(ds, datasets.Dataset) and ds.column_names == list(FIELDS)
     assert len(ds) == 7473 + 1878 - 27
     records = ds.to_list()
     check_no_test_overlap(records, tests4)
     assert all(r["output"].endswith(f"The answer is {r['answer']}.") for r in records)
-    assert default_math_training_set(real_data_dir, math10k_path=tmp_path / "math_10k.json",
+    assert default_math_training_set(real_data_dir, source="gsm8k-mawps",
                                      seed=0)["instruction"][:50] == ds["instruction"][:50]
 
 

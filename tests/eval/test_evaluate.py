@@ -240,7 +240,7 @@ def test_adapter_mismatch_is_reported_before_generation(tmp_path, monkeypatch):
     import lowbit.adapters
     import lowbit.eval.generate as gen_mod
 
-    def load_adapter(model, adapter_dir):
+    def load_adapter(model, adapter_dir, **kwargs):
         raise ValueError("adapter was trained on a 7-layer base, this model has 4 layers")
 
     monkeypatch.setattr(lowbit.adapters, "load_adapter", load_adapter, raising=False)

@@ -81,6 +81,7 @@ def test_evaluate_reports_and_caches_it(tmp_path):
     rerun reuses the stored loss."""
     from lowbit.cli import main
     from lowbit.eval.compare import compare_table, load_run
+    from lowbit.io import sealed
 
     args = ["evaluate", "--model", "tiny", "--datasets", "synthetic-mawps", "--limit", "2", "--loss-limit", "6",
             "--max-new-tokens", "4", "--response-loss", "--out", str(tmp_path)]
@@ -91,7 +92,31 @@ def test_evaluate_reports_and_caches_it(tmp_path):
     stored = json.loads((tmp_path / "synthetic-mawps.loss.json").read_text())
     assert len(stored["per_record"]) == 6
     assert "syn-MAWPS loss" in compare_table([load_run(tmp_path)])
-    (tmp_path / "synthetic-mawps.loss.json").write_text(json.dumps({**stored, "loss": 1.2345}))
+    # A stored loss is reused as it is (edited here, and sealed again, as lowbit seals what it writes).
+    (tmp_path / "synthetic-mawps.loss.json").write_text(json.dumps(sealed({**stored, "loss": 1.2345})))
     assert main(args) == 0  # nothing to generate, nothing to score: the stored loss is reused
     assert json.loads((tmp_path / "summary.json").read_text())["datasets"]["synthetic-mawps"]["response_loss"][
         "loss"] == 1.2345
+
+
+def test_loss_only_evaluation_generates_nothing(tmp_path, capsys):
+    """`--no-accuracy --response-loss`: the loss equals the full evaluation's, no generation rows are written, the
+    printed summary and the compare table show the loss; `--no-accuracy` alone is refused before any work."""
+    from lowbit.cli import main
+    from lowbit.eval.compare import compare_table, load_run
+
+    base = ["evaluate", "--model", "tiny", "--datasets", "synthetic-mawps", "--loss-limit", "4", "--response-loss"]
+    assert main([*base, "--limit", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "full")]) == 0
+    assert main([*base, "--no-accuracy", "--out", str(tmp_path / "loss")]) == 0
+    full = json.loads((tmp_path / "full" / "summary.json").read_text())["datasets"]["synthetic-mawps"]
+    only = json.loads((tmp_path / "loss" / "summary.json").read_text())
+    d = only["datasets"]["synthetic-mawps"]
+    assert d["accuracy"] is None and only["average"] is None and only["generated"] == 0
+    assert d["response_loss"]["loss"] == pytest.approx(full["response_loss"]["loss"], rel=1e-6)
+    assert not (tmp_path / "loss" / "synthetic-mawps.jsonl").exists()
+    assert "response loss" in capsys.readouterr().out
+    assert "syn-MAWPS loss" in compare_table([load_run(tmp_path / "loss")])
+    with pytest.raises(SystemExit, match="nothing to evaluate"):
+        main(["evaluate", "--model", "tiny", "--datasets", "synthetic-mawps", "--no-accuracy",
+              "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()

@@ -16,7 +16,7 @@ import itertools
 import pytest
 import torch
 
-from lowbit.quant import gptq_quantize, rtn_quantize
+from lowbit.quant import QuantConfig, gptq_quantize, rtn_quantize
 
 F64 = torch.float64
 
@@ -41,10 +41,12 @@ def ref_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, tor
 
 
 def ref_gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1, sym: bool = False,
-             act_order: bool = False, damp: float = 0.01, static_groups: bool = False) -> torch.Tensor:
+             act_order: bool = False, damp: float = 0.01, static_groups: bool = False,
+             block_start: int | None = None) -> torch.Tensor:
     """Dequantized GPTQ weight, float64, original column order. Straight OBS loop, no blocking.
     ``static_groups``: every contiguous group's params fixed up front on the (dead-zeroed) original
-    weights."""
+    weights. ``block_start=B``: a group's params from a snapshot of the weights taken every B columns (the
+    reference GPTQ code's rule)."""
     W = W.to(F64).clone()
     H = H.to(F64).clone()
     out, n = W.shape
@@ -62,11 +64,14 @@ def ref_gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1, 
     H = H + damp * torch.diag(H).mean() * torch.eye(n, dtype=F64)
     U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)  # U^T U = H^{-1}
     Q = torch.zeros_like(W)
+    snap = W
     for i in range(n):
+        if block_start is not None and i % block_start == 0:
+            snap = W.clone()
         if static is not None:
             scale, zero = static[int(perm[i]) // g]
         elif i % g == 0:
-            scale, zero = ref_params(W[:, i:i + g], bits, sym)
+            scale, zero = ref_params((W if block_start is None else snap)[:, i:i + g], bits, sym)
         q = torch.clamp(torch.round(W[:, i] / scale) + zero, 0, maxq)
         Q[:, i] = scale * (q - zero)
         err = (W[:, i] - Q[:, i]) / U[i, i]
@@ -167,6 +172,40 @@ def test_block_size_not_multiple_of_group_matches_reference(small_problem, block
     qw = gptq_quantize(W, H, 3, group_size=16, block_size=block_size)
     ref = ref_gptq(W, H, 3, 16)
     assert float((qw.dequantize().to(F64) - ref).norm() / ref.norm()) <= 1e-5
+
+
+@pytest.mark.parametrize("block_size", [8, 12, 24])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_block_start_group_params_match_reference(small_problem, block_size, act_order):
+    """``group_params="block-start"`` (the reference code's and GPTQModel's rule) against the straight OBS loop
+    that snapshots the weights every ``block_size`` columns; groups of 16 straddle blocks of 12 and 24."""
+    W, H = small_problem
+    qw = gptq_quantize(W, H, 3, group_size=16, act_order=act_order, block_size=block_size,
+                       group_params="block-start")
+    ref = ref_gptq(W, H, 3, 16, act_order=act_order, block_start=block_size)
+    assert float((qw.dequantize().to(F64) - ref).norm() / ref.norm()) <= 1e-5
+    # The rules differ only for groups that start inside a block (block 8: every group starts a block).
+    current = gptq_quantize(W, H, 3, group_size=16, act_order=act_order, block_size=block_size)
+    assert torch.equal(current.scales, qw.scales) == (16 % block_size == 0)
+
+
+def test_block_start_with_one_block_is_static_groups(small_problem):
+    """One block spanning every column: each group's parameters come from the original weights, which is what
+    static groups do without act-order."""
+    W, H = small_problem
+    a = gptq_quantize(W, H, 3, group_size=16, block_size=W.shape[1], group_params="block-start")
+    b = gptq_quantize(W, H, 3, group_size=16, static_groups=True)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)
+
+
+def test_group_params_settings_are_checked():
+    with pytest.raises(ValueError, match="static_groups=false"):
+        QuantConfig(group_params="block-start")  # static groups are the default
+    with pytest.raises(ValueError, match="group_params must be one of"):
+        QuantConfig(static_groups=False, group_params="stale")
+    with pytest.raises(ValueError, match="no use for group_params"):
+        QuantConfig(method="rtn", static_groups=False, group_params="block-start")
+    assert QuantConfig(static_groups=False, group_params="block-start").group_params == "block-start"
 
 
 # ---------------------------------------------------------------- (c) brute force on tiny problems
