@@ -212,6 +212,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from .recipes.study import run_study
+
+    try:
+        run_study(out_dir=Path(args.out), quick=args.quick)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    return 0
+
+
 def cmd_pretrain_tiny(args: argparse.Namespace) -> int:
     from .recipes.pretrain_tiny import PretrainConfig, pretrain_tiny
 
@@ -301,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the smollm2-* recipes on SmolLM2-135M (needs `make real`; about 2 h on 2 CPU cores), "
                         "response loss and accuracy before/after fine-tuning (default --out real_out)")
     d.set_defaults(func=cmd_demo)
+
+    st = sub.add_parser("study", help="the resolving comparison on the tiny model: matched bases, learning rates "
+                        "from a validation split, several seeds, 95%% intervals (resumable; hours on 2 CPU cores)")
+    st.add_argument("--out", default="study_out", help="its ledger, runs and report (run again to resume)")
+    st.add_argument("--quick", action="store_true", help="a toy budget on four cells (for tests)")
+    st.set_defaults(func=cmd_study)
 
     pa = sub.add_parser("params", help="trainable-parameter counts of DiaBlo and LoRA (LLaMA-2-7B by default)")
     pa.add_argument("--model", default=None, help="model directory, hub id or alias whose config to use")

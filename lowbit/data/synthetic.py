@@ -92,6 +92,7 @@ __all__ = [
     "rationale_answer",
     "test_split",
     "train_split",
+    "validation_split",
 ]
 
 FAMILIES = ("gsm8k", "svamp", "mawps", "aqua")
@@ -364,6 +365,16 @@ def train_split(n_train: int = 10000, seed: int = 0, n_test: int = 500) -> list[
         train += recs
     seeded_rng("shuffle", seed).shuffle(train)
     return train
+
+
+def validation_split(family: str, n: int, seed: int = 0, n_train: int = 10000, n_test: int = 500) -> list[dict]:
+    """``n`` problems of ``family`` from the training distribution for model selection (e.g. a learning-rate
+    search): no stem of the first ``n_test`` test problems of any family, nor of :func:`train_split` ``(n_train,
+    seed)`` (whose per-family lists extend those of any shorter training set of the same seed), occurs in it, so
+    tuning on it never reads a test problem nor scores a training one. A longer split extends a shorter one."""
+    exclude = {problem_key(r["instruction"]) for f in FAMILIES for r in test_split(f, n_test, seed)}
+    exclude |= {problem_key(r["instruction"]) for r in train_split(n_train, seed, n_test)}
+    return generate_split(family, n, seed * 1000 + 3, exclude=exclude)
 
 
 def make_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 10000, n_test: int = 500) -> dict[str, Path]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .mawps import equation_rationales
 from .records import Record, llm_adapters_records, load_llm_adapters_json
-from .synthetic import FAMILIES, test_split
+from .synthetic import FAMILIES, test_split, validation_split
 
 __all__ = [
     "ALL_TEST_SETS",
@@ -51,6 +51,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 #: The default data directory, ``../shared/data`` beside the checkout (used only when it exists).
 CHECKOUT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 SYNTHETIC_PREFIX = "synthetic-"
+VALIDATION_SUFFIX = "-val"
 SYNTHETIC_N = 500  # the size of make_dataset's test files
 KINDS = ("numeric", "choice")
 #: The fields an evaluation record must have (``input`` and ``output`` default to ``""``).
@@ -228,7 +229,8 @@ def resolve_datasets(names: list[str], data_dir: str | Path | None = None) -> li
                                  f"— fix --data-dir/{DATA_DIR_ENV} or drop {n!r} from --datasets")
             specs.append(DatasetSpec(n, s.display, s.kind, path=path))
         else:
-            family = n.removeprefix(SYNTHETIC_PREFIX) if n.startswith(SYNTHETIC_PREFIX) else None
+            family = (n.removeprefix(SYNTHETIC_PREFIX).removesuffix(VALIDATION_SUFFIX)
+                      if n.startswith(SYNTHETIC_PREFIX) else None)
             specs.append(DatasetSpec(n, s.display, s.kind, family=family))
     return specs
 
@@ -307,8 +309,19 @@ def _synthetic_loader(family: str) -> Loader:
     return load
 
 
-# The synthetic families of the embedded tiny model, titled and scored like the real set they mirror.
+def _validation_loader(family: str) -> Loader:
+    def load(limit: int | None, seed: int) -> list[dict]:
+        return validation_split(family, limit or SYNTHETIC_N, seed=seed)
+
+    return load
+
+
+# The synthetic families of the embedded tiny model, titled and scored like the real set they mirror, and their
+# validation splits (``synthetic-<family>-val``: training distribution, disjoint from the test and training sets)
+# for model selection.
 for _family in FAMILIES:
     register_eval_set(SYNTHETIC_PREFIX + _family, display="syn-" + display_name(_family), kind=kind_of(_family),
                       loader=_synthetic_loader(_family))
+    register_eval_set(SYNTHETIC_PREFIX + _family + VALIDATION_SUFFIX, display="val-" + display_name(_family),
+                      kind=kind_of(_family), loader=_validation_loader(_family))
 del _family

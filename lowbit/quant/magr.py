@@ -40,17 +40,40 @@ def prox_linf(V: torch.Tensor, alpha: float) -> torch.Tensor:
     return V - alpha * project_l1_ball(V / alpha)
 
 
+SOLVERS = ("pg", "fista")
+
+
+def magr_objective(W_hat: torch.Tensor, W: torch.Tensor, H: torch.Tensor, alpha: float,
+                   group_size: int = -1) -> float:
+    """The objective :func:`magr` minimises, in its normalised form ``½ tr(D H̃ Dᵀ) + α Σ ‖Ŵ_row/group‖_∞`` with
+    ``D = Ŵ - W`` ``(out, in)`` and ``H̃ = H / λ_max(H)``, in float64."""
+    Wh, W0, Hd = W_hat.double(), W.double(), H.double()
+    Ht = Hd / torch.linalg.eigvalsh(Hd)[-1]
+    D = Wh - W0
+    g = check_group_size(W.shape[1], group_size)
+    linf = pad_to_groups(Wh, g).reshape(-1, g).abs().amax(1).sum()
+    return float(0.5 * torch.einsum("oi,ij,oj->", D, Ht, D) + alpha * linf)
+
+
 def magr(W: torch.Tensor, H: torch.Tensor, alpha: float = 1e-3, iters: int = 200,
-         group_size: int = -1) -> torch.Tensor:
+         group_size: int = -1, solver: str = "pg") -> torch.Tensor:
     """Pre-process ``W`` ``(out, in)`` with MagR given ``H = X^T X`` ``(in, in)``; returns ``Ŵ`` (same shape,
     float32, or float64 for a float64 ``W``). ``group_size=-1`` penalises each row's ℓ∞ norm; otherwise that of
-    each group of ``group_size`` inputs (the paper uses α = 1e-3 per-channel and 1e-4 per-group)."""
+    each group of ``group_size`` inputs (the paper uses α = 1e-3 per-channel and 1e-4 per-group).
+
+    ``solver="pg"``: the paper's plain proximal gradient (``O(1/k)``). ``"fista"``: the same step from an
+    extrapolated point (Beck & Teboulle 2009, ``O(1/k²)``) with gradient-based adaptive restart (O'Donoghue &
+    Candès 2015): the momentum is reset whenever it points against the last step, which keeps the objective from
+    oscillating; per iteration it costs what a plain step costs, and it reaches a given objective value in far
+    fewer iterations."""
     check_weight(W)
     out, n = W.shape
     # Non-finite H (NaN activations) would turn every weight into NaN, reported later as a corrupt checkpoint.
     check_hessian(H, n)
     if alpha <= 0 or iters < 0:
         raise ValueError(f"need alpha > 0 and iters >= 0, got alpha={alpha}, iters={iters}")
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown MagR solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     g = check_group_size(n, group_size)
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     W0 = W.detach().to(dtype)
@@ -60,17 +83,32 @@ def magr(W: torch.Tensor, H: torch.Tensor, alpha: float = 1e-3, iters: int = 200
     if not torch.isfinite(lmax) or lmax <= 0:
         raise ValueError("H has no positive eigenvalue: calibration inputs are all zero")
     Ht = Hd / lmax
-    What = W0.clone()
-    for _ in range(iters):
-        V = What - (What - W0) @ Ht
+
+    def step(Y: torch.Tensor) -> torch.Tensor:
+        V = Y - (Y - W0) @ Ht
         # A shorter last group is padded with zero columns, which the prox leaves at zero.
-        What = prox_linf(pad_to_groups(V, g).reshape(-1, g), alpha).reshape(out, -1)[:, :n]
+        return prox_linf(pad_to_groups(V, g).reshape(-1, g), alpha).reshape(out, -1)[:, :n]
+
+    What = W0.clone()
+    if solver == "pg":
+        for _ in range(iters):
+            What = step(What)
+    else:
+        Y, t = What, 1.0
+        for _ in range(iters):
+            new = step(Y)
+            # Restart when the momentum opposes the step just taken: (y - x_new) · (x_new - x_old) > 0.
+            if float(((Y - new) * (new - What)).sum()) > 0:
+                t = 1.0
+            t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
+            Y = new + ((t - 1) / t_next) * (new - What)
+            What, t = new, t_next
     return What if dtype == torch.float64 else What.float()
 
 
 def _magr(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
     alpha = cfg.magr_alpha if cfg.magr_alpha is not None else (1e-3 if cfg.group_size == -1 else 1e-4)
-    return magr(W, H, alpha=alpha, iters=cfg.magr_iters, group_size=cfg.group_size)
+    return magr(W, H, alpha=alpha, iters=cfg.magr_iters, group_size=cfg.group_size, solver=cfg.magr_solver)
 
 
 # MagR changes only the weights; the grid comes from GPTQ or RTN (the paper's two pairings).

@@ -32,34 +32,53 @@ METHODS = [
     ("apiq-bw", "ApiQ-bw", False), ("cloq", "CLoQ", True), ("diablo", "DiaBlo (MagR)", True),
     ("diablo-calibrated", "DiaBlo calibrated (MagR)", True),
 ]
-QUICK_METHODS = ["gptq-lora", "cloq", "diablo", "diablo-calibrated"]
+QUICK_METHODS = [m[0] for m in METHODS]  # every method, at the toy budget: the default tests run each end to end
 
 
 @dataclass
 class DemoBudget:
-    """The equal training and evaluation budget of every method."""
+    """The equal training and evaluation budget of every method. ``None``: the recipe's own value (ApiQ-bw's
+    epochs, MagR's iterations), so the demo's methods run as the recipes define them."""
 
     steps: int = 30
     batch_size: int = 16
-    lr: float = 5e-3
+    # Per adapter family and precision, the rates `lowbit study` chose on its validation split (docs/study): one
+    # shared rate would favour the family it was tuned on.
+    lr: float = 5e-3  # LoRA, every base
+    lr_diablo: float = 1e-2  # DiaBlo on the full-precision base
+    lr_diablo_quantized: float = 2e-2  # DiaBlo on a quantized base
     n_eval: int = 30
     max_new_tokens: int = 80
     calib_samples: int = 32
-    apiq_epochs: int = 2
-    # MagR's proximal iterations dominate base building on a CPU: the demo runs 50 instead of the default 200 to
-    # fit its time budget (recipes keep 200).
-    magr_iters: int = 50
+    apiq_epochs: int | None = None
+    magr_iters: int | None = None
 
-    def overrides(self, quantized: bool) -> list[str]:
+    def lr_for(self, recipe: str, quantized: bool) -> float:
+        if "diablo" not in recipe:
+            return self.lr
+        return self.lr_diablo_quantized if quantized else self.lr_diablo
+
+    def overrides(self, quantized: bool, recipe: str = "") -> list[str]:
         # One pass over steps x batch examples: every method sees the same examples, and nothing else is tokenised.
         out = [f"data.num_examples={self.steps * self.batch_size}", f"train.max_steps={self.steps}",
-               f"train.batch_size={self.batch_size}", f"train.lr={self.lr}",
+               f"train.batch_size={self.batch_size}", f"train.lr={self.lr_for(recipe, quantized)}",
                "train.logging_steps=5", f"train.save_steps={max(self.steps, 1)}", f"eval.limit={self.n_eval}",
-               f"eval.max_new_tokens={self.max_new_tokens}", f"calibration.nsamples={self.calib_samples}",
-               f"adapter.apiq_epochs={self.apiq_epochs}"]
-        return out + ([f"quant.magr_iters={self.magr_iters}"] if quantized else [])
+               f"eval.max_new_tokens={self.max_new_tokens}", f"calibration.nsamples={self.calib_samples}"]
+        if self.apiq_epochs is not None:
+            out.append(f"adapter.apiq_epochs={self.apiq_epochs}")
+        return out + ([f"quant.magr_iters={self.magr_iters}"] if quantized and self.magr_iters is not None else [])
+
+    def describe(self) -> str:
+        """The budget in one line, saying where it departs from the recipes."""
+        apiq = "as its recipe" if self.apiq_epochs is None else f"{self.apiq_epochs} (the recipes: 5)"
+        magr = "as the recipes" if self.magr_iters is None else f"{self.magr_iters} (the recipes: 200)"
+        return (f"equal budget per method: {self.steps} steps x batch {self.batch_size}, lr {self.lr:g} (LoRA), "
+                f"{self.lr_diablo:g} / {self.lr_diablo_quantized:g} (DiaBlo, full precision / quantized base), "
+                f"{self.calib_samples} calibration windows, {self.n_eval} test problems per family; ApiQ-bw "
+                f"epochs {apiq}; MagR iterations {magr}")
 
 
+#: The tests' toy budget: a few steps, one ApiQ-bw epoch, 20 MagR iterations (the recipes: 5 and 200).
 QUICK_BUDGET = DemoBudget(steps=4, batch_size=8, n_eval=4, max_new_tokens=24, calib_samples=8, apiq_epochs=1,
                           magr_iters=20)
 
@@ -96,7 +115,7 @@ def build_bases(out: Path, sections: list, source: str | None = None) -> list[di
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..eval.perplexity import perplexity
-    from ..quant import load_quantized, quantize_model, save_quantized
+    from ..quant import QuantConfig, load_quantized, quantize_model, save_quantized
     from ..tiny import heldout_text_ids, tiny_model_dir
     from .quantize import calibration_windows
 
@@ -116,7 +135,9 @@ def build_bases(out: Path, sections: list, source: str | None = None) -> list[di
         d = base_dir(out, qcfg)
         key = f"{qcfg.method}-{qcfg.bits}"
         t = 0.0
-        if base_settings(d) != qcfg.to_dict() or key not in ppl:
+        stored = base_settings(d)
+        # Compared as configurations: a setting added to QuantConfig later (stored dicts lack it) keeps its default.
+        if stored is None or QuantConfig.from_dict(stored) != qcfg or key not in ppl:
             model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
             t0 = time.perf_counter()
             quantize_model(model, qcfg, calibration_windows(calib_cfg, tok)[0], progress=False)
@@ -180,7 +201,7 @@ def run_demo(out_dir: str | Path = "demo_out", quick: bool = False, budget: Demo
     t_start = time.perf_counter()
     plans = []
     for name, recipe, bits, shared in demo_runs(quick):
-        overrides = [*budget.overrides(quantized=bits is not None), f"output_dir={out / 'runs' / name}"]
+        overrides = [*budget.overrides(quantized=bits is not None, recipe=recipe), f"output_dir={out / 'runs' / name}"]
         plans.append((name, recipe, overrides, load_recipe(recipe, overrides) if shared else None))
     # One base per distinct (quant, calibration) section of the recipes that share a cached base.
     sections = {json.dumps([c.quant.to_dict(), c.calibration.__dict__], sort_keys=True): (c.quant, c.calibration)
@@ -216,9 +237,20 @@ def run_demo(out_dir: str | Path = "demo_out", quick: bool = False, budget: Demo
     print(format_bases(base_rows))
     print()
     print(table)
-    print(f"\n(equal budget per method: {budget.steps} steps x batch {budget.batch_size}, lr {budget.lr}; "
-          f"{budget.n_eval} test problems per family; {results['seconds']:.0f}s; results in {out})")
+    print(f"\n({budget.describe()}; {results['seconds']:.0f}s; results in {out})")
+    print(f"One run per method at this budget is an anecdote (about ±{_stderr(budget.n_eval):.0f} points of standard "
+          f"error per average). The comparison that resolves (learning rates tuned per adapter family on a "
+          f"validation split, several seeds, matched bases, 95% intervals) is `lowbit study`; its committed results: "
+          f"{STUDY_RESULTS}")
     return results
+
+
+STUDY_RESULTS = "docs/study/study.md"
+
+
+def _stderr(n_eval: int, families: int = 4, p: float = 0.3) -> float:
+    """Binomial standard error (points) of an average over ``families`` sets of ``n_eval`` problems near ``p``."""
+    return 100 * (p * (1 - p) / (n_eval * families)) ** 0.5
 
 
 def _accs(run: dict) -> dict:

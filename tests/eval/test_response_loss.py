@@ -120,3 +120,71 @@ def test_loss_only_evaluation_generates_nothing(tmp_path, capsys):
         main(["evaluate", "--model", "tiny", "--datasets", "synthetic-mawps", "--no-accuracy",
               "--out", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()
+
+
+class _Bigram(torch.nn.Module):
+    """logits[t] = table[input_ids[t]]: the NLL of every token can be written down by hand."""
+
+    def __init__(self, vocab: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.table = torch.nn.Parameter(torch.randn(vocab, vocab, generator=g, dtype=torch.float64))
+
+    def forward(self, input_ids, attention_mask=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def _hand_nll(table, prev: int, nxt: int) -> float:
+    row = [float(v) for v in table[prev]]
+    m = max(row)
+    return -(row[nxt] - (m + math.log(sum(math.exp(v - m) for v in row))))
+
+
+def test_hand_computation_on_a_three_record_file(tmp_path):
+    """A 3-record LLM-Adapters file, read back from disk: the loss is the token-weighted mean, over each response's
+    tokens and the EOS only, of -log softmax(table[previous token])[token], written out with math.log/exp."""
+    from lowbit.data.loaders import load_source
+
+    tok = make_tokenizer()
+    recs = [r for r in RECORDS if r["output"]]
+    path = tmp_path / "three.json"
+    path.write_text(json.dumps(recs))
+    records = load_source(path)
+    model = _Bigram(len(tok))
+    total, count, per = 0.0, 0, []
+    for r in recs:
+        prompt = tok(format_prompt(r["instruction"], "", "apiq"), add_special_tokens=False)["input_ids"]
+        ids = tok(format_prompt(r["instruction"], "", "apiq") + r["output"], add_special_tokens=False)["input_ids"]
+        ids = ids + [tok.eos_token_id]
+        nll = [_hand_nll(model.table.detach(), ids[t - 1], ids[t]) for t in range(len(prompt), len(ids))]
+        per.append(sum(nll) / len(nll))
+        total, count = total + sum(nll), count + len(nll)
+    for bs in (1, 2, 3):  # batched (right-padded) equals one at a time
+        res = response_loss(model, tok, records, batch_size=bs)
+        assert res["n"] == 3 and res["tokens"] == count
+        assert res["loss"] == pytest.approx(total / count, rel=1e-12)
+        assert [m for _, m, _ in res["per_record"]] == pytest.approx(per, rel=1e-12)
+
+
+def test_masking_scores_the_response_only():
+    """Changing what the model predicts at prompt positions leaves the loss as it is; changing a prediction of a
+    response token changes it."""
+    tok = make_tokenizer()
+    rec = RECORDS[0]
+    prompt = tok(format_prompt(rec["instruction"], "", "apiq"), add_special_tokens=False)["input_ids"]
+    ids = tok(format_prompt(rec["instruction"], "", "apiq") + rec["output"], add_special_tokens=False)["input_ids"]
+    ids = ids + [tok.eos_token_id]
+    predictors_of_response = {ids[t - 1] for t in range(len(prompt), len(ids))}
+    prompt_only = [i for i in set(prompt) if i not in predictors_of_response]
+    assert prompt_only  # tokens that only ever predict prompt tokens
+    model = _Bigram(len(tok))
+    before = response_loss(model, tok, [rec])
+    assert before["tokens"] == len(ids) - len(prompt)  # the response tokens and the EOS
+    with torch.no_grad():
+        model.table[prompt_only] += 5 * torch.randn(len(prompt_only), len(tok), dtype=torch.float64)
+    assert response_loss(model, tok, [rec])["loss"] == pytest.approx(before["loss"], rel=1e-12)
+    with torch.no_grad():
+        model.table[ids[len(prompt) - 1], ids[len(prompt)]] -= 3.0  # the first response token's prediction
+    assert response_loss(model, tok, [rec])["loss"] > before["loss"] + 1e-3

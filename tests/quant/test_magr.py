@@ -220,3 +220,41 @@ def test_shorter_last_group_is_the_group_alone():
     want = torch.cat([prox_linf(W[:, s:e], 0.05) for s, e in ((0, 16), (16, 32), (32, 40))], dim=1)
     assert torch.allclose(got, want, atol=1e-12)
     assert not torch.allclose(got, W)  # the prox did shrink something
+
+
+@pytest.mark.parametrize("group_size,alpha", [(-1, 1e-3), (64, 1e-4)])
+def test_fista_reaches_the_plain_200_iteration_objective_in_a_quarter_of_the_iterations(low_rank_layer, group_size,
+                                                                                          alpha):
+    """The accelerated solver minimises the same objective: 50 FISTA iterations (a quarter of the work: one gradient
+    and one prox each, like a plain step) land at or below 1.001x what 200 plain iterations reach (measured: 25%
+    and 5% below), and both converge towards the same minimum (a long plain run is lower still, FISTA agrees)."""
+    from lowbit.quant.magr import magr_objective
+
+    W, X, H, _ = low_rank_layer
+    plain = magr_objective(magr(W, H, alpha, 200, group_size), W, H, alpha, group_size)
+    fast = magr_objective(magr(W, H, alpha, 50, group_size, solver="fista"), W, H, alpha, group_size)
+    assert fast <= 1.001 * plain, (fast, plain)
+    # A small well-conditioned problem, where both converge: the same minimiser.
+    gen = torch.Generator().manual_seed(11)
+    Ws = torch.randn(8, 16, generator=gen, dtype=F64) * 0.02
+    Xs = torch.randn(64, 16, generator=gen, dtype=F64)
+    Hs, g = Xs.T @ Xs, (group_size if group_size == -1 else 8)
+    a = 1e-3
+    plain_opt = magr(Ws, Hs, a, 3000, g)
+    fista_opt = magr(Ws, Hs, a, 400, g, solver="fista")
+    assert magr_objective(fista_opt, Ws, Hs, a, g) == pytest.approx(magr_objective(plain_opt, Ws, Hs, a, g), rel=1e-9)
+    assert torch.allclose(fista_opt, plain_opt, atol=1e-7)
+
+
+def test_magr_objective_by_hand_and_solver_errors():
+    from lowbit.quant import QuantConfig
+    from lowbit.quant.magr import magr_objective
+
+    W = torch.tensor([[1.0, -2.0], [0.5, 0.0]], dtype=F64)
+    H = torch.diag(torch.tensor([2.0, 4.0], dtype=F64))  # λ_max 4: H̃ = diag(0.5, 1)
+    Wh = torch.tensor([[1.0, -1.0], [0.5, 0.0]], dtype=F64)  # D = [[0, 1], [0, 0]]
+    assert magr_objective(Wh, W, H, alpha=0.1) == pytest.approx(0.5 * 1.0 + 0.1 * (1.0 + 0.5))
+    with pytest.raises(ValueError, match="unknown MagR solver"):
+        magr(W, H, solver="adam")
+    with pytest.raises(ValueError, match="magr_solver"):
+        QuantConfig(method="magr-gptq", bits=2, magr_solver="adam")

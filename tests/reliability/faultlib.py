@@ -133,9 +133,9 @@ def small_demo_patch():
     import lowbit.recipes.demo as demo
 
     class Budget(demo.DemoBudget):
-        def overrides(self, quantized: bool) -> list[str]:
+        def overrides(self, quantized: bool, recipe: str = "") -> list[str]:
             extra = ["quant.method=rtn"] if quantized else []
-            return [*super().overrides(quantized), *extra, "eval.datasets=[synthetic-gsm8k]", "train.threads=1"]
+            return [*super().overrides(quantized, recipe), *extra, "eval.datasets=[synthetic-gsm8k]", "train.threads=1"]
 
     real = demo.demo_runs
     demo.demo_runs = lambda quick: list(DEMO_RUNS)
