@@ -47,6 +47,7 @@ bench: setup
 	$(VPY) benchmarks/bench_init.py $(BENCH_ARGS)
 	$(VPY) benchmarks/bench_train_tiny.py $(BENCH_ARGS)
 	$(VPY) benchmarks/bench_generate.py $(BENCH_ARGS)
+	$(VPY) benchmarks/bench_magr.py $(BENCH_ARGS)
 
 # The real-checkpoint benchmarks (SmolLM2-135M; `make real`, GPTQModel): about an hour on 2 CPU cores.
 bench-real: setup

@@ -138,6 +138,60 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
     return times
 
 
+def bootstrap_median_ci(xs: list[float], n_boot: int = 4000, seed: int = 0) -> tuple[float, float, float]:
+    """``(median, lo, hi)``: the median of ``xs`` and its 95% percentile-bootstrap interval."""
+    import random
+
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(n_boot))
+    return statistics.median(xs), meds[int(0.025 * n_boot)], meds[int(0.975 * n_boot) - 1]
+
+
+def ratio_verdict(lo: float, hi: float, target: float | None, higher_is_better: bool = False) -> str:
+    """``met`` / ``missed`` / ``unresolved`` for a ratio's 95% interval against ``target`` (``ratio <= target``
+    is met, or ``>=`` when higher is better); ``report`` without a target."""
+    if target is None:
+        return "report"
+    if higher_is_better:
+        return "met" if lo >= target else "missed" if hi < target else "unresolved"
+    return "met" if hi <= target else "missed" if lo > target else "unresolved"
+
+
+def paired_ratio(candidate: Callable[[], object], baseline: Callable[[], object], *, min_repeats: int = 5,
+                 max_repeats: int = 30, time_cap_s: float = 600.0, rel_half_width: float = 0.05, warmup: int = 1,
+                 target: float | None = None, device: torch.device | None = None) -> dict:
+    """Time ``candidate`` against ``baseline`` in interleaved pairs (order alternating per repeat) after
+    ``warmup`` untimed pairs; each pair gives one ratio candidate/baseline. Repeats are added until the bootstrap
+    95% interval of the median ratio is within ``±rel_half_width`` of it, ``max_repeats`` or ``time_cap_s``.
+    Returns the median ratio, its interval, the verdict against ``target`` and both timing summaries."""
+    for _ in range(warmup):
+        candidate()
+        baseline()
+        sync(device)
+    t_start = time.perf_counter()
+    tc, tb, ratios = [], [], []
+    while True:
+        order = [("c", candidate), ("b", baseline)] if len(ratios) % 2 == 0 else [("b", baseline), ("c", candidate)]
+        got = {}
+        for k, f in order:
+            sync(device)
+            t0 = time.perf_counter()
+            f()
+            sync(device)
+            got[k] = time.perf_counter() - t0
+        tc.append(got["c"])
+        tb.append(got["b"])
+        ratios.append(got["c"] / got["b"])
+        if len(ratios) >= max(min_repeats, 2):
+            med, lo, hi = bootstrap_median_ci(ratios)
+            narrow = max(hi - med, med - lo) <= rel_half_width * med
+            if narrow or len(ratios) >= max_repeats or time.perf_counter() - t_start >= time_cap_s:
+                break
+    return {"ratio": med, "ci95": [lo, hi], "narrow": narrow, "repeats": len(ratios), "target": target,
+            "verdict": ratio_verdict(lo, hi, target), "ratios": [round(r, 5) for r in ratios],
+            "candidate": summary(tc), "baseline": summary(tb)}
+
+
 def timed_once(fn: Callable[[], object], device: torch.device | None = None) -> tuple[float, object]:
     sync(device)
     t0 = time.perf_counter()
@@ -164,6 +218,11 @@ def _proc_status_bytes(field: str) -> int | None:
     except OSError:
         pass
     return None
+
+
+def own_peak_rss_bytes() -> int | None:
+    """This process's own peak RSS (``VmHWM``; unlike ``ru_maxrss``, not inherited from the parent process)."""
+    return _proc_status_bytes("VmHWM")
 
 
 def _reset_hwm() -> bool:

@@ -7,8 +7,9 @@ quantized with ``QuantConfig(method="rtn", bits=b, group_size=64)`` (all seven p
 
 Time: all six configurations live in one process and take their steps round-robin (interleaved); medians over
 ``--steps`` steps after 2 warm-up steps, ratios against the fp32-base LoRA run. Memory: each configuration again
-in its own subprocess running 3 steps, reporting ``ru_maxrss`` (peak RSS of the whole process: Python, torch,
-the model, activations, optimizer state) and the rise of the peak RSS during the 3 steps over the RSS before
+in its own subprocess running 3 steps, reporting its own peak RSS (``VmHWM`` read inside the child: Python, torch,
+the model, activations, optimizer state; ``ru_maxrss`` is not used, as a child started by ``subprocess`` inherits
+its parent's high-water mark on Linux) and the rise of the peak RSS during the 3 steps over the RSS before
 them (``VmHWM`` reset first; on CUDA the peak allocated bytes); plus the model's parameter + buffer bytes
 (exact) and its base weights' share.
 
@@ -27,9 +28,9 @@ from _common import (
     header_line,
     interleaved,
     machine_info,
-    max_rss_bytes,
     md_table,
     module_bytes,
+    own_peak_rss_bytes,
     peak_memory_delta,
     setup,
     summary,
@@ -85,7 +86,7 @@ def worker(args) -> None:
     model, opt, sizes = build(base, adapter, dev)
     batch = random_batch(model.config.vocab_size, args.batch, args.seq, dev)
     step, losses = make_step(model, opt, batch)
-    rss_before = max_rss_bytes()
+    hwm_before = own_peak_rss_bytes()  # this process's own peak so far (the reset below clears it)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
@@ -93,7 +94,9 @@ def worker(args) -> None:
         for _ in range(3):
             step()
     rise = peak_memory_delta(steps, dev)["peak_delta_bytes"]
-    out = {"config": args.worker, "ru_maxrss_bytes": max_rss_bytes(), "ru_maxrss_before_steps_bytes": rss_before,
+    hwm_after = own_peak_rss_bytes()
+    peak = max(hwm_before, hwm_after) if hwm_before and hwm_after else None
+    out = {"config": args.worker, "peak_rss_bytes": peak, "peak_rss_before_steps_bytes": hwm_before,
            "peak_rise_bytes": rise, "losses": losses, **sizes}
     if dev.type == "cuda":
         out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(dev)
@@ -125,9 +128,9 @@ def main() -> None:
     ts = interleaved(fns, steps, warmup=1 if args.quick else 2, device=dev)
     ref = summary(ts["fp32 lora"])["median_s"]
 
-    # Peak memory: one subprocess per configuration (quick: just one, to exercise the path).
+    # Peak memory: one subprocess per configuration.
     mem = {}
-    for b, a in configs[-1:] if args.quick else configs:
+    for b, a in configs:
         cmd = [sys.executable, __file__, "--worker", f"{b}:{a}", "--batch", str(args.batch), "--seq",
                str(args.seq), "--device", dev.type] + (["--threads", str(args.threads)] if args.threads else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -141,7 +144,7 @@ def main() -> None:
     for k, (_, _, sizes) in built.items():
         m = mem.get(k, {})
         rows.append({"config": k, **summary(ts[k]), "ratio_vs_fp32_lora": summary(ts[k])["median_s"] / ref,
-                     **sizes, "ru_maxrss_bytes": m.get("ru_maxrss_bytes"),
+                     **sizes, "peak_rss_bytes": m.get("peak_rss_bytes"),
                      "rss_peak_increase_bytes": m.get("peak_rise_bytes"),
                      "cuda_max_allocated_bytes": m.get("cuda_max_allocated_bytes"),
                      "memory_error": m.get("error"), "losses": [round(x, 4) for x in losses[k]]})
@@ -154,7 +157,7 @@ def main() -> None:
         return q[key] / f[key] if q and f and q[key] and f[key] else None
 
     less = {f"{b} {a}": {"param_buffer_bytes_vs_fp32": rel("param_buffer_bytes", b, a),
-                         "ru_maxrss_vs_fp32": rel("ru_maxrss_bytes", b, a),
+                         "peak_rss_vs_fp32": rel("peak_rss_bytes", b, a),
                          "peak_rise_vs_fp32": rel("rss_peak_increase_bytes", b, a)}
             for b in ("4-bit", "2-bit") for a in ("lora", "diablo") if by(f"{b} {a}")}
     result = {"benchmark": "train_tiny", "machine": info, "device": str(dev), "batch": [args.batch, args.seq],
@@ -164,16 +167,16 @@ def main() -> None:
                                    for b in ("fp32", "4-bit", "2-bit") if by(f"{b} diablo") and by(f"{b} lora")}}
     mib = lambda b: None if b is None else b / 2**20  # noqa: E731
     table = md_table(["base", "adapter", "trainable", "median ms/step", "spread ms", "× fp32 LoRA",
-                      "params+buffers MiB", "of which base MiB", "ru_maxrss MiB", "peak RSS rise MiB"],
+                      "params+buffers MiB", "of which base MiB", "peak RSS MiB", "peak RSS rise MiB"],
                      [[r["config"].split()[0], r["config"].split()[1], f"{r['trainable_params']:,}",
                        1e3 * r["median_s"], 1e3 * r["spread_s"], r["ratio_vs_fp32_lora"], mib(r["param_buffer_bytes"]),
-                       mib(r["base_bytes"]), mib(r["ru_maxrss_bytes"]), mib(r["rss_peak_increase_bytes"])]
+                       mib(r["base_bytes"]), mib(r["peak_rss_bytes"]), mib(r["rss_peak_increase_bytes"])]
                       for r in rows])
     def pct(v):
         return "n/a" if v is None else f"{100 * v:.0f} %"
 
-    verdict = "; ".join(f"{k}: params+buffers {pct(v['param_buffer_bytes_vs_fp32'])}, ru_maxrss "
-                        f"{pct(v['ru_maxrss_vs_fp32'])}, peak rise {pct(v['peak_rise_vs_fp32'])} of the fp32 base's"
+    verdict = "; ".join(f"{k}: params+buffers {pct(v['param_buffer_bytes_vs_fp32'])}, peak RSS "
+                        f"{pct(v['peak_rss_vs_fp32'])}, peak rise {pct(v['peak_rise_vs_fp32'])} of the fp32 base's"
                         for k, v in less.items())
     md = (f"### Tiny-model training step ({args.batch}×{args.seq} tokens, AdamW, adapters on {','.join(TARGETS)})\n\n"
           f"{header_line(info)}; median of {steps} interleaved steps; memory from one subprocess per "

@@ -44,11 +44,11 @@ SOLVERS = ("pg", "fista")
 
 
 def magr_objective(W_hat: torch.Tensor, W: torch.Tensor, H: torch.Tensor, alpha: float,
-                   group_size: int = -1) -> float:
+                   group_size: int = -1, lmax: float | None = None) -> float:
     """The objective :func:`magr` minimises, in its normalised form ``½ tr(D H̃ Dᵀ) + α Σ ‖Ŵ_row/group‖_∞`` with
-    ``D = Ŵ - W`` ``(out, in)`` and ``H̃ = H / λ_max(H)``, in float64."""
+    ``D = Ŵ - W`` ``(out, in)`` and ``H̃ = H / λ_max(H)``, in float64 (``lmax``: λ_max(H) when already known)."""
     Wh, W0, Hd = W_hat.double(), W.double(), H.double()
-    Ht = Hd / torch.linalg.eigvalsh(Hd)[-1]
+    Ht = Hd / (float(torch.linalg.eigvalsh(Hd)[-1]) if lmax is None else lmax)
     D = Wh - W0
     g = check_group_size(W.shape[1], group_size)
     linf = pad_to_groups(Wh, g).reshape(-1, g).abs().amax(1).sum()
@@ -56,7 +56,7 @@ def magr_objective(W_hat: torch.Tensor, W: torch.Tensor, H: torch.Tensor, alpha:
 
 
 def magr(W: torch.Tensor, H: torch.Tensor, alpha: float = 1e-3, iters: int = 200,
-         group_size: int = -1, solver: str = "pg") -> torch.Tensor:
+         group_size: int = -1, solver: str = "pg", callback=None) -> torch.Tensor:
     """Pre-process ``W`` ``(out, in)`` with MagR given ``H = X^T X`` ``(in, in)``; returns ``Ŵ`` (same shape,
     float32, or float64 for a float64 ``W``). ``group_size=-1`` penalises each row's ℓ∞ norm; otherwise that of
     each group of ``group_size`` inputs (the paper uses α = 1e-3 per-channel and 1e-4 per-group).
@@ -65,7 +65,8 @@ def magr(W: torch.Tensor, H: torch.Tensor, alpha: float = 1e-3, iters: int = 200
     extrapolated point (Beck & Teboulle 2009, ``O(1/k²)``) with gradient-based adaptive restart (O'Donoghue &
     Candès 2015): the momentum is reset whenever it points against the last step, which keeps the objective from
     oscillating; per iteration it costs what a plain step costs, and it reaches a given objective value in far
-    fewer iterations."""
+    fewer iterations. ``callback(k, Ŵ)``, if given, is called after iteration ``k`` (1-based) and stops the
+    iterations when it returns ``True``."""
     check_weight(W)
     out, n = W.shape
     # Non-finite H (NaN activations) would turn every weight into NaN, reported later as a corrupt checkpoint.
@@ -90,12 +91,11 @@ def magr(W: torch.Tensor, H: torch.Tensor, alpha: float = 1e-3, iters: int = 200
         return prox_linf(pad_to_groups(V, g).reshape(-1, g), alpha).reshape(out, -1)[:, :n]
 
     What = W0.clone()
-    if solver == "pg":
-        for _ in range(iters):
+    Y, t = What, 1.0
+    for k in range(1, iters + 1):
+        if solver == "pg":
             What = step(What)
-    else:
-        Y, t = What, 1.0
-        for _ in range(iters):
+        else:
             new = step(Y)
             # Restart when the momentum opposes the step just taken: (y - x_new) · (x_new - x_old) > 0.
             if float(((Y - new) * (new - What)).sum()) > 0:
@@ -103,6 +103,8 @@ def magr(W: torch.Tensor, H: torch.Tensor, alpha: float = 1e-3, iters: int = 200
             t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
             Y = new + ((t - 1) / t_next) * (new - What)
             What, t = new, t_next
+        if callback is not None and callback(k, What):
+            break
     return What if dtype == torch.float64 else What.float()
 
 
