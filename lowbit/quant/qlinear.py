@@ -90,7 +90,12 @@ def _fill(buf: torch.Tensor, stream: torch.Tensor, scales: torch.Tensor, zeros: 
 def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                       codebook: torch.Tensor | None, g_idx: torch.Tensor | None, bits: int, in_features: int,
                       group_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Dense ``(out, in)`` weight in ``dtype`` from packed storage."""
+    """Dense ``(out, in)`` weight in ``dtype`` from packed storage. On CUDA with ``triton`` installed, one pass of
+    the Triton kernel (:mod:`lowbit.quant.triton_dequant`; ``LOWBIT_TRITON=0`` turns it off)."""
+    if qweight.is_cuda and _use_triton():
+        from .triton_dequant import triton_dequantize
+
+        return triton_dequantize(qweight, scales, zeros, codebook, g_idx, bits, in_features, group_size, dtype)
     g = in_features if group_size == -1 else group_size
     stream = _fast_stream(qweight, g_idx, bits, in_features, g)
     if stream is not None:
@@ -114,6 +119,20 @@ def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
     if zeros is not None:
         return s * (codes.to(dtype) - zeros.to(dtype)[:, gi])
     return s * codebook.to(dtype)[codes.long()]
+
+
+_TRITON: bool | None = None
+
+
+def _use_triton() -> bool:
+    global _TRITON
+    if _TRITON is None:
+        import os
+
+        from .triton_dequant import available
+
+        _TRITON = os.environ.get("LOWBIT_TRITON", "1") != "0" and available()
+    return _TRITON
 
 
 class _DequantMatmul(torch.autograd.Function):

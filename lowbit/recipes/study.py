@@ -61,7 +61,7 @@ def study_cells(bits: tuple[int, ...] = (2, 4)) -> list[Cell]:
         cells += [
             Cell(f"{b}bit-qlora", "QLoRA (NF)", f"tiny-qlora-{b}bit", b, "lora"),
             Cell(f"{b}bit-loftq", "LoftQ (NF)", f"tiny-loftq-{b}bit", b, "lora", False),
-            Cell(f"{b}bit-apiq-bw", "ApiQ-bw (GPTQ)", f"tiny-apiq-bw-{b}bit", b, "lora", False),
+            Cell(f"{b}bit-apiq-bw", "ApiQ-bw (RTN grid, learned clipping)", f"tiny-apiq-bw-{b}bit", b, "lora", False),
             Cell(f"{b}bit-gptq-lora", "GPTQ-LoRA (GPTQ)", f"tiny-gptq-lora-{b}bit", b, "lora"),
             Cell(f"{b}bit-cloq-gptq", "CLoQ (GPTQ)", f"tiny-cloq-{b}bit", b, "lora", True, ("quant.method=gptq",)),
             Cell(f"{b}bit-gptq-lora-magr", "GPTQ-LoRA (MagR)", f"tiny-gptq-lora-{b}bit", b, "lora", True,
