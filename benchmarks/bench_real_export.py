@@ -149,6 +149,10 @@ def one_bit_width(args, bits: int, fp: nn.Module, tok, calib: torch.Tensor, held
     _, t_quant = step("quantize (lowbit)", lambda: quantize_model(model, qcfg, calib, progress=False))
     qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     ppl_fp32, t_fp32 = step("ppl lowbit float32", lambda: ppl(model))
+    # The truth every low-precision forward approximates: the same quantized model computed in float64.
+    m64 = copy.deepcopy(model).double()
+    ppl_f64, t_f64 = step("ppl lowbit float64", lambda: ppl(m64))
+    del m64
     out, t_export = step("export_gptq", lambda: export_gptq(model, tmp / f"gptq-{bits}bit", tokenizer=tok))
     exported = json.loads((out / "quantize_config.json").read_text())
     # The same-dtype reference: the model's weights cast to the dtype, as the export stores them (fp16) and the
@@ -166,11 +170,16 @@ def one_bit_width(args, bits: int, fp: nn.Module, tok, calib: torch.Tensor, held
     def rel(p: float) -> float:
         return 100 * (p - ppl_ref) / ppl_ref
 
+    def truth(p: float) -> float:
+        return 100 * (p - ppl_f64) / ppl_f64
+
     scores = [
+        {"scorer": "lowbit", "kernels": ["QuantLinear"], "dtype": "float64", "ppl": ppl_f64,
+         "rel_diff_pct": rel(ppl_f64), "vs_float64_pct": 0.0, "ppl_s": t_f64},
         {"scorer": "lowbit", "kernels": ["QuantLinear"], "dtype": "float32", "ppl": ppl_fp32,
-         "rel_diff_pct": rel(ppl_fp32), "ppl_s": t_fp32},
+         "rel_diff_pct": rel(ppl_fp32), "vs_float64_pct": truth(ppl_fp32), "ppl_s": t_fp32},
         {"scorer": "lowbit", "kernels": ["QuantLinear"], "dtype": args.dtype, "ppl": ppl_ref, "rel_diff_pct": 0.0,
-         "ppl_s": t_ref, "float_tensor_dtypes": _float_dtypes(model),
+         "vs_float64_pct": truth(ppl_ref), "ppl_s": t_ref, "float_tensor_dtypes": _float_dtypes(model),
          "attn_implementation": getattr(model.config, "_attn_implementation", None)},
     ]
     loaders: list[tuple[str, Callable[[Path, torch.dtype], nn.Module]]] = [
@@ -195,7 +204,8 @@ def one_bit_width(args, bits: int, fp: nn.Module, tok, calib: torch.Tensor, held
                        "kernel_notes": [KERNEL_NOTES[k] for k in kernel_names if k in KERNEL_NOTES],
                        "dtype": args.dtype, "float_tensor_dtypes": _float_dtypes(loaded),
                        "attn_implementation": getattr(loaded.config, "_attn_implementation", None), "ppl": p,
-                       "rel_diff_pct": rel(p), "within_tolerance": abs(rel(p)) <= args.tolerance,
+                       "rel_diff_pct": rel(p), "vs_float64_pct": truth(p),
+                       "within_tolerance": abs(rel(p)) <= args.tolerance,
                        "max_abs_weight_diff": dw, "load_s": t_load, "ppl_s": t_ppl})
         print(f"[{bits}-bit] {name} ({', '.join(kernel_names)}): ppl {p:.4f} ({rel(p):+.3f}% vs lowbit "
               f"{args.dtype} {ppl_ref:.4f}), max abs dW {dw:.3g}", flush=True)
@@ -243,18 +253,19 @@ def _write(args, records: list[dict]) -> None:
         for x in r["scores"]:
             if "error" in x:
                 err = x["error"][:100].replace("|", "/")  # a cell of the markdown table
-                rows.append([r["bits"], x["scorer"], None, x["dtype"], err, None, "NO", None, None, None])
+                rows.append([r["bits"], x["scorer"], None, x["dtype"], err, None, None, "NO", None, None, None])
                 continue
             kern = ", ".join(x["kernels"]) + ("*" if x.get("kernel_notes") else "")
             within = {True: "yes", False: "NO"}.get(x.get("within_tolerance"), "—")
             dw = x.get("max_abs_weight_diff")
+            vs64 = x.get("vs_float64_pct")
             rows.append([r["bits"], x["scorer"], kern, x["dtype"], f"{x['ppl']:.4f}", f"{x['rel_diff_pct']:+.3f}",
-                         within, None if dw is None else f"{dw:.3g}", _s(x.get("load_s")), _s(x["ppl_s"])])
+                         None if vs64 is None else f"{vs64:+.3f}", within, None if dw is None else f"{dw:.3g}", _s(x.get("load_s")), _s(x["ppl_s"])])
     notes = sorted({n for r in records for x in r["scores"] for n in x.get("kernel_notes", [])})
     md = (f"### Exporting {args.model} as GPTQ: perplexity after loading in GPTQModel and transformers\n\n"
           f"{header_line(info, _extra(args))}\n\n"
           + md_table(["bits", "scored by", "kernel", "dtype", "held-out ppl", f"Δ % vs lowbit {args.dtype}",
-                      f"within {args.tolerance}%", "max abs ΔW", "load (s)", "ppl (s)"], rows)
+                      "Δ % vs float64", f"within {args.tolerance}%", "max abs ΔW", "load (s)", "ppl (s)"], rows)
           + "".join(f"\n\n\\* {n}" for n in notes)
           + "\n\n" + md_table(["bits", "lowbit quantize (s)", "export_gptq (s)", "all within tolerance"],
                                 [[r["bits"], _s(r["quantize_s"]), _s(r["export_s"]),

@@ -212,6 +212,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .recipes.export_run import ExportRun, export_run
+
+    try:
+        out = export_run(config_from_args(ExportRun, args))
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    print(f"exported -> {out} (load it with `lowbit evaluate --model {out}`)")
+    return 0
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from .recipes.study import run_study
 
@@ -267,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .quant import QuantConfig
     from .recipes.config import CalibrationConfig
     from .recipes.evaluate import EvaluateRun
+    from .recipes.export_run import ExportRun
     from .recipes.pretrain_tiny import PretrainConfig
     from .recipes.quantize import QuantizeRun
 
@@ -311,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the smollm2-* recipes on SmolLM2-135M (needs `make real`; about 2 h on 2 CPU cores), "
                         "response loss and accuracy before/after fine-tuning (default --out real_out)")
     d.set_defaults(func=cmd_demo)
+
+    ex = sub.add_parser("export", help="merge a run's adapter into its base: a float checkpoint, or re-quantized "
+                        "with GPTQ (calibrated on the merged model) into a GPTQ checkpoint")
+    ex.add_argument("run_dir", help="a `lowbit finetune` output directory")
+    add_config_args(ex.add_argument_group("export"), ExportRun, skip=("run_dir",), required=("out",))
+    ex.set_defaults(func=cmd_export)
 
     st = sub.add_parser("study", help="the resolving comparison on the tiny model: matched bases, learning rates "
                         "from a validation split, several seeds, 95%% intervals (resumable; hours on 2 CPU cores)")

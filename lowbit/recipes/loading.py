@@ -186,10 +186,16 @@ def load_base(model: str, device: str = "cpu", dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
 
     path, quantized = resolve_model(model)
+    from ..quant.gptq_import import gptq_settings
+
     if quantized:
         from ..quant import load_quantized
 
         m = load_quantized(path, device=device)  # keeps the dtype it was quantized in
+    elif Path(path).is_dir() and gptq_settings(path) is not None:
+        from ..quant.gptq_import import load_gptq_checkpoint
+
+        m = load_gptq_checkpoint(path, device=device, dtype=getattr(torch, dtype))
     else:
         from safetensors import SafetensorError
 

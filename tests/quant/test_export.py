@@ -354,3 +354,24 @@ def test_gptqmodel_refuses_asymmetric_v1(tmp_path, gptqmodel_api):
     out = export_gptq(model, tmp_path / "gptq", checkpoint_format="gptq", tokenizer=tiny_tokenizer())
     with pytest.raises(ValueError, match="sym=False"):
         load_with_gptqmodel(gptqmodel_api, out)
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["rtn", "actorder"])
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_lowbit_reads_its_gptq_export_back_exactly(tmp_path, bits, sym, act_order):
+    """`load_gptq_checkpoint` (what `lowbit evaluate --model EXPORT` uses) rebuilds every QuantLinear bit for bit
+    and the logits of the exported model (its float tensors as stored, fp16) exactly."""
+    from lowbit.quant.gptq_import import load_gptq_checkpoint
+
+    model, qmods = quant_model(bits, sym, act_order=act_order, bias=True, real_gptq=False)
+    out = export_gptq(model, tmp_path / "gptq")
+    loaded = load_gptq_checkpoint(out)
+    got = {n: m for n, m in loaded.named_modules() if isinstance(m, QuantLinear)}
+    assert set(got) == set(qmods)
+    for n, q in qmods.items():
+        assert torch.equal(got[n].dequantize(), q.dequantize()), n
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    fp16_rounded(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)

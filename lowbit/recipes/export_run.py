@@ -1,0 +1,160 @@
+"""``lowbit export RUN_DIR --out DIR``: a fine-tuned low-bit run as one servable checkpoint.
+
+- ``--format float``: the base dequantised plus the merged adapter (``W' = deq(Q) + ΔW``,
+  :func:`lowbit.adapters.merge.merge_to_float`), saved as an ordinary Hugging Face checkpoint in bf16/fp16/fp32.
+- ``--format gptq`` (default): the merged float model re-quantized layer by layer with GPTQ against the calibration
+  Hessians **of the merged model** (inputs propagated through the layers already re-quantized, exactly as
+  :func:`lowbit.quant.quantize_model` quantizes any model), written in the GPTQ layout GPTQModel and transformers
+  load (:func:`lowbit.quant.export.export_gptq`). ``--requant rtn`` re-quantizes by round-to-nearest instead: the
+  dequantise-add-requantise merge users of other tools get, kept for comparison.
+
+Bits and group size default to the base's; the run's recipe (``RUN_DIR/config.yaml``) supplies the calibration
+settings. Everything is checked before the model loads (a run without a complete adapter, a base that cannot be
+found, bits the GPTQ format cannot express); the output directory is written atomically and records its provenance
+in ``lowbit_export.json``. The result loads with ``lowbit evaluate --model DIR`` like any model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..io import atomic_dir, atomic_write_json, read_json, recover_dir
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("gptq", "float")
+REQUANT = ("gptq", "rtn")
+DTYPES = ("bfloat16", "float16", "float32")
+GPTQ_BITS = (2, 3, 4, 8)
+PROVENANCE = "lowbit_export.json"
+
+
+@dataclass
+class ExportRun:
+    """run_dir: a ``lowbit finetune`` output directory. out: the new checkpoint directory. format: ``gptq`` or
+    ``float``. requant: ``gptq`` (calibrated) or ``rtn`` (round-to-nearest), for ``format=gptq``. bits /
+    group_size: of the re-quantized model (default: the base's). dtype: of a ``float`` export. calib_samples:
+    calibration windows (default: the recipe's). overwrite: replace an existing ``out`` (atomically)."""
+
+    run_dir: str
+    out: str
+    format: str = "gptq"
+    requant: str = "gptq"
+    bits: int | None = None
+    group_size: int | None = None
+    dtype: str = "float16"
+    calib_samples: int | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.requant not in REQUANT:
+            raise ValueError(f"--requant must be one of {', '.join(REQUANT)}, got {self.requant!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.format == "float" and (self.bits is not None or self.group_size is not None):
+            raise ValueError("--bits/--group-size apply to --format gptq; a float export keeps every weight in "
+                             "--dtype")
+        if self.bits is not None and self.bits not in GPTQ_BITS:
+            raise ValueError(f"--bits {self.bits}: the GPTQ checkpoint format stores {', '.join(map(str, GPTQ_BITS))} "
+                             f"bits; choose one of them")
+        if self.group_size is not None and self.group_size != -1 and self.group_size < 1:
+            raise ValueError(f"--group-size must be a positive integer or -1, got {self.group_size}")
+
+
+def _check_run(run_dir: Path) -> tuple[Path, dict]:
+    """``(adapter dir, run.json)``; raises naming what is missing and how to get it."""
+    if not recover_dir(run_dir).is_dir():
+        raise ValueError(f"run directory {str(run_dir)!r} does not exist; pass the output_dir of `lowbit finetune`")
+    for f in ("config.yaml", "run.json"):
+        if not (run_dir / f).is_file():
+            raise ValueError(f"{run_dir} has no {f}: it is not a finished `lowbit finetune` run (finish it, or "
+                             f"resume it with `lowbit finetune RECIPE output_dir={run_dir} --resume`)")
+    adapter = run_dir / "adapter"
+    missing = [f for f in ("adapter_config.json", "adapter_model.safetensors", "lowbit_adapter.json")
+               if not (recover_dir(adapter) / f).is_file()]
+    if missing:
+        raise ValueError(f"{run_dir} has no complete adapter ({adapter} lacks {', '.join(missing)}); it is written "
+                         f"when training finishes: finish or resume the run first")
+    info = read_json(run_dir / "run.json", "re-run the fine-tuning that wrote it")
+    return adapter, info
+
+
+def _base_spec(base: str) -> dict | None:
+    """The base's quantization (``None`` for a float base); raises when the base cannot be found."""
+    from .loading import resolve_model
+
+    try:
+        path, quantized = resolve_model(base)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"the run's base {base!r} (run.json 'base') cannot be found: {e}. Restore it, or re-create "
+                         f"it with `lowbit quantize` at that path") from None
+    if not quantized:
+        return None
+    from ..quant import read_quant_meta
+
+    return read_quant_meta(path)["quantization"]
+
+
+def export_run(cfg: ExportRun) -> Path:
+    """Write the export; returns its directory."""
+    import torch
+
+    run_dir, out = Path(cfg.run_dir).expanduser(), Path(cfg.out).expanduser()
+    adapter, info = _check_run(run_dir)
+    spec = _base_spec(info["base"])
+    bits = cfg.bits or (spec or {}).get("bits")
+    group = cfg.group_size or (spec or {}).get("group_size", 128)
+    if cfg.format == "gptq":
+        if bits is None:
+            raise ValueError(f"the run's base {info['base']} is a float model: pass --bits (one of "
+                             f"{', '.join(map(str, GPTQ_BITS))}) for a GPTQ export, or --format float")
+        if bits not in GPTQ_BITS:
+            raise ValueError(f"the base stores {bits} bits, which the GPTQ format cannot express; pass --bits "
+                             f"(one of {', '.join(map(str, GPTQ_BITS))})")
+    if recover_dir(out).exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise ValueError(f"--out {out} exists and is not empty; choose a new directory or pass --overwrite")
+    from .config import load_recipe
+
+    recipe = load_recipe(str(run_dir / "config.yaml"))
+
+    from ..adapters.merge import merge_to_float
+    from .loading import load_model
+
+    t0 = time.perf_counter()
+    model, tok, _ = load_model(info["base"], adapter=str(adapter), device="cpu", dtype="float32")
+    counts = merge_to_float(model)
+    log.info("merged %d adapter layers, dequantised %d other quantized layers", counts["merged"],
+             counts["dequantized"])
+    provenance = {"run_dir": str(run_dir.resolve()), "base": info["base"], "base_quantization": spec,
+                  "adapter": str(adapter.resolve()), "method": info.get("method"), "adapter_kind": info.get("adapter"),
+                  "init": info.get("init"), "export": asdict(cfg) | {"bits": bits, "group_size": group}}
+    if cfg.format == "float":
+        model.to(getattr(torch, cfg.dtype))
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            atomic_write_json(tmp / PROVENANCE, provenance | {"seconds": time.perf_counter() - t0}, seal=True)
+        log.info("float export (%s) -> %s", cfg.dtype, out)
+        return out
+
+    from ..quant import QuantConfig, quantize_model
+    from ..quant.export import export_gptq
+    from .quantize import calibration_windows
+
+    calib_cfg = recipe.calibration
+    if cfg.calib_samples is not None:
+        calib_cfg.nsamples = cfg.calib_samples
+    qcfg = QuantConfig(method=cfg.requant, bits=bits, group_size=group)
+    calib = calibration_windows(calib_cfg, tok)[0] if qcfg.needs_calibration else None
+    quantize_model(model, qcfg, calib, progress=False)
+    provenance["requant"] = qcfg.to_dict()
+    provenance["calibration"] = calib_cfg.__dict__ if calib is not None else None
+    export_gptq(model, out, tokenizer=tok, overwrite=True)
+    atomic_write_json(out / PROVENANCE, provenance | {"seconds": time.perf_counter() - t0}, seal=True)
+    log.info("GPTQ export (%d-bit g%d, %s re-quantization) -> %s", bits, group, cfg.requant, out)
+    return out

@@ -1,0 +1,124 @@
+"""`lowbit export`: a fine-tuned low-bit run as one checkpoint. The float merge computes what base + adapter
+computed; the GPTQ export loads in lowbit (bit-exact weights) and in GPTQModel and transformers with the same
+logits; re-quantizing with GPTQ on the merged model stays closer to the adapter model than round-to-nearest; bad
+input is refused before any work."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from lowbit.cli import main
+from lowbit.recipes.config import load_recipe
+from lowbit.recipes.export_run import ExportRun, export_run
+from lowbit.recipes.finetune import finetune
+from lowbit.recipes.loading import load_model
+
+FAST = ["data.num_examples=64", "train.batch_size=8", "train.max_steps=8", "train.lr=2e-2", "train.save_steps=100",
+        "train.warmup_ratio=0.0", "train.threads=2", "calibration.nsamples=8", "calibration.seqlen=128",
+        "eval=null"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two short runs on the tiny model: 2-bit CLoQ-LoRA (GPTQ base) and 4-bit DiaBlo (RTN base)."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name, recipe, extra in (("cloq2", "tiny-cloq-2bit", ["quant.method=gptq"]),
+                                ("diablo4", "tiny-diablo-4bit", ["quant.method=rtn"])):
+        finetune(load_recipe(recipe, [*FAST, *extra, f"output_dir={root / name}"]))
+        out[name] = root / name
+    return out
+
+
+def _ids(tok):
+    return tok(["Tom has 3 apples and buys 4 more. How many apples?", "What is 6 times 3?"], return_tensors="pt",
+               padding=True)["input_ids"]
+
+
+def _adapter_model(run):
+    info = json.loads((run / "run.json").read_text())
+    return load_model(info["base"], adapter=str(run / "adapter"), dtype="float32")[:2]
+
+
+@pytest.mark.parametrize("name", ["cloq2", "diablo4"])
+def test_float_export_equals_base_plus_adapter(runs, name, tmp_path):
+    ref_model, tok = _adapter_model(runs[name])
+    out = export_run(ExportRun(run_dir=str(runs[name]), out=str(tmp_path / "f"), format="float", dtype="float32"))
+    merged = load_model(str(out), dtype="float32")[0]
+    ids = _ids(tok)
+    with torch.no_grad():
+        a, b = ref_model(ids).logits, merged(ids).logits
+    assert float((a - b).abs().max() / a.abs().max()) < 1e-5
+    prov = json.loads((out / "lowbit_export.json").read_text())
+    assert prov["export"]["format"] == "float" and prov["adapter"].endswith("adapter")
+
+
+def test_gptq_export_is_closer_than_rtn_and_loads_in_lowbit(runs, tmp_path):
+    """(c) GPTQ re-quantization of the merged model vs (d) RTN: the logits stay closer to base + adapter's."""
+    from lowbit.quant import QuantLinear
+
+    run = runs["cloq2"]
+    ref_model, tok = _adapter_model(run)
+    ids = _ids(tok)
+    errs = {}
+    for requant in ("gptq", "rtn"):
+        assert main(["export", str(run), "--out", str(tmp_path / requant), "--requant", requant]) == 0
+        m = load_model(str(tmp_path / requant), dtype="float32")[0]
+        assert sum(isinstance(x, QuantLinear) for x in m.modules()) == 28  # every decoder linear, 2 bits
+        assert {x.bits for x in m.modules() if isinstance(x, QuantLinear)} == {2}
+        with torch.no_grad():
+            a, b = ref_model(ids).logits, m(ids).logits
+        errs[requant] = float((a - b).norm() / a.norm())
+    assert errs["gptq"] < errs["rtn"], errs
+    prov = json.loads((tmp_path / "gptq" / "lowbit_export.json").read_text())
+    assert prov["requant"]["method"] == "gptq" and prov["calibration"]["nsamples"] == 8
+    assert prov["base_quantization"]["bits"] == 2
+
+
+def test_gptq_export_loads_in_gptqmodel_and_transformers(runs, tmp_path):
+    pytest.importorskip("gptqmodel")
+    pytest.importorskip("optimum")
+    from gptqmodel import BACKEND, GPTQModel
+    from transformers import AutoModelForCausalLM
+
+    out = export_run(ExportRun(run_dir=str(runs["diablo4"]), out=str(tmp_path / "g")))
+    mine, tok = load_model(str(out), dtype="float16")[:2]
+    ids = _ids(tok)
+    with torch._dynamo.config.patch(disable=True), torch.no_grad():
+        ref = mine(ids).logits.float()
+        for loaded in (GPTQModel.load(str(out), device="cpu", backend=BACKEND.TORCH, dtype=torch.float16).model,
+                       AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu", dtype=torch.float16)):
+            got = loaded.eval()(ids).logits.float()
+            assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-2  # fp16 forwards, bf16 int4 kernel
+
+
+def test_bad_input_is_refused_before_work(runs, tmp_path):
+    run = runs["diablo4"]
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    (broken / "adapter" / "adapter_model.safetensors").unlink()
+    with pytest.raises(ValueError, match="no complete adapter"):
+        export_run(ExportRun(run_dir=str(broken), out=str(tmp_path / "o1")))
+    with pytest.raises(ValueError, match="does not exist"):
+        export_run(ExportRun(run_dir=str(tmp_path / "nope"), out=str(tmp_path / "o2")))
+    lost = tmp_path / "lost"
+    shutil.copytree(run, lost)
+    from lowbit.io import sealed
+
+    info = json.loads((lost / "run.json").read_text())
+    info["base"] = str(tmp_path / "gone-base")  # a base deleted since training (re-sealed as lowbit writes it)
+    (lost / "run.json").write_text(json.dumps(sealed(info)))
+    with pytest.raises(ValueError, match="cannot be found"):
+        export_run(ExportRun(run_dir=str(lost), out=str(tmp_path / "o3")))
+    with pytest.raises(ValueError, match="GPTQ checkpoint format stores"):
+        ExportRun(run_dir=str(run), out=str(tmp_path / "o4"), bits=5)
+    with pytest.raises(SystemExit, match="--bits/--group-size apply to --format gptq"):
+        main(["export", str(run), "--out", str(tmp_path / "o5"), "--format", "float", "--bits", "4"])
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep")
+    with pytest.raises(ValueError, match="not empty"):
+        export_run(ExportRun(run_dir=str(run), out=str(tmp_path / "full")))
+    assert (tmp_path / "full" / "x").read_text() == "keep"
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4", "o5"))
