@@ -21,9 +21,9 @@ from __future__ import annotations
 import time
 
 import torch
+from _common import base_parser, header_line, machine_info, md_table, paired_ratio, setup, write_results
 from torch import nn
 
-from _common import base_parser, header_line, machine_info, md_table, paired_ratio, setup, write_results
 from lowbit.adapters import AdapterConfig, apply_adapters
 from lowbit.adapters.diablo import DiaBloLinear
 from lowbit.adapters.lora import LoRALinear
@@ -118,7 +118,7 @@ def memory_rows(dev, sizes, dry: bool) -> list[dict]:
     for b in sizes["batches"]:
         ids = torch.randint(0, model.config.vocab_size, (b, sizes["seq"]), device=dev)
 
-        def step():
+        def step(ids=ids):
             with torch.autocast(dev.type, dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()

@@ -11,9 +11,17 @@ a LLaMA layer's inputs (``realistic_activations``); per-group α = 1e-4 with gro
 from __future__ import annotations
 
 import torch
+from _common import (
+    base_parser,
+    header_line,
+    machine_info,
+    md_table,
+    paired_ratio,
+    realistic_activations,
+    setup,
+    write_results,
+)
 
-from _common import (base_parser, header_line, machine_info, md_table, paired_ratio, realistic_activations, setup,
-                     write_results)
 from lowbit.quant.magr import magr, magr_objective
 
 PLAIN_ITERS = 200
@@ -56,8 +64,8 @@ def main() -> None:
         plain_obj = magr_objective(magr(W, H, alpha, PLAIN_ITERS, group), W, H, alpha, group)
         k = fista_iters_to_reach(W, H, alpha, group, plain_obj * 1.001)
         fista_obj = magr_objective(magr(W, H, alpha, k, group, solver="fista"), W, H, alpha, group)
-        r = paired_ratio(lambda: magr(W, H, alpha, k, group, solver="fista"),
-                         lambda: magr(W, H, alpha, PLAIN_ITERS, group),
+        r = paired_ratio(lambda W=W, H=H, k=k: magr(W, H, alpha, k, group, solver="fista"),
+                         lambda W=W, H=H: magr(W, H, alpha, PLAIN_ITERS, group),
                          min_repeats=2 if args.quick else (args.repeats or 5), max_repeats=3 if args.quick else 20,
                          time_cap_s=args.time_cap, warmup=0 if not args.quick else 1, target=TARGET_RATIO,
                          device=dev)

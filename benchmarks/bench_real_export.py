@@ -150,9 +150,7 @@ def one_bit_width(args, bits: int, fp: nn.Module, tok, calib: torch.Tensor, held
     qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     ppl_fp32, t_fp32 = step("ppl lowbit float32", lambda: ppl(model))
     # The truth every low-precision forward approximates: the same quantized model computed in float64.
-    m64 = copy.deepcopy(model).double()
-    ppl_f64, t_f64 = step("ppl lowbit float64", lambda: ppl(m64))
-    del m64
+    ppl_f64, t_f64 = step("ppl lowbit float64", lambda: ppl(copy.deepcopy(model).double()))
     out, t_export = step("export_gptq", lambda: export_gptq(model, tmp / f"gptq-{bits}bit", tokenizer=tok))
     exported = json.loads((out / "quantize_config.json").read_text())
     # The same-dtype reference: the model's weights cast to the dtype, as the export stores them (fp16) and the
@@ -260,7 +258,8 @@ def _write(args, records: list[dict]) -> None:
             dw = x.get("max_abs_weight_diff")
             vs64 = x.get("vs_float64_pct")
             rows.append([r["bits"], x["scorer"], kern, x["dtype"], f"{x['ppl']:.4f}", f"{x['rel_diff_pct']:+.3f}",
-                         None if vs64 is None else f"{vs64:+.3f}", within, None if dw is None else f"{dw:.3g}", _s(x.get("load_s")), _s(x["ppl_s"])])
+                         None if vs64 is None else f"{vs64:+.3f}", within, None if dw is None else f"{dw:.3g}",
+                         _s(x.get("load_s")), _s(x["ppl_s"])])
     notes = sorted({n for r in records for x in r["scores"] for n in x.get("kernel_notes", [])})
     md = (f"### Exporting {args.model} as GPTQ: perplexity after loading in GPTQModel and transformers\n\n"
           f"{header_line(info, _extra(args))}\n\n"

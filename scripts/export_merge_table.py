@@ -47,7 +47,8 @@ def main() -> None:
             d = out / run.name / f"{key}-export"
             if not (d / "lowbit_export.json").is_file():
                 export_run(ExportRun(run_dir=str(run), out=str(d), overwrite=True, **kw))
-            row[key] = scores(run_evaluation(EvaluateRun(model=str(d), eval=ev, out=str(out / run.name / f"{key}-eval"))))
+            ev_out = str(out / run.name / f"{key}-eval")
+            row[key] = scores(run_evaluation(EvaluateRun(model=str(d), eval=ev, out=ev_out)))
         rows.append(row)
         atomic_write_json(out / "export_merge.json", {"limit": args.limit, "rows": rows})
     lines = ["| run | bits | (a) base + adapter | (b) float merge | (c) GPTQ re-quantized | (d) RTN re-quantized | "

@@ -123,7 +123,7 @@ def build_bases(out: Path, sections: list, source: str | None = None) -> list[di
     tok = AutoTokenizer.from_pretrained(src)
     held = heldout_text_ids(tok, n_docs=400)
     cache = out / "bases" / "perplexity.json"
-    ppl = _read_cache(cache) or {}
+    ppl = read_cache(cache) or {}
     source = source or model_fingerprint()
     if ppl.get("source") != source:  # built from another checkpoint of the tiny model: rebuild everything
         ppl = {"source": source}
@@ -155,7 +155,7 @@ def build_bases(out: Path, sections: list, source: str | None = None) -> list[di
     return rows
 
 
-def _read_cache(path: Path):
+def read_cache(path: Path):
     """A cache file's JSON, or ``None`` when it is missing or damaged (then logged: the step runs again)."""
     if not path.is_file():
         return None
@@ -186,7 +186,7 @@ def cached_run(run_dir: Path, stamp: dict, need_summary: bool = True) -> bool:
     files = ["run.json", "summary.json"] if need_summary else ["run.json"]
     if not all((run_dir / f).is_file() for f in files):
         return False
-    return _read_cache(run_dir / "demo_stamp.json") == stamp and all(_read_cache(run_dir / f) is not None
+    return read_cache(run_dir / "demo_stamp.json") == stamp and all(read_cache(run_dir / f) is not None
                                                                      for f in files)
 
 

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..io import atomic_write_json, recover_dir
-from .demo import _read_cache, base_dir, base_settings, build_bases, model_fingerprint
+from .demo import base_dir, base_settings, build_bases, model_fingerprint, read_cache
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +131,10 @@ class StudyBudget:
         return self.seeds_4bit if cell.bits == 4 else self.seeds
 
     def common(self) -> list[str]:
-        """Overrides of every run: one pass over ``steps x batch`` examples (the same set for every run), the
-        same evaluation protocol."""
-        return [f"data.num_examples={self.num_examples}", f"train.batch_size={self.batch_size}", "train.logging_steps=10",
-                "eval.response_loss=true", f"eval.max_new_tokens={self.max_new_tokens}"]
+        """Overrides of every run: the same training pool of ``num_examples`` records (each run draws its
+        ``steps x batch`` examples from it in its seed's order) and the same evaluation protocol."""
+        return [f"data.num_examples={self.num_examples}", f"train.batch_size={self.batch_size}",
+                "train.logging_steps=10", "eval.response_loss=true", f"eval.max_new_tokens={self.max_new_tokens}"]
 
 
 QUICK_STUDY = StudyBudget(steps=3, batch_size=4, num_examples=12, seeds=(0, 1), seeds_4bit=(0,), bits=(2,),
@@ -168,7 +168,6 @@ def run_study(out_dir: str | Path = "study_out", budget: StudyBudget | None = No
                                                                                               cfg.calibration)
                 for c in cells if c.shared for cfg in [plans[c.name]]}
     base_rows = build_bases(out, list(sections.values()), source=fingerprint)
-    ledger = out / "ledger"
 
     # Learning rates from the validation split.
     lrs, search = {}, []
@@ -233,7 +232,7 @@ def _run(out: Path, cell: Cell, cfg, fingerprint: str, *, seed: int, lr: float, 
                                                                                           "model.quantized="))],
              "model": fingerprint, "base": base}
     path = out / "ledger" / f"{run_name}.json"
-    entry = _read_cache(path)
+    entry = read_cache(path)
     if entry is not None and entry.get("stamp") == stamp:
         log.info("%s: done (ledger)", run_name)
         return entry

@@ -41,7 +41,7 @@ def _run_cases() -> list[dict]:
             ref = dequantize_packed(*args, dtype=dt)
             got = triton_dequantize(*args, dtype=dt)
             res[str(dt)] = {"equal": bool(torch.equal(got, ref)),
-                            "max_rel": float(((got.float() - ref.float()).abs().max() / ref.float().abs().max()))}
+                            "max_rel": float((got.float() - ref.float()).abs().max() / ref.float().abs().max())}
         out.append(res)
     return out
 
