@@ -233,7 +233,7 @@ def _run(out: Path, cell: Cell, cfg, fingerprint: str, *, seed: int, lr: float, 
              "model": fingerprint, "base": base}
     path = out / "ledger" / f"{run_name}.json"
     entry = read_cache(path)
-    if entry is not None and entry.get("stamp") == stamp:
+    if entry is not None and _same_stamp(entry.get("stamp"), stamp):
         log.info("%s: done (ledger)", run_name)
         return entry
     log.info("%s: %s lr=%g seed=%d, %d steps", run_name, cell.recipe, lr, seed, steps)
@@ -252,3 +252,14 @@ def _run(out: Path, cell: Cell, cfg, fingerprint: str, *, seed: int, lr: float, 
     for ckpt in run_dir.glob("checkpoint-*"):  # the adapter is saved on its own; checkpoints only cost disk
         shutil.rmtree(ckpt, ignore_errors=True)
     return entry
+
+
+def _same_stamp(a: dict | None, b: dict) -> bool:
+    """Equal settings; the base's quantization compared as a :class:`QuantConfig` (a setting added to it later,
+    absent from an older ledger entry, keeps its default), so a ledger written by an older lowbit stays valid."""
+    from ..quant import QuantConfig
+
+    if not isinstance(a, dict) or set(a) != set(b):
+        return False
+    norm = [QuantConfig.from_dict(x["base"]) if x.get("base") else None for x in (a, b)]
+    return norm[0] == norm[1] and all(a[k] == b[k] for k in b if k != "base")
