@@ -322,6 +322,7 @@ def _validation_loader(family: str) -> Loader:
 for _family in FAMILIES:
     register_eval_set(SYNTHETIC_PREFIX + _family, display="syn-" + display_name(_family), kind=kind_of(_family),
                       loader=_synthetic_loader(_family))
+for _family in FAMILIES:
     register_eval_set(SYNTHETIC_PREFIX + _family + VALIDATION_SUFFIX, display="val-" + display_name(_family),
                       kind=kind_of(_family), loader=_validation_loader(_family))
 del _family

@@ -83,6 +83,8 @@ PAIRS = [
     ("{b}bit-diablo-calibrated", "{b}bit-diablo", "calibrated vs zero-init DiaBlo, same MagR+GPTQ base"),
     ("{b}bit-loftq", "{b}bit-qlora", "LoftQ vs QLoRA (NF; LoftQ re-quantizes)"),
     ("{b}bit-diablo", "{b}bit-cloq", "DiaBlo vs CLoQ, same MagR+GPTQ base"),
+    ("{b}bit-gptq-lora-magr", "{b}bit-gptq-lora", "MagR+GPTQ vs GPTQ base, zero-init LoRA"),
+    ("{b}bit-cloq", "{b}bit-cloq-gptq", "MagR+GPTQ vs GPTQ base, CLoQ"),
     ("{b}bit-diablo", "{b}bit-apiq-bw", "paper order: DiaBlo >= ApiQ-bw"),
     ("{b}bit-apiq-bw", "{b}bit-loftq", "paper order: ApiQ-bw >= LoftQ"),
     ("{b}bit-loftq", "{b}bit-gptq-lora", "paper order: LoftQ >= GPTQ-LoRA"),

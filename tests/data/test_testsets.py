@@ -53,9 +53,12 @@ def toy_set():
 
 def test_builtin_table():
     assert known_datasets() == ["gsm8k", "svamp", "mawps", "aqua", "addsub", "multiarith", "singleeq",
-                                "synthetic-gsm8k", "synthetic-svamp", "synthetic-mawps", "synthetic-aqua"]
+                                "synthetic-gsm8k", "synthetic-svamp", "synthetic-mawps", "synthetic-aqua",
+                                "synthetic-gsm8k-val", "synthetic-svamp-val", "synthetic-mawps-val",
+                                "synthetic-aqua-val"]
     assert PAPER_TEST_SETS == ("gsm8k", "svamp", "mawps", "aqua") and ALL_TEST_SETS == tuple(known_datasets()[:7])
-    assert [n.removeprefix("synthetic-") for n in known_datasets()[7:]] == list(synthetic.FAMILIES)
+    assert [n.removeprefix("synthetic-") for n in known_datasets()[7:11]] == list(synthetic.FAMILIES)
+    assert [n.removesuffix("-val") for n in known_datasets()[11:]] == known_datasets()[7:11]
     assert kind_of("aqua") == kind_of("AQuA") == kind_of("synthetic-aqua") == "choice"
     assert kind_of("gsm8k") == kind_of("synthetic-mawps") == kind_of("not-a-set") == "numeric"
     assert display_name("svamp") == "SVAMP" and display_name("synthetic-aqua") == "syn-AQuA"
