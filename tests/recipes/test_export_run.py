@@ -78,20 +78,28 @@ def test_gptq_export_is_closer_than_rtn_and_loads_in_lowbit(runs, tmp_path):
 
 
 def test_gptq_export_loads_in_gptqmodel_and_transformers(runs, tmp_path):
+    """GPTQModel (TORCH kernel) and transformers with that kernel compute in fp16 like lowbit's own fp16 load of the
+    directory: logits within 1e-3 (relative to the largest). transformers' default CPU kernel at 4 bits
+    (TorchAtenLinear) computes in bf16, hence within 1e-2."""
     pytest.importorskip("gptqmodel")
     pytest.importorskip("optimum")
     from gptqmodel import BACKEND, GPTQModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GPTQConfig
 
     out = export_run(ExportRun(run_dir=str(runs["diablo4"]), out=str(tmp_path / "g")))
     mine, tok = load_model(str(out), dtype="float16")[:2]
     ids = _ids(tok)
+    loaders = [
+        (lambda: GPTQModel.load(str(out), device="cpu", backend=BACKEND.TORCH, dtype=torch.float16).model, 1e-3),
+        (lambda: AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu", dtype=torch.float16,
+                                                      quantization_config=GPTQConfig(bits=4, backend="torch")), 1e-3),
+        (lambda: AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu", dtype=torch.float16), 1e-2),
+    ]
     with torch._dynamo.config.patch(disable=True), torch.no_grad():
         ref = mine(ids).logits.float()
-        for loaded in (GPTQModel.load(str(out), device="cpu", backend=BACKEND.TORCH, dtype=torch.float16).model,
-                       AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu", dtype=torch.float16)):
-            got = loaded.eval()(ids).logits.float()
-            assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-2  # fp16 forwards, bf16 int4 kernel
+        for load, tol in loaders:
+            got = load().eval()(ids).logits.float()
+            assert float((got - ref).abs().max() / ref.abs().max()) <= tol
 
 
 def test_bad_input_is_refused_before_work(runs, tmp_path):
