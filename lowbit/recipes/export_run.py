@@ -36,8 +36,8 @@ PROVENANCE = "lowbit_export.json"
 class ExportRun:
     """run_dir: a ``lowbit finetune`` output directory. out: the new checkpoint directory. format: ``gptq`` or
     ``float``. requant: ``gptq`` (calibrated) or ``rtn`` (round-to-nearest), for ``format=gptq``. bits /
-    group_size: of the re-quantized model (default: the base's). dtype: of a ``float`` export. calib_samples:
-    calibration windows (default: the recipe's). overwrite: replace an existing ``out`` (atomically)."""
+    group_size: of the re-quantized model (default: the base's; 128 for a float base). dtype: of a ``float``
+    export. calib_samples: calibration windows (default: the recipe's). overwrite: replace an existing ``out`` (atomically)."""
 
     run_dir: str
     out: str
@@ -64,6 +64,8 @@ class ExportRun:
                              f"bits; choose one of them")
         if self.group_size is not None and self.group_size != -1 and self.group_size < 1:
             raise ValueError(f"--group-size must be a positive integer or -1, got {self.group_size}")
+        if self.calib_samples is not None and self.calib_samples < 1:
+            raise ValueError(f"--calib-samples must be >= 1, got {self.calib_samples}")
 
 
 def _check_run(run_dir: Path) -> tuple[Path, dict]:

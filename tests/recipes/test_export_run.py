@@ -120,6 +120,8 @@ def test_bad_input_is_refused_before_work(runs, tmp_path):
     (lost / "run.json").write_text(json.dumps(sealed(info)))
     with pytest.raises(ValueError, match="cannot be found"):
         export_run(ExportRun(run_dir=str(lost), out=str(tmp_path / "o3")))
+    with pytest.raises(ValueError, match="calib-samples must be >= 1"):
+        ExportRun(run_dir=str(run), out=str(tmp_path / "o4"), calib_samples=0)
     with pytest.raises(ValueError, match="GPTQ checkpoint format stores"):
         ExportRun(run_dir=str(run), out=str(tmp_path / "o4"), bits=5)
     with pytest.raises(SystemExit, match="--bits/--group-size apply to --format gptq"):
