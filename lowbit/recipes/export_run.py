@@ -37,7 +37,8 @@ class ExportRun:
     """run_dir: a ``lowbit finetune`` output directory. out: the new checkpoint directory. format: ``gptq`` or
     ``float``. requant: ``gptq`` (calibrated) or ``rtn`` (round-to-nearest), for ``format=gptq``. bits /
     group_size: of the re-quantized model (default: the base's; 128 for a float base). dtype: of a ``float``
-    export. calib_samples: calibration windows (default: the recipe's). overwrite: replace an existing ``out`` (atomically)."""
+    export. calib_samples: calibration windows (default: the recipe's). overwrite: replace an existing ``out``
+    (atomically)."""
 
     run_dir: str
     out: str
