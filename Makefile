@@ -40,14 +40,17 @@ demo: setup
 
 # Every benchmark script; each writes benchmarks/results/<name>.json and .md. `make bench BENCH_ARGS=--quick` for
 # a fast smoke run (then mind that results/ is overwritten; add --out-dir DIR to BENCH_ARGS to keep them).
+# IST_GPTQ=DIR (a checkout of github.com/IST-DASLab/gptq) adds the original GPTQ code to the GPTQ timing. The last
+# step regenerates the README's benchmark table from the results. About 1.5 h on 2 CPU cores (MagR at 4096²: ~50 min).
 bench: setup
 	$(VPY) benchmarks/bench_adapters.py $(BENCH_ARGS)
 	$(VPY) benchmarks/bench_quantlinear.py $(BENCH_ARGS)
-	$(VPY) benchmarks/bench_quantize.py $(BENCH_ARGS)
+	$(VPY) benchmarks/bench_quantize.py $(if $(IST_GPTQ),--ist-gptq $(IST_GPTQ)) $(BENCH_ARGS)
 	$(VPY) benchmarks/bench_init.py $(BENCH_ARGS)
 	$(VPY) benchmarks/bench_train_tiny.py $(BENCH_ARGS)
 	$(VPY) benchmarks/bench_generate.py $(BENCH_ARGS)
 	$(VPY) benchmarks/bench_magr.py $(BENCH_ARGS)
+	$(VPY) benchmarks/summarize.py
 
 # The real-checkpoint benchmarks (SmolLM2-135M; `make real`, GPTQModel): about an hour on 2 CPU cores.
 bench-real: setup

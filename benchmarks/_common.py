@@ -157,39 +157,92 @@ def ratio_verdict(lo: float, hi: float, target: float | None, higher_is_better: 
     return "met" if hi <= target else "missed" if lo > target else "unresolved"
 
 
+def paired_ratios(fns: dict[str, Callable[[], object]], baseline: str, *, min_repeats: int = 5,
+                  max_repeats: int = 30, time_cap_s: float = 600.0, rel_half_width: float = 0.05, warmup: int = 1,
+                  targets: dict[str, float | None] | None = None, higher_is_better: bool = False,
+                  device: torch.device | None = None,
+                  prepare: dict[str, Callable[[], object]] | None = None) -> dict:
+    """Time every function of ``fns`` against ``fns[baseline]`` in paired rounds: after ``warmup`` untimed rounds,
+    each round calls every function once (the order rotated by one per round, so drifts in machine load and
+    cache state hit all alike) and gives one ratio ``t_k / t_baseline`` per candidate. Rounds are added until
+    every candidate's bootstrap 95% interval of the median ratio is within ``±rel_half_width`` of it, or
+    ``max_repeats`` rounds, or ``time_cap_s`` seconds (checked once ``min_repeats`` rounds are done).
+
+    Returns ``{"repeats", "times": {name: summary}, "ratios": {name: {"ratio", "ci95", "narrow", "target",
+    "verdict", "ratios"}}}`` (``ratios`` for every name but the baseline); the verdict comes from the interval only
+    (:func:`ratio_verdict` against ``targets[name]``; ``report`` without a target). ``prepare[name]``, where
+    given, runs untimed before every call of ``fns[name]`` (per-call state a timed call consumes)."""
+    if baseline not in fns:
+        raise ValueError(f"baseline {baseline!r} is not one of {sorted(fns)}")
+    names = list(fns)
+    targets = targets or {}
+    prepare = prepare or {}
+    for _ in range(warmup):
+        for k, f in fns.items():
+            if k in prepare:
+                prepare[k]()
+            f()
+        sync(device)
+    t_start = time.perf_counter()
+    times: dict[str, list[float]] = {k: [] for k in names}
+    rounds = 0
+    while True:
+        shift = rounds % len(names)
+        for k in names[shift:] + names[:shift]:
+            if k in prepare:
+                prepare[k]()
+            sync(device)
+            t0 = time.perf_counter()
+            fns[k]()
+            sync(device)
+            times[k].append(time.perf_counter() - t0)
+        rounds += 1
+        if rounds < max(min_repeats, 2):
+            continue
+        per = {k: [a / b for a, b in zip(times[k], times[baseline])] for k in names if k != baseline}
+        cis = {k: bootstrap_median_ci(v) for k, v in per.items()}
+        narrow = {k: max(hi - med, med - lo) <= rel_half_width * med for k, (med, lo, hi) in cis.items()}
+        if all(narrow.values()) or rounds >= max_repeats or time.perf_counter() - t_start >= time_cap_s:
+            break
+    ratios = {k: ratio_stats(times[k], times[baseline], targets.get(k), higher_is_better) for k in per}
+    return {"repeats": rounds, "times": {k: summary(v) for k, v in times.items()}, "ratios": ratios}
+
+
+def ratio_stats(a: list[float], b: list[float], target: float | None = None, higher_is_better: bool = False,
+                rel_half_width: float = 0.05) -> dict:
+    """The paired ratio ``a[i] / b[i]`` of two timings taken in the same rounds: median, bootstrap 95% interval,
+    whether it is within ``±rel_half_width``, and the verdict against ``target``."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"paired timings need two equal-length lists of >= 2, got {len(a)} and {len(b)}")
+    per = [x / y for x, y in zip(a, b)]
+    med, lo, hi = bootstrap_median_ci(per)
+    return {"ratio": med, "ci95": [lo, hi], "narrow": max(hi - med, med - lo) <= rel_half_width * med,
+            "target": target, "verdict": ratio_verdict(lo, hi, target, higher_is_better),
+            "ratios": [round(r, 5) for r in per]}
+
+
 def paired_ratio(candidate: Callable[[], object], baseline: Callable[[], object], *, min_repeats: int = 5,
                  max_repeats: int = 30, time_cap_s: float = 600.0, rel_half_width: float = 0.05, warmup: int = 1,
                  target: float | None = None, device: torch.device | None = None) -> dict:
-    """Time ``candidate`` against ``baseline`` in interleaved pairs (order alternating per repeat) after
-    ``warmup`` untimed pairs; each pair gives one ratio candidate/baseline. Repeats are added until the bootstrap
-    95% interval of the median ratio is within ``±rel_half_width`` of it, ``max_repeats`` or ``time_cap_s``.
-    Returns the median ratio, its interval, the verdict against ``target`` and both timing summaries."""
-    for _ in range(warmup):
-        candidate()
-        baseline()
-        sync(device)
-    t_start = time.perf_counter()
-    tc, tb, ratios = [], [], []
-    while True:
-        order = [("c", candidate), ("b", baseline)] if len(ratios) % 2 == 0 else [("b", baseline), ("c", candidate)]
-        got = {}
-        for k, f in order:
-            sync(device)
-            t0 = time.perf_counter()
-            f()
-            sync(device)
-            got[k] = time.perf_counter() - t0
-        tc.append(got["c"])
-        tb.append(got["b"])
-        ratios.append(got["c"] / got["b"])
-        if len(ratios) >= max(min_repeats, 2):
-            med, lo, hi = bootstrap_median_ci(ratios)
-            narrow = max(hi - med, med - lo) <= rel_half_width * med
-            if narrow or len(ratios) >= max_repeats or time.perf_counter() - t_start >= time_cap_s:
-                break
-    return {"ratio": med, "ci95": [lo, hi], "narrow": narrow, "repeats": len(ratios), "target": target,
-            "verdict": ratio_verdict(lo, hi, target), "ratios": [round(r, 5) for r in ratios],
-            "candidate": summary(tc), "baseline": summary(tb)}
+    """:func:`paired_ratios` for one candidate: the median ratio candidate/baseline, its interval, the verdict
+    against ``target`` and both timing summaries."""
+    r = paired_ratios({"c": candidate, "b": baseline}, "b", min_repeats=min_repeats, max_repeats=max_repeats,
+                      time_cap_s=time_cap_s, rel_half_width=rel_half_width, warmup=warmup, targets={"c": target},
+                      device=device)
+    return {**r["ratios"]["c"], "repeats": r["repeats"], "candidate": r["times"]["c"], "baseline": r["times"]["b"]}
+
+
+def ci_cell(r: dict) -> str:
+    """``0.97 [0.93, 1.01]``: a ratio record's median and 95% interval for a table cell."""
+    return f"{r['ratio']:.3g} [{r['ci95'][0]:.3g}, {r['ci95'][1]:.3g}]"
+
+
+def verdict_row(benchmark: str, what: str, r: dict, target_text: str | None = None) -> dict:
+    """One line of the generated README benchmark table (collected by ``benchmarks/summarize.py``)."""
+    t = r.get("target")
+    return {"benchmark": benchmark, "what": what, "ratio": r["ratio"], "ci95": r["ci95"],
+            "repeats": r.get("repeats", len(r.get("ratios", []))),
+            "target": target_text or (None if t is None else f"≤ {t:g}"), "verdict": r["verdict"]}
 
 
 def timed_once(fn: Callable[[], object], device: torch.device | None = None) -> tuple[float, object]:

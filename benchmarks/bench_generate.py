@@ -2,8 +2,9 @@
 both give the same continuations.
 
 Prompts are the synthetic test problems of all four families in the Math10K prompt (~110–160 tokens). The ratio is
-one-at-a-time time / batched time (> 1: batching is faster), each the median of ``--repeats`` runs after a warm-up,
-the two modes alternating.
+batched time / one-at-a-time time (< 1: batching is faster), the median of the per-round ratios of paired rounds
+(``--repeats`` at least, after a warm-up, order alternating) with its bootstrap 95% interval and a verdict
+against ≤ 0.5 (batching at least twice as fast).
 Writes `benchmarks/results/generate.json` and prints a markdown table.
 Usage: `python benchmarks/bench_generate.py [--quick] [--prompts 32] [--max-new-tokens 32] [--batch-size 16]
 [--threads 1]`.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import statistics
 
 import torch
-from _common import base_parser, header_line, interleaved, machine_info, md_table, write_results
+from _common import base_parser, ci_cell, header_line, machine_info, md_table, paired_ratios, verdict_row, write_results
 
 from lowbit.data.prompts import format_prompt
 from lowbit.data.synthetic import FAMILIES, test_split
@@ -53,25 +54,31 @@ def main() -> None:
         outs["batched"] = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens,
                                    batch_size=args.batch_size)
 
-    ts = interleaved({"single": single, "batched": batched}, args.repeats)  # after one warm-up round
-    t_single, t_batched = ts["single"], ts["batched"]
+    pr = paired_ratios({"single": single, "batched": batched}, "single", min_repeats=max(2, args.repeats),
+                       max_repeats=3 if args.quick else 10, time_cap_s=120.0, targets={"batched": 0.5})
+    t_single, t_batched = pr["times"]["single"]["times_s"], pr["times"]["batched"]["times_s"]
+    vs = pr["ratios"]["batched"]
     out_single, out_batched = outs["single"], outs["batched"]
     rows = []
     for name, ts, bs in (("one at a time", t_single, 1), (f"batched ({args.batch_size})", t_batched, args.batch_size)):
         med = statistics.median(ts)
         rows.append({"mode": name, "batch_size": bs, "median_s": med, "spread_s": max(ts) - min(ts),
                      "examples_per_s": len(prompts) / med})
-    ratio = rows[0]["median_s"] / rows[1]["median_s"]
+    ratio = 1 / vs["ratio"]
     result = {"benchmark": "generate", "machine": info, "model": "embedded tiny LLaMA (3.7M params, fp32)",
               "prompts": len(prompts), "prompt_tokens": [min(lens), max(lens)],
-              "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "rows": rows,
+              "max_new_tokens": args.max_new_tokens, "repeats": pr["repeats"], "rows": rows,
+              "batched_over_single": vs,
+              "verdicts": [verdict_row("generate", f"batched ({args.batch_size}) / one-at-a-time greedy generation, "
+                                       f"tiny model, {len(prompts)} prompts", {**vs, "repeats": pr["repeats"]})],
               "speedup_batched_vs_single": ratio, "identical_outputs": out_single == out_batched,
               "quick": args.quick}
     table = md_table(["mode", "median s", "spread s", "examples/s"],
                      [[r["mode"], r["median_s"], r["spread_s"], r["examples_per_s"]] for r in rows])
     md = (f"### Greedy generation on the tiny model: batched vs one at a time\n\n{header_line(info)}; "
           f"{len(prompts)} prompts of {min(lens)}-{max(lens)} tokens, {args.max_new_tokens} new tokens, median of "
-          f"{args.repeats} runs.\n\n{table}\n\nBatched is {ratio:.1f}x faster; identical outputs: "
+          f"{pr['repeats']} paired runs.\n\n{table}\n\nBatched / one at a time: {ci_cell(vs)} (95% CI), "
+          f"{vs['verdict']} against ≤ 0.5; batched is {ratio:.1f}x faster; identical outputs: "
           f"{out_single == out_batched}.\n")
     write_results(args.out_dir, "generate", result, md)
 

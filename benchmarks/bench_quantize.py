@@ -4,14 +4,17 @@ Calibration activations are realistic rather than white: ``X = (Z A) ⊙ c + 0.0
 in/8 (correlated channels), log-normal channel scales ``c`` and 8 outlier channels ×25, over 4096 tokens;
 ``H = X^T X``. Every method quantizes to 4 bits with groups of 128 (NF4: blocks of 64), asymmetric, no act-order,
 damping 0.01. GPTQModel 7.6's own ``GPTQ`` class is driven directly on an ``nn.Linear`` holding the same weight
-(``add_batch(X)`` then ``quantize()``, ``act_group_aware`` off so that both run plain GPTQ), and the two GPTQs
-alternate in the same process; the ratio lowbit/GPTQModel is the headline. Only ``quantize()`` is timed for
+(``add_batch(X)`` then ``quantize()``, ``act_group_aware`` off so that both run plain GPTQ), and, with
+``--ist-gptq``, the original implementation's ``fasterquant`` on the same ``H``; the GPTQs run in paired rounds
+(at least 5, order rotated) and each ratio lowbit / peer is the median of the per-round ratios with its bootstrap
+95% interval and a verdict (≤ 1) from it. Only ``quantize()`` is timed for
 GPTQModel and only ``gptq_quantize(W, H)`` for lowbit; the Hessian accumulation of each is reported separately.
 MagR (200 proximal iterations in the paper) costs one ``(out, in)·(in, in)`` matmul per iteration; on CPU it is
 timed with ``--magr-iters`` iterations and 0 iterations and extrapolated linearly to 200 (marked in the table).
 The relative output error ``‖X(W - Q)^T‖/‖X W^T‖`` of each result is reported too.
 
-Usage: ``python benchmarks/bench_quantize.py [--quick] [--shapes 4096x4096,11008x4096] [--no-gptqmodel]``
+Usage: ``python benchmarks/bench_quantize.py [--quick] [--shapes 4096x4096,11008x4096] [--no-gptqmodel]
+[--ist-gptq DIR] [--time-cap 300]`` (``DIR``: a checkout of IST-DASLab/gptq, fetched at benchmark time)
 (shapes are OUTxIN). Runtime on a 2-core CPU: a few minutes.
 """
 
@@ -22,18 +25,23 @@ import os
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # GPTQModel refuses to start on CPU without it
 
 import statistics  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from _common import (  # noqa: E402
     base_parser,
+    ci_cell,
     header_line,
     interleaved,
     machine_info,
     md_table,
+    paired_ratios,
+    ratio_stats,
     realistic_activations,
     setup,
     summary,
     timed_once,
+    verdict_row,
     write_results,
 )
 from torch import nn  # noqa: E402
@@ -73,9 +81,74 @@ def gptqmodel_quantizer():
     return (make, add_batch, run), f"GPTQModel {__version__}"
 
 
+class ISTReference:
+    """The original GPTQ code (IST-DASLab/gptq: ``gptq.py`` + ``quant.py``), read from a directory the user fetched
+    (``--ist-gptq DIR``; never vendored): ``GPTQ(layer)`` with ``H`` set to the same matrix, ``Quantizer`` configured
+    asymmetric per channel, ``fasterquant(blocksize=128, percdamp, groupsize)``. Its ``torch.cuda.synchronize()``
+    and prints are silenced on a machine without CUDA."""
+
+    def __init__(self, directory: str) -> None:
+        import hashlib
+        import importlib
+        import sys
+
+        d = Path(directory).resolve()
+        missing = [f for f in ("gptq.py", "quant.py") if not (d / f).is_file()]
+        if missing:
+            raise SystemExit(f"--ist-gptq {directory}: {', '.join(missing)} not found there; pass a checkout of "
+                             "https://github.com/IST-DASLab/gptq")
+        sys.path.insert(0, str(d))
+        self.gptq = importlib.import_module("gptq")
+        self.quant = importlib.import_module("quant")
+        digest = hashlib.sha256((d / "gptq.py").read_bytes() + (d / "quant.py").read_bytes()).hexdigest()[:12]
+        self.status = f"IST-DASLab/gptq reference (sha256 {digest})"
+
+    def make(self, W: torch.Tensor, H: torch.Tensor):
+        lin = nn.Linear(W.shape[1], W.shape[0], bias=False, device=W.device)
+        with torch.no_grad():
+            lin.weight.copy_(W)
+        task = self.gptq.GPTQ(lin)
+        task.H = H.clone()  # damping is relative to mean(diag H): the scale of H does not matter
+        task.quantizer = self.quant.Quantizer()
+        task.quantizer.configure(BITS, perchannel=True, sym=False, mse=False)
+        return task
+
+    def run(self, task) -> torch.Tensor:
+        import contextlib
+        import io
+        from unittest import mock
+
+        sync = mock.patch.object(torch.cuda, "synchronize", lambda *a, **k: None)
+        with sync if not torch.cuda.is_available() else contextlib.nullcontext(), \
+                contextlib.redirect_stdout(io.StringIO()):
+            task.fasterquant(blocksize=128, percdamp=DAMP, groupsize=GROUP)
+        return task.layer.weight.data.float()
+
+
+def gptq_rounds(fns, prepare, baseline, results, t_gq_add, reps, time_cap, dev, add, headline, verdicts,
+                status, shape, out_f, in_f) -> None:
+    """lowbit's GPTQ against each peer in paired rounds; a row per implementation and a ratio lowbit / peer."""
+    pr = paired_ratios(fns, baseline, min_repeats=reps, max_repeats=3 if reps < 5 else 30, time_cap_s=time_cap,
+                       targets={"lowbit": 1.0}, device=dev, prepare=prepare)
+    times = {k: v["times_s"] for k, v in pr["times"].items()}
+    add(f"GPTQ {BITS}-bit g{GROUP} (lowbit)", times["lowbit"], results["lowbit"])
+    notes = {"GPTQModel": "quantize() only", "reference": "fasterquant()"}
+    for k in fns:
+        if k == "lowbit":
+            continue
+        vs = ratio_stats(times["lowbit"], times[k], 1.0)
+        extra = {"hessian_add_batch_s": statistics.median(t_gq_add)} if k == "GPTQModel" else {}
+        add(f"GPTQ {BITS}-bit g{GROUP} ({status[k]})", times[k], results[k], note=notes[k], lowbit_over_this=vs,
+            **extra)
+        headline[f"gptq_lowbit_over_{k} {shape}"] = vs["ratio"]
+        verdicts.append(verdict_row("quantize", f"GPTQ 4-bit g128 time per layer, lowbit / {status[k]}, "
+                                    f"{out_f}×{in_f}", {**vs, "repeats": pr["repeats"]}))
+
+
 def bench_shape(out_f: int, in_f: int, tokens: int, dev: torch.device, reps_fast: int, reps_gptq: int,
-                magr_timed: int, gq, gq_status: str, headline: dict) -> list[dict]:
-    """All methods on one weight shape; returns the table rows and fills ``headline``."""
+                magr_timed: int, gq, gq_status: str, ist, time_cap: float, headline: dict,
+                verdicts: list[dict]) -> list[dict]:
+    """All methods on one weight shape; returns the table rows and fills ``headline`` and ``verdicts``."""
     rows: list[dict] = []
     torch.manual_seed(0)
     W = torch.randn(out_f, in_f, device=dev) * 0.02
@@ -96,26 +169,31 @@ def bench_shape(out_f: int, in_f: int, tokens: int, dev: torch.device, reps_fast
     add(f"RTN {BITS}-bit g{GROUP}", ts["rtn"], rtn_quantize(W, BITS, GROUP).dequantize())
     add("NF4 (blocks of 64)", ts["nf"], nf_quantize(W, 4, 64).dequantize())
 
-    # GPTQ: lowbit and GPTQModel alternate; GPTQModel's per-repeat state is built outside the timing.
+    # GPTQ: lowbit, GPTQModel and the reference in paired rounds on the same W and H; each peer's per-call state
+    # (a fresh task holding H) is built untimed before its timed call.
     results: dict[str, torch.Tensor] = {}
-    t_lb, t_gq, t_gq_add = [], [], []
-    make, add_batch, run = gq if gq is not None else (None, None, None)
-    for _ in range(reps_gptq):
-        dt, qw = timed_once(lambda: gptq_quantize(W, H, BITS, GROUP, damp=DAMP), dev)
-        t_lb.append(dt)
-        results["lowbit"] = qw.dequantize()
-        if gq is not None:
-            task = make(W, X)
-            t_gq_add.append(timed_once(lambda task=task: add_batch(task, X), dev)[0])
-            dt, Q = timed_once(lambda task=task: run(task), dev)
-            t_gq.append(dt)
-            results["gptqmodel"] = Q
-            del task
-    add(f"GPTQ {BITS}-bit g{GROUP} (lowbit)", t_lb, results["lowbit"])
+    fns = {"lowbit": lambda: results.__setitem__("lowbit",
+                                                 gptq_quantize(W, H, BITS, GROUP, damp=DAMP).dequantize())}
+    prepare, state, t_gq_add = {}, {}, []
     if gq is not None:
-        add(f"GPTQ {BITS}-bit g{GROUP} ({gq_status})", t_gq, results["gptqmodel"],
-            note="quantize() only", hessian_add_batch_s=statistics.median(t_gq_add))
-        headline[f"gptq_lowbit_over_gptqmodel {shape}"] = statistics.median(t_lb) / statistics.median(t_gq)
+        make, add_batch, run = gq
+
+        def prep_gq():
+            state["gq"] = make(W, X)
+            t_gq_add.append(timed_once(lambda: add_batch(state["gq"], X), dev)[0])
+
+        prepare["GPTQModel"] = prep_gq
+        fns["GPTQModel"] = lambda: results.__setitem__("GPTQModel", run(state.pop("gq")))
+    if ist is not None:
+        prepare["reference"] = lambda: state.__setitem__("ist", ist.make(W, H))
+        fns["reference"] = lambda: results.__setitem__("reference", ist.run(state.pop("ist")))
+    baseline = "GPTQModel" if gq is not None else "reference" if ist is not None else None
+    if baseline is None:  # nothing to compare with: lowbit alone
+        ts = interleaved(fns, reps_gptq, warmup=1, device=dev)
+        add(f"GPTQ {BITS}-bit g{GROUP} (lowbit)", ts["lowbit"], results["lowbit"])
+    else:
+        gptq_rounds(fns, prepare, baseline, results, t_gq_add, reps_gptq, time_cap, dev, add, headline, verdicts,
+                    {"GPTQModel": gq_status, "reference": ist.status if ist else ""}, shape, out_f, in_f)
 
     # MagR: fixed cost (spectral norm) + per-iteration cost, then GPTQ on its output.
     magr(W[:8], H, alpha=MAGR_ALPHA, iters=1, group_size=GROUP)  # warm-up (first LAPACK call loads kernels)
@@ -141,6 +219,9 @@ def main() -> None:
     ap.add_argument("--magr-iters", type=int, default=None,
                     help="MagR iterations actually timed (default: 200 on CUDA, 10 on CPU, then extrapolated)")
     ap.add_argument("--no-gptqmodel", action="store_true")
+    ap.add_argument("--ist-gptq", default=None, metavar="DIR",
+                    help="a checkout of github.com/IST-DASLab/gptq (gptq.py, quant.py): also time the reference")
+    ap.add_argument("--time-cap", type=float, default=300.0, help="seconds of paired GPTQ rounds per shape at most")
     args = ap.parse_args()
     dev = setup(args)
     info = machine_info(dev)
@@ -152,20 +233,28 @@ def main() -> None:
     magr_timed = args.magr_iters or (2 if args.quick else MAGR_ITERS if dev.type == "cuda" else 10)
     gq, gq_status = (None, "skipped (--no-gptqmodel)") if args.no_gptqmodel else gptqmodel_quantizer()
     print(gq_status, flush=True)
+    ist = ISTReference(args.ist_gptq) if args.ist_gptq else None
+    ist_status = ist.status if ist else "not run (pass --ist-gptq DIR, a checkout of github.com/IST-DASLab/gptq)"
 
-    rows, headline = [], {}
+    rows, headline, verdicts = [], {}, []
     for out_f, in_f in shapes:
         reps_fast = args.repeats or (1 if args.quick else 3)
-        reps_gptq = args.repeats or (1 if args.quick or out_f * in_f > 4096 * 4096 else 2)
-        rows += bench_shape(out_f, in_f, tokens, dev, reps_fast, reps_gptq, magr_timed, gq, gq_status, headline)
+        reps_gptq = args.repeats or (2 if args.quick else 5)
+        rows += bench_shape(out_f, in_f, tokens, dev, reps_fast, reps_gptq, magr_timed, gq, gq_status, ist,
+                            args.time_cap, headline, verdicts)
 
     result = {"benchmark": "quantize", "machine": info, "device": str(dev), "tokens": tokens, "bits": BITS,
-              "group_size": GROUP, "damp": DAMP, "quick": args.quick, "gptqmodel": gq_status, "rows": rows,
-              "headline": headline}
-    table = md_table(["weight (out×in)", "method", "median s", "spread s", "runs", "rel. output error", "note"],
+              "group_size": GROUP, "damp": DAMP, "quick": args.quick, "gptqmodel": gq_status, "reference": ist_status,
+              "rows": rows, "headline": headline, "verdicts": verdicts}
+    table = md_table(["weight (out×in)", "method", "median s", "spread s", "runs", "rel. output error",
+                      "lowbit / this [95% CI]", "verdict (≤ 1)", "note"],
                      [[f"{r['shape_out_in'][0]}×{r['shape_out_in'][1]}", r["method"], r["median_s"],
-                       r["spread_s"], r["repeats"], r["rel_output_error"], r["note"]] for r in rows])
-    hl = "; ".join(f"{k.split()[1]}: lowbit GPTQ / GPTQModel GPTQ = {v:.2f}" for k, v in headline.items())
+                       r["spread_s"], r["repeats"], r["rel_output_error"],
+                       ci_cell(r["lowbit_over_this"]) if r.get("lowbit_over_this") else None,
+                       r["lowbit_over_this"]["verdict"] if r.get("lowbit_over_this") else None, r["note"]]
+                      for r in rows])
+    hl = (f"GPTQ rounds: paired (lowbit, GPTQModel, reference; order rotated; each peer's task built untimed); "
+          f"reference: {ist_status}")
     md = (f"### Quantization time per layer ({BITS}-bit, group {GROUP}, {tokens} calibration tokens)\n\n"
           f"{header_line(info)}.\n\n{table}\n\n{hl or gq_status}\n")
     write_results(args.out_dir, "quantize", result, md)

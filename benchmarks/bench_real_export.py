@@ -133,6 +133,25 @@ def _float_dtypes(model: nn.Module) -> dict[str, int]:
     return out
 
 
+def score_upcast(name: str, load: Callable[[Path, torch.dtype], nn.Module], path: Path, dtype: torch.dtype,
+                 step: Callable, ppl: Callable[[nn.Module], float], ppl_fp32: float, truth: Callable[[float], float],
+                 tolerance: float) -> dict:
+    """The loader's model, loaded as usual in ``dtype`` and then cast to float32 before its first forward: the same
+    kernels (``TorchLinear`` dequantises and multiplies in the input's dtype) computing in lowbit's float32, which
+    separates what the checkpoint holds from what fp16 arithmetic does to a 2-bit model."""
+    loaded, t_load = step(f"load ({name}) for float32", lambda: load(path, dtype))
+    nn.Module.float(loaded)  # transformers' own .float() refuses quantized models; the kernels follow x's dtype
+    kernel_names = sorted({type(k).__name__ for k in kernels(loaded).values()})
+    with no_compile():
+        p, t_ppl = step(f"ppl {name} float32", lambda: ppl(loaded))
+    rel = 100 * (p - ppl_fp32) / ppl_fp32
+    return {"scorer": f"{name}, cast to float32 after loading", "kernels": kernel_names, "dtype": "float32",
+            "float_tensor_dtypes": _float_dtypes(loaded),
+            "attn_implementation": getattr(loaded.config, "_attn_implementation", None), "ppl": p,
+            "rel_diff_pct": rel, "reference": "lowbit float32", "vs_float64_pct": truth(p),
+            "within_tolerance": abs(rel) <= tolerance, "load_s": t_load, "ppl_s": t_ppl}
+
+
 def one_bit_width(args, bits: int, fp: nn.Module, tok, calib: torch.Tensor, held: torch.Tensor,
                   tmp: Path) -> dict:
     """Quantize, score, export, load back and score again at one bit width; one record per scorer."""
@@ -208,6 +227,8 @@ def one_bit_width(args, bits: int, fp: nn.Module, tok, calib: torch.Tensor, held
         print(f"[{bits}-bit] {name} ({', '.join(kernel_names)}): ppl {p:.4f} ({rel(p):+.3f}% vs lowbit "
               f"{args.dtype} {ppl_ref:.4f}), max abs dW {dw:.3g}", flush=True)
         del loaded  # before the next loader: one loaded model at a time
+        if args.float32_too and name != TORCH_HF:
+            scores.append(score_upcast(name, load, out, dtype, step, ppl, ppl_fp32, truth, args.tolerance))
     return {"bits": bits, "quant_config": dataclasses.asdict(qcfg), "exported_quantize_config": exported,
             "quantize_s": t_quant, "export_s": t_export, "scores": scores,
             "all_within_tolerance": all(s.get("within_tolerance", True) and "error" not in s for s in scores)}
@@ -222,6 +243,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=list(DTYPES), default="float16",
                     help="what the loaders (and lowbit's reference run) compute in")
     ap.add_argument("--tolerance", type=float, default=0.5, help="allowed |relative ppl difference| in percent")
+    ap.add_argument("--float32-too", action="store_true",
+                    help="also score each loader's model cast to float32 after loading, against lowbit's float32")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--transformers-torch-kernel", action="store_true",
                     help="where transformers picks another CPU kernel (4 bits: TorchAtenLinear), also score it with "
@@ -257,7 +280,8 @@ def _write(args, records: list[dict]) -> None:
             within = {True: "yes", False: "NO"}.get(x.get("within_tolerance"), "—")
             dw = x.get("max_abs_weight_diff")
             vs64 = x.get("vs_float64_pct")
-            rows.append([r["bits"], x["scorer"], kern, x["dtype"], f"{x['ppl']:.4f}", f"{x['rel_diff_pct']:+.3f}",
+            ref = "" if x.get("reference") is None else f" (vs {x['reference']})"
+            rows.append([r["bits"], x["scorer"], kern, x["dtype"], f"{x['ppl']:.4f}", f"{x['rel_diff_pct']:+.3f}{ref}",
                          None if vs64 is None else f"{vs64:+.3f}", within, None if dw is None else f"{dw:.3g}",
                          _s(x.get("load_s")), _s(x["ppl_s"])])
     notes = sorted({n for r in records for x in r["scores"] for n in x.get("kernel_notes", [])})

@@ -25,7 +25,18 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from _common import base_parser, header_line, machine_info, md_table, setup, summary, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    base_parser,
+    ci_cell,
+    header_line,
+    machine_info,
+    md_table,
+    ratio_stats,
+    setup,
+    summary,
+    verdict_row,
+    write_results,
+)
 
 from lowbit.data.testsets import default_data_dir  # noqa: E402
 from lowbit.eval.perplexity import perplexity  # noqa: E402
@@ -108,6 +119,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--no-gptqmodel", action="store_true")
     ap.add_argument("--no-magr", action="store_true", help="skip MagR+GPTQ (200 proximal iterations: ~20 min here)")
+    ap.add_argument("--defaults-and-like-for-like", action="store_true",
+                    help="only the two defaults and the reordering-off candidates (skip RTN, NF, MagR+GPTQ)")
     ap.add_argument("--tag", default="", help="suffix of the result files (several runs side by side)")
     ap.add_argument("--tmp", default="/tmp/lowbit_bench_real")
     args = ap.parse_args()
@@ -123,7 +136,7 @@ def main() -> None:
     fp = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ppl = lambda m: perplexity(m, held, args.seqlen, args.eval_windows)  # noqa: E731
     fp_ppl = ppl(fp)
-    rows, records = [], []
+    rows, records, verdicts = [], [], []
     tmp = Path(args.tmp)
     for bits in args.bits:
         default = {"lowbit GPTQ (default: act-order + static groups)":
@@ -132,8 +145,8 @@ def main() -> None:
             default["GPTQModel (default: act_group_aware)"] = lambda b=bits: gptqmodel_run(path, b, calib, True, tmp)
         times: dict[str, list[float]] = {k: [] for k in default}
         ppls: dict[str, float] = {}
-        for _ in range(repeats):  # interleaved: every default candidate once per round
-            for name, fn in default.items():
+        for i in range(repeats):  # interleaved: every default candidate once per round, order alternating
+            for name, fn in (list(default.items()) if i % 2 == 0 else list(default.items())[::-1]):
                 model, dt = fn()
                 times[name].append(dt)
                 ppls[name] = ppl(model)  # deterministic given the inputs: the last round's value
@@ -148,10 +161,12 @@ def main() -> None:
             calib)
         if not args.no_gptqmodel:
             once["GPTQModel, reordering off"] = lambda b=bits: gptqmodel_run(path, b, calib, False, tmp)
-        once["lowbit RTN"] = lambda b=bits: lowbit_run(fp, QuantConfig(method="rtn", bits=b), calib)
-        if not args.no_magr:
-            once["lowbit MagR+GPTQ"] = lambda b=bits: lowbit_run(fp, QuantConfig(method="magr-gptq", bits=b), calib)
-        once["lowbit NF"] = lambda b=bits: lowbit_run(fp, QuantConfig(method="nf", bits=b), calib)
+        if not args.defaults_and_like_for_like:
+            once["lowbit RTN"] = lambda b=bits: lowbit_run(fp, QuantConfig(method="rtn", bits=b), calib)
+            if not args.no_magr:
+                once["lowbit MagR+GPTQ"] = lambda b=bits: lowbit_run(fp, QuantConfig(method="magr-gptq", bits=b),
+                                                                     calib)
+            once["lowbit NF"] = lambda b=bits: lowbit_run(fp, QuantConfig(method="nf", bits=b), calib)
         for name, fn in once.items():
             model, dt = fn()
             times[name], ppls[name] = [dt], ppl(model)
@@ -166,10 +181,18 @@ def main() -> None:
             records.append(rec)
             rows.append([bits, name, f"{ppls[name]:.3f}", f"{ppls[name] / fp_ppl:.3f}",
                          f"{s['median_s']:.1f} (spread {s['spread_s']:.1f})", f"{s['median_s'] / base_t:.2f}", len(ts)])
-        _write(args, fp_ppl, rows, records)  # after every bit width: a long run keeps what it measured
+        names = list(default)
+        if len(names) == 2 and repeats >= 2:  # the paired ratio of the defaults: lowbit / GPTQModel per round
+            vs = ratio_stats(times[names[0]], times[names[1]], 1.0)
+            records[-len(times)]["paired_time_ratio_to_gptqmodel_default"] = vs
+            verdicts.append(verdict_row(f"real_quantize{args.tag}", f"quantizing {args.model} at {bits} bits "
+                                        "(defaults), time lowbit / GPTQModel", {**vs, "repeats": repeats}))
+            rows.append([bits, "paired time ratio lowbit / GPTQModel (defaults), median [95% CI]", None, None,
+                         None, f"{ci_cell(vs)}: {vs['verdict']} (≤ 1)", repeats])
+        _write(args, fp_ppl, rows, records, verdicts)  # after every bit width: a long run keeps what it measured
 
 
-def _write(args, fp_ppl: float, rows: list, records: list) -> None:
+def _write(args, fp_ppl: float, rows: list, records: list, verdicts: list) -> None:
     info = machine_info()
     extra = (f"; model {args.model} (float ppl {fp_ppl:.3f}); calibration {args.nsamples} x {args.seqlen} GSM8K "
              f"train tokens; held-out {args.eval_windows} x {args.seqlen} GSM8K test tokens; group 64, asymmetric, "
@@ -178,7 +201,8 @@ def _write(args, fp_ppl: float, rows: list, records: list) -> None:
           + md_table(["bits", "candidate", "held-out ppl", "ppl / float", "quantize time (s)",
                       "time / GPTQModel default", "runs"], rows))
     write_results(args.out_dir, "real_quantize" + args.tag,
-                  {"machine": info, "model": args.model, "fp_ppl": fp_ppl, "records": records}, md)
+                  {"machine": info, "model": args.model, "fp_ppl": fp_ppl, "quick": args.quick, "records": records,
+                   "verdicts": verdicts}, md)
 
 
 if __name__ == "__main__":

@@ -5,15 +5,18 @@ DiaBlo (N = 16) or LoRA (r = 16, α = 16) on q, k, v, up, down through ``apply_a
 quantized with ``QuantConfig(method="rtn", bits=b, group_size=64)`` (all seven projections per layer). One step
 = forward + loss + backward + AdamW update on a batch of 16 × 256 random tokens.
 
-Time: all six configurations live in one process and take their steps round-robin (interleaved); medians over
-``--steps`` steps after 2 warm-up steps, ratios against the fp32-base LoRA run. Memory: each configuration again
+Time: all six configurations live in one process and take their steps in paired rounds (one step each, order
+rotated per round) after 2 warm-up rounds; each ratio to the fp32-base LoRA run (and DiaBlo / LoRA on the same
+base) is the median of the per-round ratios with its bootstrap 95% interval, rounds added from ``--steps`` until
+the intervals are within ±5% or ``--time-cap`` seconds. A quantized base is reported against the target "costs at
+most 10% more step time than fp32" (``≤ 1.1``), DiaBlo against LoRA with ``≤ 1.05``. Memory: each configuration again
 in its own subprocess running 3 steps, reporting its own peak RSS (``VmHWM`` read inside the child: Python, torch,
 the model, activations, optimizer state; ``ru_maxrss`` is not used, as a child started by ``subprocess`` inherits
 its parent's high-water mark on Linux) and the rise of the peak RSS during the 3 steps over the RSS before
 them (``VmHWM`` reset first; on CUDA the peak allocated bytes); plus the model's parameter + buffer bytes
 (exact) and its base weights' share.
 
-Usage: ``python benchmarks/bench_train_tiny.py [--quick] [--steps 10] [--threads N]``.
+Usage: ``python benchmarks/bench_train_tiny.py [--quick] [--steps 10] [--time-cap 120] [--threads N]``.
 """
 
 from __future__ import annotations
@@ -25,15 +28,17 @@ import sys
 import torch
 from _common import (
     base_parser,
+    ci_cell,
     header_line,
-    interleaved,
     machine_info,
     md_table,
     module_bytes,
     own_peak_rss_bytes,
+    paired_ratios,
     peak_memory_delta,
+    ratio_stats,
     setup,
-    summary,
+    verdict_row,
     write_results,
 )
 
@@ -108,6 +113,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 10)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--time-cap", type=float, default=120.0, help="seconds of paired rounds at most")
     ap.add_argument("--worker", default=None, help="internal: run one BASE:ADAPTER configuration")
     args = ap.parse_args()
     if args.quick:
@@ -125,8 +131,10 @@ def main() -> None:
     fns, losses = {}, {}
     for k, (model, opt, _) in built.items():
         fns[k], losses[k] = make_step(model, opt, batch)
-    ts = interleaved(fns, steps, warmup=1 if args.quick else 2, device=dev)
-    ref = summary(ts["fp32 lora"])["median_s"]
+    targets = {k: 1.1 for k in fns if not k.startswith("fp32")}
+    pr = paired_ratios(fns, "fp32 lora", min_repeats=max(2, steps), max_repeats=3 if args.quick else 40,
+                       time_cap_s=args.time_cap, warmup=1 if args.quick else 2, targets=targets, device=dev)
+    ts = {k: v["times_s"] for k, v in pr["times"].items()}
 
     # Peak memory: one subprocess per configuration.
     mem = {}
@@ -143,7 +151,11 @@ def main() -> None:
     rows = []
     for k, (_, _, sizes) in built.items():
         m = mem.get(k, {})
-        rows.append({"config": k, **summary(ts[k]), "ratio_vs_fp32_lora": summary(ts[k])["median_s"] / ref,
+        vs = pr["ratios"].get(k)
+        base, adapter = k.split()
+        vs_lora = ratio_stats(ts[k], ts[f"{base} lora"], 1.05) if adapter == "diablo" and f"{base} lora" in ts else None
+        rows.append({"config": k, **pr["times"][k], "vs_fp32_lora": vs, "diablo_vs_lora": vs_lora,
+                     "ratio_vs_fp32_lora": 1.0 if vs is None else vs["ratio"],
                      **sizes, "peak_rss_bytes": m.get("peak_rss_bytes"),
                      "rss_peak_increase_bytes": m.get("peak_rise_bytes"),
                      "cuda_max_allocated_bytes": m.get("cuda_max_allocated_bytes"),
@@ -161,15 +173,25 @@ def main() -> None:
                          "peak_rise_vs_fp32": rel("rss_peak_increase_bytes", b, a)}
             for b in ("4-bit", "2-bit") for a in ("lora", "diablo") if by(f"{b} {a}")}
     result = {"benchmark": "train_tiny", "machine": info, "device": str(dev), "batch": [args.batch, args.seq],
-              "steps": steps, "targets": TARGETS, "quick": args.quick, "rows": rows,
+              "steps": steps, "rounds": pr["repeats"], "targets": TARGETS, "quick": args.quick, "rows": rows,
+              "verdicts": [verdict_row("train_tiny", f"tiny-model step, {r['config']} / fp32 lora",
+                                       {**r["vs_fp32_lora"], "repeats": pr["repeats"]}, "≤ 1.1")
+                           for r in rows if r["vs_fp32_lora"]]
+              + [verdict_row("train_tiny", f"tiny-model step, DiaBlo / LoRA on the {r['config'].split()[0]} base",
+                             {**r["diablo_vs_lora"], "repeats": pr["repeats"]}) for r in rows if r["diablo_vs_lora"]],
               "quantized_vs_fp32_memory": less,
               "diablo_over_lora": {b: by(f"{b} diablo")["median_s"] / by(f"{b} lora")["median_s"]
                                    for b in ("fp32", "4-bit", "2-bit") if by(f"{b} diablo") and by(f"{b} lora")}}
     mib = lambda b: None if b is None else b / 2**20  # noqa: E731
-    table = md_table(["base", "adapter", "trainable", "median ms/step", "spread ms", "× fp32 LoRA",
+    def cv(v):
+        return (None, None) if v is None else (ci_cell(v), v["verdict"])
+
+    table = md_table(["base", "adapter", "trainable", "median ms/step", "IQR ms", "× fp32 LoRA [95% CI]",
+                      "verdict (≤ 1.1)", "DiaBlo × LoRA [95% CI]", "verdict (≤ 1.05)",
                       "params+buffers MiB", "of which base MiB", "peak RSS MiB", "peak RSS rise MiB"],
                      [[r["config"].split()[0], r["config"].split()[1], f"{r['trainable_params']:,}",
-                       1e3 * r["median_s"], 1e3 * r["spread_s"], r["ratio_vs_fp32_lora"], mib(r["param_buffer_bytes"]),
+                       1e3 * r["median_s"], 1e3 * r["iqr_s"], *cv(r["vs_fp32_lora"]), *cv(r["diablo_vs_lora"]),
+                       mib(r["param_buffer_bytes"]),
                        mib(r["base_bytes"]), mib(r["peak_rss_bytes"]), mib(r["rss_peak_increase_bytes"])]
                       for r in rows])
     def pct(v):
@@ -179,7 +201,7 @@ def main() -> None:
                         f"{pct(v['peak_rss_vs_fp32'])}, peak rise {pct(v['peak_rise_vs_fp32'])} of the fp32 base's"
                         for k, v in less.items())
     md = (f"### Tiny-model training step ({args.batch}×{args.seq} tokens, AdamW, adapters on {','.join(TARGETS)})\n\n"
-          f"{header_line(info)}; median of {steps} interleaved steps; memory from one subprocess per "
+          f"{header_line(info)}; {pr['repeats']} paired rounds of one step each; memory from one subprocess per "
           f"configuration.\n\n{table}\n\nQuantized vs fp32 base: {verdict}.\n")
     write_results(args.out_dir, "train_tiny", result, md)
 

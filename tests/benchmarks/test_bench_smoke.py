@@ -201,3 +201,52 @@ def test_gpu_check_dry_run(tmp_path):
     square = [r["params_diablo_lora"] for r in ada if r["shape"][0] == r["shape"][1]]
     assert square and all(abs(a - b) <= 0.02 * a for a, b in square)
     assert "gpu check done" in proc.stdout
+
+
+def _check_verdicts(res: dict) -> None:
+    """Every verdict row a script writes for the README table: interval around the median, verdict from it."""
+    sys.path.insert(0, str(BENCH))
+    from _common import ratio_verdict
+
+    assert res["verdicts"]
+    for v in res["verdicts"]:
+        lo, hi = v["ci95"]
+        assert lo <= v["ratio"] <= hi and v["repeats"] >= 2 and v["what"]
+        target = float(v["target"].removeprefix("≤ ")) if v["target"] else None
+        assert v["verdict"] == ratio_verdict(lo, hi, target), v
+
+
+def test_verdict_rows_of_every_timing_script(tmp_path):
+    """adapters, quantlinear, generate and magr (quick) each write verdict rows that follow their intervals."""
+    for name in ("adapters", "quantlinear", "generate", "magr"):
+        _check_verdicts(run_script(name, tmp_path / name))
+
+
+def test_readme_benchmark_table_is_generated():
+    """The README's benchmark table is exactly what `benchmarks/summarize.py` builds from the committed results, and
+    every line's verdict follows from its interval and target (nothing typed by hand)."""
+    sys.path.insert(0, str(BENCH))
+    import summarize
+    from _common import ratio_verdict
+
+    rows = summarize.collect(BENCH / "results")
+    readme = (ROOT / "README.md").read_text()
+    assert summarize.splice(readme, summarize.render(rows)) == readme, "run python benchmarks/summarize.py"
+    for v in rows:
+        lo, hi = v["ci95"]
+        target = float(v["target"].removeprefix("≤ ")) if v["target"] else None
+        assert lo <= v["ratio"] <= hi and v["verdict"] == ratio_verdict(lo, hi, target), v
+
+
+def test_summarize_splices_between_markers():
+    sys.path.insert(0, str(BENCH))
+    import summarize
+
+    row = {"source": "x.json", "what": "a / b", "ratio": 0.9, "ci95": [0.85, 0.95], "repeats": 5, "target": "≤ 1",
+           "verdict": "met"}
+    text = f"intro\n{summarize.START}\nold\n{summarize.END}\noutro\n"
+    out = summarize.splice(text, summarize.render([row]))
+    assert out.startswith("intro\n") and out.endswith("outro\n") and "old" not in out
+    assert "| `x.json` | a / b | 0.900 | [0.850, 0.950] | 5 | ≤ 1 | met |" in out
+    with pytest.raises(SystemExit, match="markers"):
+        summarize.splice("no markers", "t")
