@@ -43,6 +43,7 @@ from lowbit.quant import QuantLinear, nf_quantize, rtn_quantize
 
 BITS = (8, 4, 3, 2)
 GROUPS = (128, 64)
+BNB_PLAIN = "bnb Linear4bit NF4, fp32 absmax (fp32 compute)"
 TARGETS = {4: 1.2, 2: 1.25}  # QuantLinear fwd+bwd / fp32 nn.Linear
 
 
@@ -57,16 +58,17 @@ def _buffer_bytes(m: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in m.buffers())
 
 
-def _bnb_linear(W: torch.Tensor, compute_dtype: torch.dtype):
-    """bitsandbytes NF4 (QLoRA defaults: blocks of 64, double-quantised absmax) holding ``W``; or the error."""
+def _bnb_linear(W: torch.Tensor, compute_dtype: torch.dtype, compress: bool = True):
+    """bitsandbytes NF4 holding ``W`` (blocks of 64; ``compress``: double-quantised absmax, the QLoRA default; without
+    it the absmax stays fp32, like lowbit's per-block scales), or the error."""
     try:
         import bitsandbytes as bnb
 
         out, inp = W.shape
         lin = bnb.nn.Linear4bit(inp, out, bias=False, compute_dtype=compute_dtype, quant_type="nf4",
-                                compress_statistics=True, device="cpu")
+                                compress_statistics=compress, device="cpu")
         lin.weight = bnb.nn.Params4bit(W.detach().cpu().clone(), requires_grad=False, quant_type="nf4",
-                                       compress_statistics=True)
+                                       compress_statistics=compress)
         lin = lin.to(W.device)  # quantizes
         qs = lin.weight.quant_state
         nbytes = lin.weight.data.numel() * lin.weight.data.element_size()
@@ -127,6 +129,7 @@ def main() -> None:
                                                        bits + 32 / g)
     qlayers["QuantLinear NF4 g64"] = (QuantLinear.from_quantized(nf_quantize(W, 4, 64)), 4 + 16 / 64)
     bnb32, bnb_bytes, bnb_status = _bnb_linear(W, torch.float32)
+    bnb32_plain, bnb_plain_bytes, _ = _bnb_linear(W, torch.float32, compress=False)
     print(bnb_status, flush=True)
 
     # ---- fp32 group
@@ -135,6 +138,8 @@ def main() -> None:
     cands = {"nn.Linear fp32": dense, **{k: m for k, (m, _) in qlayers.items()}}
     if bnb32 is not None:
         cands["bnb Linear4bit NF4 (fp32 compute)"] = bnb32
+    if bnb32_plain is not None:
+        cands[BNB_PLAIN] = bnb32_plain
     pr = paired_ratios({k: _step(m, x, gy) for k, m in cands.items()}, "nn.Linear fp32",
                        targets={k: _target(k) for k in cands}, **rounds)
     ts = {k: v["times_s"] for k, v in pr["times"].items()}
@@ -143,6 +148,8 @@ def main() -> None:
     for k, m in cands.items():
         if k == "nn.Linear fp32":
             bpw, formula = 32.0, 32.0
+        elif k == BNB_PLAIN:
+            bpw, formula = 8 * bnb_plain_bytes / W.numel(), 4 + 32 / 64
         elif k.startswith("bnb"):
             bpw, formula = 8 * bnb_bytes / W.numel(), 4 + 8 / 64 + 32 / (64 * 256)
         else:
@@ -153,6 +160,9 @@ def main() -> None:
     vs_bnb = {}
     if bnb32 is not None:
         vs_bnb["NF4 g64 vs bitsandbytes NF4, fp32 compute"] = ratio_stats(ts["QuantLinear NF4 g64"], ts[bnb_key], 1.0)
+    if bnb32_plain is not None:
+        vs_bnb["NF4 g64 vs bitsandbytes NF4 without double quantisation, fp32 compute"] = ratio_stats(
+            ts["QuantLinear NF4 g64"], ts[BNB_PLAIN], 1.0)
 
     # ---- bf16 group (its own fp32 baseline, same token count)
     if not args.no_bf16:
@@ -252,7 +262,9 @@ def main() -> None:
                        100 * r["fraction_of_copy_bandwidth"]] if dev.type == "cuda" else []) for r in dq_rows])
     notes = ["act-order adds the int32 g_idx: " + ", ".join(f"{k} = {v:.3f} bits/weight" for k, v in act.items()),
              bnb_status if bnb32 is None else f"{bnb_status}: NF4, blocks of 64, double-quantised absmax (QLoRA "
-                                              f"defaults); its bits/weight formula is 4 + 8/64 + 32/(64·256)"]
+                                              f"defaults); its bits/weight formula is 4 + 8/64 + 32/(64·256); "
+                                              f"like for like with lowbit's NF4: `{BNB_PLAIN}` "
+                                              "(compress_statistics=False: 4 + 32/64)"]
     if bf16_note(info):
         notes.append(bf16_note(info))
     md = (f"### QuantLinear: forward+backward of a frozen {out_f}×{in_f} layer (input gradient)\n\n"

@@ -241,8 +241,13 @@ def cmd_pretrain_tiny(args: argparse.Namespace) -> int:
     except ValueError as e:
         _fail(e)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        _fail(ValueError(f"--out {out} is not empty; choose another path or pass --overwrite"))
+    if not args.overwrite:
+        from .io import check_new_dir
+
+        try:
+            check_new_dir(out, "--out")
+        except ValueError as e:
+            _fail(e)
     info = pretrain_tiny(out, cfg)
     print(f"pre-trained tiny LLaMA ({info['params'] / 1e6:.2f}M params) in {info['seconds']:.0f}s: "
           f"final train loss {info['final_train_loss']:.3f}, held-out ppl {info['heldout_ppl']:.3f} -> {out}")

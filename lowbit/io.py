@@ -126,6 +126,16 @@ def exchange_paths(a: str | Path, b: str | Path) -> bool:
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
+def check_new_dir(path: str | Path, flag: str = "output directory") -> Path:
+    """Refuse a ``path`` that exists and is not an empty directory (a file, or a directory holding anything): the
+    check every writer of a new output directory runs before its work, unless the user asked to overwrite."""
+    path = recover_dir(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(f"{flag} {path} already exists and is not an empty directory; choose a new path, remove "
+                         "it, or pass --overwrite")
+    return path
+
+
 def backup_path(path: str | Path) -> Path:
     """Where :func:`atomic_dir` keeps the previous ``path`` while it swaps without an atomic exchange."""
     path = Path(path)

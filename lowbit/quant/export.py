@@ -57,7 +57,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..io import atomic_dir, atomic_write_json
+from ..io import atomic_dir, atomic_write_json, check_new_dir
 from .packing import pack
 from .qlinear import QuantLinear
 from .qweight import default_group_index
@@ -77,12 +77,6 @@ def _lowbit_version() -> str:
         return version("lowbit")
     except Exception:  # not installed as a distribution (e.g. run from a source tree)
         return "0.0.0"
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ValueError(f"{out_dir} already exists and is not an empty directory; "
-                         f"choose a new output path or remove it first")
 
 
 def _uniform_spec(qmods: dict[str, QuantLinear]) -> tuple[int, int]:
@@ -209,7 +203,7 @@ def export_gptq(model: nn.Module, out_dir: str | Path, checkpoint_format: str = 
         raise ValueError(f"checkpoint_format must be one of {list(CHECKPOINT_FORMATS)}, "
                          f"got {checkpoint_format!r}")
     if not overwrite:
-        _check_out_dir(out_dir)
+        check_new_dir(out_dir, "export directory")
     qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not qmods:
         raise ValueError("model holds no QuantLinear modules: quantize it first "
@@ -273,7 +267,7 @@ def export_gptq(model: nn.Module, out_dir: str | Path, checkpoint_format: str = 
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if not overwrite:
-            _check_out_dir(out_dir)  # nothing appeared there meanwhile (atomic_dir would replace it)
+            check_new_dir(out_dir, "export directory")  # nothing appeared there meanwhile (atomic_dir would replace it)
     log.info("exported %d quantized modules (%d-bit, group_size %d, %s, sym=%s, desc_act=%s) to %s",
              len(qmods), bits, group_size, fmt, sym, desc_act, out_dir)
     return out_dir

@@ -190,11 +190,25 @@ def cached_run(run_dir: Path, stamp: dict, need_summary: bool = True) -> bool:
                                                                      for f in files)
 
 
+def train_fresh(recipe: str, overrides: list[str], run_dir: Path) -> None:
+    """Fine-tune ``recipe`` with ``overrides`` (which name ``run_dir`` as ``output_dir``) from scratch. Whatever is
+    in ``run_dir`` is a run the caller decided not to reuse (half-finished, or of other settings) and is deleted
+    first, so the new run cannot resume from it or mix files with it."""
+    import shutil
+
+    from .config import load_recipe
+    from .finetune import finetune
+
+    cfg = load_recipe(recipe, overrides)  # a bad recipe fails here, before anything is deleted
+    if recover_dir(run_dir).exists():
+        shutil.rmtree(run_dir)
+    finetune(cfg)
+
+
 def run_demo(out_dir: str | Path = "demo_out", quick: bool = False, budget: DemoBudget | None = None) -> dict:
     """Run (or reuse) every comparison run; print and write the table. Returns ``results.json``'s content."""
     from ..eval.compare import compare_table, load_run, plot_runs
     from .config import load_recipe
-    from .finetune import finetune
 
     out = Path(out_dir)
     budget = budget or (QUICK_BUDGET if quick else DemoBudget())
@@ -219,12 +233,7 @@ def run_demo(out_dir: str | Path = "demo_out", quick: bool = False, budget: Demo
             log.info("[%d/%d] %s: cached", i + 1, len(plans), name)
         else:
             log.info("[%d/%d] %s: %s", i + 1, len(plans), name, recipe)
-            cfg = load_recipe(recipe, overrides)
-            if run_dir.exists():
-                import shutil
-
-                shutil.rmtree(run_dir)  # a stale or half-finished run of other settings
-            finetune(cfg)
+            train_fresh(recipe, overrides, run_dir)
             atomic_write_json(run_dir / "demo_stamp.json", stamp, seal=True)
         done.append(load_run(run_dir))
     table = compare_table(done)

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..io import atomic_dir, atomic_write_json, read_json, recover_dir
+from ..io import atomic_dir, atomic_write_json, check_new_dir, read_json, recover_dir
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,8 @@ def export_run(cfg: ExportRun) -> Path:
         if bits not in GPTQ_BITS:
             raise ValueError(f"the base stores {bits} bits, which the GPTQ format cannot express; pass --bits "
                              f"(one of {', '.join(map(str, GPTQ_BITS))})")
-    if recover_dir(out).exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise ValueError(f"--out {out} exists and is not empty; choose a new directory or pass --overwrite")
+    if not cfg.overwrite:
+        check_new_dir(out, "--out")
     from .config import load_recipe
 
     recipe = load_recipe(str(run_dir / "config.yaml"))

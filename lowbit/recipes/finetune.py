@@ -28,7 +28,7 @@ import torch
 
 from ..io import atomic_write_json, atomic_write_text
 from .config import RecipeConfig, dump_recipe
-from .loading import base_fingerprint, check_architecture, read_model_config, resolve_model
+from .loading import check_architecture, model_dir_fingerprint, read_model_config, resolve_model
 from .trainer import (
     check_checkpoint,
     discard_incomplete_checkpoints,
@@ -273,9 +273,9 @@ def _resume_checkpoint(out: Path) -> Path:
 
 
 def _base_fingerprint(cfg: RecipeConfig) -> dict:
-    """The base the adapter was trained on: the loaded model's identity (:func:`base_fingerprint`) and the
+    """The base the adapter was trained on: the loaded model's identity (:func:`model_dir_fingerprint`) and the
     quantization applied to it (a quantized directory's own, the recipe's ``quant``, or ``None``)."""
-    fp = base_fingerprint(cfg.model.quantized or cfg.model.name)
+    fp = model_dir_fingerprint(cfg.model.quantized or cfg.model.name)
     if not cfg.model.quantized:
         fp["quantization"] = cfg.quant.to_dict() if cfg.quant is not None else None
     return fp

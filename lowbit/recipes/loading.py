@@ -109,7 +109,7 @@ def _local_dir(path: str) -> Path | None:
     return Path(cached).parent if isinstance(cached, str) else None
 
 
-def base_fingerprint(model: str) -> dict:
+def model_dir_fingerprint(model: str) -> dict:
     """The identity of a base model, without loading it: ``{model, path, quantized, model_type, weights,
     weights_sha256, quantization}``.
 

@@ -25,8 +25,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..io import atomic_write_json, recover_dir
-from .demo import base_dir, base_settings, build_bases, model_fingerprint, read_cache
+from ..io import atomic_write_json
+from .demo import base_dir, base_settings, build_bases, model_fingerprint, read_cache, train_fresh
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +218,6 @@ def _run(out: Path, cell: Cell, cfg, fingerprint: str, *, seed: int, lr: float, 
          tag: str, budget: StudyBudget) -> dict:
     """One training run + evaluation, or its ledger entry when one with the same settings exists."""
     from ..eval.compare import load_run
-    from .config import load_recipe
-    from .finetune import finetune
 
     run_name = f"{tag}-{cell.name}-lr{lr:g}-s{seed}" if tag == "search" else f"{cell.name}-s{seed}"
     run_dir = out / "runs" / run_name
@@ -239,9 +237,7 @@ def _run(out: Path, cell: Cell, cfg, fingerprint: str, *, seed: int, lr: float, 
         log.info("%s: done (ledger)", run_name)
         return entry
     log.info("%s: %s lr=%g seed=%d, %d steps", run_name, cell.recipe, lr, seed, steps)
-    if recover_dir(run_dir).exists():
-        shutil.rmtree(run_dir)  # a run killed half-way, or of other settings: start it again
-    finetune(load_recipe(cell.recipe, overrides))
+    train_fresh(cell.recipe, overrides, run_dir)  # a run killed half-way, or of other settings: start again
     run = load_run(run_dir)
     sets = run["summary"]["datasets"]
     acc = {k: v["accuracy"] for k, v in sets.items() if v.get("accuracy") is not None}

@@ -137,7 +137,7 @@ def test_run_json_records_the_training_set_and_the_base(tmp_path):
 
 def test_base_fingerprint_of_a_quantized_directory_hashes_once(tmp_path, monkeypatch):
     import lowbit.io
-    from lowbit.recipes.loading import base_fingerprint
+    from lowbit.recipes.loading import model_dir_fingerprint
 
     d = tmp_path / "q"
     d.mkdir()
@@ -150,11 +150,11 @@ def test_base_fingerprint_of_a_quantized_directory_hashes_once(tmp_path, monkeyp
     calls = []
     real = lowbit.io.sha256_file
     monkeypatch.setattr(lowbit.io, "sha256_file", lambda p, *a: calls.append(p) or real(p, *a))
-    a = base_fingerprint(str(d))
-    assert a == base_fingerprint(str(d)) and len(calls) == 1  # deterministic, hashed once
+    a = model_dir_fingerprint(str(d))
+    assert a == model_dir_fingerprint(str(d)) and len(calls) == 1  # deterministic, hashed once
     assert a["quantized"] is True and a["quantization"] == quant and list(a["weights"]) == ["model.safetensors"]
     (d / "model.safetensors").write_bytes(b"other packed weights")
-    assert base_fingerprint(str(d))["weights_sha256"] != a["weights_sha256"]
+    assert model_dir_fingerprint(str(d))["weights_sha256"] != a["weights_sha256"]
 
 
 # ---------------------------------------------------------------------------------------------- 3. recipes
