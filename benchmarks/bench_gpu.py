@@ -3,7 +3,9 @@ DiaBlo training step's peak memory.
 
 1. QuantLinear (4-bit g128, 2-bit g64, NF4; weights from RTN / NF, which costs nothing to compute) forward + input
    gradient vs a bf16 ``nn.Linear`` forward + input gradient, on 4096x4096 and 11008x4096 at 512, 2048 and 8192
-   tokens under bf16 autocast: the paired ratio with its bootstrap 95% interval (target <= 1.15 at 2048 tokens).
+   tokens under bf16 autocast: the paired ratio with its bootstrap 95% interval (target <= 1.15 at 2048 tokens);
+   at 2048 tokens also with the fused Triton matmuls (``lowbit.quant.triton_matmul``) instead of the dequantise
+   kernel + cuBLAS, to decide which path QuantLinear should take by default on that GPU.
 2. DiaBlo N=64 vs LoRA at equal trainable parameters (rank ``out*in / (64*(out+in))``), both on the same 2-bit
    QuantLinear base, forward + backward including the adapter's weight gradients (target <= 1.0).
 3. Memory: a LLaMA-2-7B-shaped model built from its config with random bf16 weights on the device (no download),
@@ -18,6 +20,7 @@ device there is: the CPU in the default test run. lowbit is imported from the ch
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -28,6 +31,7 @@ from lowbit.adapters import AdapterConfig, apply_adapters
 from lowbit.adapters.diablo import DiaBloLinear
 from lowbit.adapters.lora import LoRALinear
 from lowbit.quant import QuantConfig, QuantLinear, nf_quantize, quantize_model, rtn_quantize
+from lowbit.quant.qlinear import fused_matmul
 
 FULL = {"shapes": [(4096, 4096), (11008, 4096)], "tokens": [512, 2048, 8192], "batches": [4, 16], "seq": 512}
 DRY = {"shapes": [(256, 256), (512, 256)], "tokens": [16, 64], "batches": [1, 2], "seq": 16}
@@ -36,13 +40,22 @@ QUANTS = [("4-bit g128", lambda W: rtn_quantize(W, 4, 128)), ("2-bit g64", lambd
 TARGET_LINEAR, TARGET_ADAPTER, TARGET_MEMORY_GB = 1.15, 1.0, 8.0
 
 
-def fwd_bwd(layer: nn.Module, x: torch.Tensor, g: torch.Tensor):
+def fwd_bwd(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, fused: bool | None = None):
+    """One forward + input-gradient pass; ``fused``: force the fused Triton matmuls on or off (``None``: as
+    configured)."""
     def run():
         x.grad = None
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            y = layer(x)
-        y.backward(g)
+        with fused_matmul(fused) if fused is not None else contextlib.nullcontext():
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                y = layer(x)
+            y.backward(g)
     return run
+
+
+def fused_available(dev: torch.device) -> bool:
+    from lowbit.quant.triton_dequant import available
+
+    return dev.type == "cuda" and available()
 
 
 def linear_rows(dev, sizes, repeats, most) -> list[dict]:
@@ -55,11 +68,17 @@ def linear_rows(dev, sizes, repeats, most) -> list[dict]:
         for n_tok in sizes["tokens"]:
             x = torch.randn(n_tok, inp, device=dev, dtype=torch.bfloat16, requires_grad=True)
             g = torch.randn(n_tok, out, device=dev, dtype=torch.bfloat16)
+            # The fused Triton matmuls are timed at 2048 tokens only (the target's token count), to keep the
+            # script within its budget.
+            kernels = [("dequantise + GEMM", False)] + ([("fused Triton", True)]
+                                                         if fused_available(dev) and n_tok == 2048 else [])
             for name, layer in layers.items():
-                r = paired_ratio(fwd_bwd(layer, x, g), fwd_bwd(dense, x, g), min_repeats=repeats,
-                                 max_repeats=most, time_cap_s=20, target=TARGET_LINEAR if n_tok == 2048
-                                 else None, device=dev)
-                rows.append({"item": "quantlinear", "shape": [out, inp], "tokens": n_tok, **r, "quant": name})
+                for kernel, fused in kernels:
+                    r = paired_ratio(fwd_bwd(layer, x, g, fused if fused else None), fwd_bwd(dense, x, g),
+                                     min_repeats=repeats, max_repeats=most, time_cap_s=20,
+                                     target=TARGET_LINEAR if n_tok == 2048 else None, device=dev)
+                    rows.append({"item": "quantlinear", "shape": [out, inp], "tokens": n_tok, **r, "quant": name,
+                                 "kernel": kernel})
     return rows
 
 
@@ -160,8 +179,8 @@ def main() -> None:
     ci = lambda r: f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"  # noqa: E731
     md = (f"### GPU check{' (dry run: toy sizes)' if dry else ''} (`bench_gpu.py`)\n\n{header_line(info)}\n\n"
           "QuantLinear forward + input gradient vs bf16 nn.Linear (bf16 autocast):\n\n"
-          + md_table(["weight", "tokens", "QuantLinear", "ratio (median)", "95% CI", "pairs", "verdict"],
-                     [[f"{r['shape'][0]}x{r['shape'][1]}", r["tokens"], r["quant"], r["ratio"], ci(r),
+          + md_table(["weight", "tokens", "QuantLinear", "kernel", "ratio (median)", "95% CI", "pairs", "verdict"],
+                     [[f"{r['shape'][0]}x{r['shape'][1]}", r["tokens"], r["quant"], r["kernel"], r["ratio"], ci(r),
                        r["repeats"], r["verdict"]] for r in lin])
           + "\n\nDiaBlo vs LoRA at equal trainable parameters, 2-bit base, forward + backward:\n\n"
           + md_table(["weight", "tokens", "DiaBlo N", "LoRA r", "params DiaBlo / LoRA", "ratio", "95% CI", "verdict"],

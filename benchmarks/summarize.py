@@ -3,11 +3,11 @@
 Each benchmark script writes a ``verdicts`` list into its ``benchmarks/results/<name>.json`` (one entry per
 ratio that has a target: ``what``, ``ratio``, ``ci95``, ``repeats``, ``target``, ``verdict``; see
 ``_common.verdict_row``). This script collects them (results of ``--quick`` smoke runs are skipped), writes
-``benchmarks/results/summary.md`` and replaces the README's table between the ``bench-table`` markers, so no
-number in that table is typed by hand. ``make bench`` runs it last; ``--check`` exits 1 if the README's table
-differs from what the results give (the test suite runs the same comparison).
+``benchmarks/results/summary.md`` and replaces the table between the ``bench-table`` markers in the README and in
+``docs/RESULTS.md``, so no number in those tables is typed by hand. ``make bench`` runs it last; ``--check`` exits 1
+if a document's table differs from what the results give (the test suite runs the same comparison).
 
-Usage: ``python benchmarks/summarize.py [--results benchmarks/results] [--readme README.md] [--check]``.
+Usage: ``python benchmarks/summarize.py [--results benchmarks/results] [--check]``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+DOCS = ("README.md", "docs/RESULTS.md")
 
 
 def collect(results_dir: Path) -> list[dict]:
@@ -54,23 +55,26 @@ def splice(readme: str, table: str) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--readme", default=str(ROOT / "README.md"))
+    ap.add_argument("--docs", nargs="+", default=[str(ROOT / d) for d in DOCS], help="documents holding the table")
     ap.add_argument("--check", action="store_true", help="only compare; exit 1 when the README's table is stale")
     args = ap.parse_args()
     table = render(collect(Path(args.results)))
-    readme_path = Path(args.readme)
-    readme = readme_path.read_text()
-    new = splice(readme, table)
-    if args.check:
-        if new != readme:
-            print("README's benchmark table differs from benchmarks/results: run python benchmarks/summarize.py")
-            return 1
-        return 0
     from _common import atomic_write_text  # noqa: PLC0415 - the script's own directory is on sys.path
 
+    stale = []
+    for doc in map(Path, args.docs):
+        text = doc.read_text()
+        new = splice(text, table)
+        if new != text:
+            stale.append(doc)
+            if not args.check:
+                atomic_write_text(doc, new)
+    if args.check:
+        if stale:
+            print(f"benchmark table differs from benchmarks/results in {', '.join(map(str, stale))}: "
+                  "run python benchmarks/summarize.py")
+        return 1 if stale else 0
     atomic_write_text(Path(args.results) / "summary.md", table + "\n")
-    if new != readme:
-        atomic_write_text(readme_path, new)
     print(table)
     return 0
 

@@ -22,6 +22,9 @@ take the general path (:func:`~lowbit.quant.packing.unpack`, then the same formu
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -135,22 +138,64 @@ def _use_triton() -> bool:
     return _TRITON
 
 
+_FUSED: bool | None = None
+
+
+def _use_fused(x: torch.Tensor) -> bool:
+    """The fused Triton matmuls (:mod:`lowbit.quant.triton_matmul`) for a CUDA input, when ``LOWBIT_TRITON_FUSED=1``
+    (off by default: whether they beat dequantise + cuBLAS is measured per GPU by ``benchmarks/bench_gpu.py``)."""
+    global _FUSED
+    if not x.is_cuda:
+        return False
+    if _FUSED is None:
+        import os
+
+        _FUSED = os.environ.get("LOWBIT_TRITON_FUSED", "0") == "1" and _use_triton()
+    return _FUSED
+
+
+@contextlib.contextmanager
+def fused_matmul(enabled: bool = True) -> Iterator[None]:
+    """Within the block, CUDA ``QuantLinear`` layers use (or, with ``enabled=False``, do not use) the fused Triton
+    matmuls, whatever ``LOWBIT_TRITON_FUSED`` says; for benchmarks and tests that compare both paths."""
+    global _FUSED
+    if enabled and not _use_triton():
+        raise RuntimeError("fused_matmul(True) needs triton (pip install triton) and LOWBIT_TRITON not set to 0")
+    before, _FUSED = _FUSED, enabled
+    try:
+        yield
+    finally:
+        _FUSED = before
+
+
+def _matmul_wt(x: torch.Tensor, module: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
+    """``x @ W^T`` in ``dtype``: fused on CUDA when enabled, else the dense weight and one GEMM."""
+    if _use_fused(x):
+        from .triton_matmul import triton_matmul_wt
+
+        return triton_matmul_wt(x, *module.packed_args())
+    return F.linear(x, module.dequantize(dtype))
+
+
 class _DequantMatmul(torch.autograd.Function):
     """``y = x @ W^T`` with ``W`` rebuilt from packed storage in forward and again in backward."""
 
     @staticmethod
     def forward(ctx, x, module: QuantLinear, dtype: torch.dtype):  # type: ignore[override]
-        W = module.dequantize(dtype)
         ctx.module = module
         ctx.dtype = dtype
-        return x @ W.t()
+        return _matmul_wt(x, module, dtype)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        W = ctx.module.dequantize(ctx.dtype)
-        return grad_out.to(ctx.dtype) @ W, None, None
+        g = grad_out.to(ctx.dtype)
+        if _use_fused(g):
+            from .triton_matmul import triton_matmul_w
+
+            return triton_matmul_w(g, *ctx.module.packed_args()), None, None
+        return g @ ctx.module.dequantize(ctx.dtype), None, None
 
 
 class QuantLinear(nn.Module):
@@ -221,10 +266,15 @@ class QuantLinear(nn.Module):
     def weight_dtype(self) -> torch.dtype:
         return self.scales.dtype
 
+    def packed_args(self) -> tuple:
+        """``(qweight, scales, zeros, codebook, g_idx, bits, in_features, group_size)``: the packed storage as the
+        dequantisation functions take it."""
+        return (self.qweight, self.scales, self.zeros, self.codebook, self.g_idx, self.bits, self.in_features,
+                self.group_size)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dense ``(out, in)`` weight in ``dtype`` (float32 by default)."""
-        return dequantize_packed(self.qweight, self.scales, self.zeros, self.codebook, self.g_idx, self.bits,
-                                 self.in_features, self.group_size, dtype)
+        return dequantize_packed(*self.packed_args(), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -235,7 +285,7 @@ class QuantLinear(nn.Module):
         if xc.requires_grad and torch.is_grad_enabled():
             y = _DequantMatmul.apply(xc, self, dtype)
         else:
-            y = F.linear(xc, self.dequantize(dtype))
+            y = _matmul_wt(xc, self, dtype)
         if self.bias is not None:
             y = y + self.bias.to(dtype)
         return y.to(x.dtype) if x.is_floating_point() else y

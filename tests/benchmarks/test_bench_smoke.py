@@ -223,15 +223,17 @@ def test_verdict_rows_of_every_timing_script(tmp_path):
 
 
 def test_readme_benchmark_table_is_generated():
-    """The README's benchmark table is exactly what `benchmarks/summarize.py` builds from the committed results, and
-    every line's verdict follows from its interval and target (nothing typed by hand)."""
+    """The benchmark table of the README and of docs/RESULTS.md is exactly what `benchmarks/summarize.py` builds
+    from the committed results, and every line's verdict follows from its interval and target (nothing typed by
+    hand)."""
     sys.path.insert(0, str(BENCH))
     import summarize
     from _common import ratio_verdict
 
     rows = summarize.collect(BENCH / "results")
-    readme = (ROOT / "README.md").read_text()
-    assert summarize.splice(readme, summarize.render(rows)) == readme, "run python benchmarks/summarize.py"
+    for doc in summarize.DOCS:
+        text = (ROOT / doc).read_text()
+        assert summarize.splice(text, summarize.render(rows)) == text, f"{doc}: run python benchmarks/summarize.py"
     for v in rows:
         lo, hi = v["ci95"]
         target = float(v["target"].removeprefix("≤ ")) if v["target"] else None
