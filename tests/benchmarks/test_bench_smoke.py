@@ -57,6 +57,7 @@ def test_adapters(tmp_path):
     assert abs(lora["trainable_params"] - dia["trainable_params"]) <= (inp + out) / 2
     assert by["DiaBlo"]["saved_for_backward_bytes"] > 0
     assert res["diablo_over_lora"]
+    _check_verdicts(res)
 
 
 def test_quantlinear(tmp_path):
@@ -73,6 +74,7 @@ def test_quantlinear(tmp_path):
     assert all(r["effective_gbs"] > 0 for r in res["dequantize"])
     assert res["bitsandbytes"]  # a version or the reason it could not run
     assert res["headline"]["4bit_g128_vs_fp32_linear"] > 0
+    _check_verdicts(res)
 
 
 def test_quantize_lowbit(tmp_path):
@@ -106,6 +108,7 @@ def test_quantize_with_gptqmodel(tmp_path):
     # Same algorithm, same inputs: the two implementations reach the same output error.
     assert gptq[0]["rel_output_error"] == pytest.approx(gptq[1]["rel_output_error"], rel=0.05)
     assert list(res["headline"].values())[0] > 0
+    _check_verdicts(res)
 
 
 @pytest.mark.slow
@@ -142,6 +145,7 @@ def test_generate(tmp_path):
     res = run_script("generate", tmp_path)
     _timed_rows(res["rows"])
     assert res["identical_outputs"] is True
+    _check_verdicts(res)
 
 
 @pytest.mark.slow
@@ -153,6 +157,7 @@ def test_train_tiny(tmp_path):
     assert len({r["peak_rss_bytes"] for r in res["rows"]}) == len(res["rows"])
     by = {r["config"]: r for r in res["rows"]}
     assert by["2-bit diablo"]["base_bytes"] < by["fp32 lora"]["base_bytes"] / 4
+    _check_verdicts(res)
 
 
 def test_magr(tmp_path):
@@ -164,6 +169,7 @@ def test_magr(tmp_path):
     lo, hi = row["ci95"]
     assert lo <= row["ratio"] <= hi and row["repeats"] == len(row["ratios"]) >= 2
     assert row["verdict"] == ("met" if hi <= 0.25 else "missed" if lo > 0.25 else "unresolved")
+    _check_verdicts(res)
 
 
 def test_paired_ratio_interval_and_verdicts():
@@ -214,12 +220,6 @@ def _check_verdicts(res: dict) -> None:
         assert lo <= v["ratio"] <= hi and v["repeats"] >= 2 and v["what"]
         target = float(v["target"].removeprefix("≤ ")) if v["target"] else None
         assert v["verdict"] == ratio_verdict(lo, hi, target), v
-
-
-def test_verdict_rows_of_every_timing_script(tmp_path):
-    """adapters, quantlinear, generate and magr (quick) each write verdict rows that follow their intervals."""
-    for name in ("adapters", "quantlinear", "generate", "magr"):
-        _check_verdicts(run_script(name, tmp_path / name))
 
 
 def test_readme_benchmark_table_is_generated():
