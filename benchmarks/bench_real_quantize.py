@@ -7,7 +7,8 @@ number is relative to that float model) with the same calibration token windows 
 act-order with static, contiguous groups), alternating ``--repeats`` times (the table gives the median time, its
 spread and the time ratio lowbit / GPTQModel); then once each: "like for like" with reordering off in both (lowbit
 also with ``group_params="block-start"``, GPTQModel's rule for a group's scale and zero), and lowbit's RTN,
-MagR+GPTQ (``--no-magr`` skips it) and NF. Score: perplexity on ``--eval-windows`` windows of GSM8K
+MagR+GPTQ (``--no-magr`` skips it) and NF (``--defaults-and-like-for-like`` skips these three, ``--defaults-only``
+everything but the defaults). Score: perplexity on ``--eval-windows`` windows of GSM8K
 test text (the same token ids for every candidate; deterministic given the inputs), and quantization wall time.
 
 Usage: ``python benchmarks/bench_real_quantize.py [--bits 4 2] [--repeats 2] [--quick]`` (needs ``make real``
@@ -119,6 +120,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--no-gptqmodel", action="store_true")
     ap.add_argument("--no-magr", action="store_true", help="skip MagR+GPTQ (200 proximal iterations: ~20 min here)")
+    ap.add_argument("--defaults-only", action="store_true", help="only the two defaults (the timed comparison)")
     ap.add_argument("--defaults-and-like-for-like", action="store_true",
                     help="only the two defaults and the reordering-off candidates (skip RTN, NF, MagR+GPTQ)")
     ap.add_argument("--tag", default="", help="suffix of the result files (several runs side by side)")
@@ -149,19 +151,22 @@ def main() -> None:
             for name, fn in (list(default.items()) if i % 2 == 0 else list(default.items())[::-1]):
                 model, dt = fn()
                 times[name].append(dt)
-                ppls[name] = ppl(model)  # deterministic given the inputs: the last round's value
-                print(f"[{bits}-bit] {name}: ppl {ppls[name]:.3f}, {dt:.1f} s", flush=True)
+                if i == repeats - 1:  # deterministic given the inputs: scored once, in the last round
+                    ppls[name] = ppl(model)
+                print(f"[{bits}-bit] {name}: {dt:.1f} s"
+                      + (f", ppl {ppls[name]:.3f}" if i == repeats - 1 else ""), flush=True)
                 del model
         # Like for like (reordering off in both), lowbit's other methods: once each (perplexity is deterministic).
-        once = {"lowbit GPTQ, reordering off":
+        once = {} if args.defaults_only else {"lowbit GPTQ, reordering off":
                 lambda b=bits: lowbit_run(fp, QuantConfig(method="gptq", bits=b, act_order=False,
                                                           static_groups=False), calib)}
-        once["lowbit GPTQ, reordering off, block-start group params"] = lambda b=bits: lowbit_run(
-            fp, QuantConfig(method="gptq", bits=b, act_order=False, static_groups=False, group_params="block-start"),
-            calib)
-        if not args.no_gptqmodel:
+        if not args.defaults_only:
+            once["lowbit GPTQ, reordering off, block-start group params"] = lambda b=bits: lowbit_run(
+                fp, QuantConfig(method="gptq", bits=b, act_order=False, static_groups=False,
+                                group_params="block-start"), calib)
+        if not args.no_gptqmodel and not args.defaults_only:
             once["GPTQModel, reordering off"] = lambda b=bits: gptqmodel_run(path, b, calib, False, tmp)
-        if not args.defaults_and_like_for_like:
+        if not (args.defaults_and_like_for_like or args.defaults_only):
             once["lowbit RTN"] = lambda b=bits: lowbit_run(fp, QuantConfig(method="rtn", bits=b), calib)
             if not args.no_magr:
                 once["lowbit MagR+GPTQ"] = lambda b=bits: lowbit_run(fp, QuantConfig(method="magr-gptq", bits=b),
