@@ -59,6 +59,17 @@ def dequant_kernel(q_ptr, s_ptr, z_ptr, cb_ptr, gidx_ptr, out_ptr, rows, cols, w
 
 
 @triton.jit
+def dot_acc(acc, a, w, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ w`` with the fp32 tile ``w`` rounded to ``a``'s dtype first (as the dense path multiplies)."""
+    if UPCAST:  # exact: a product of two bf16 values is exact in fp32
+        return acc + tl.dot(a.to(tl.float32), w.to(a.dtype).to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        return acc + tl.dot(a, w.to(a.dtype), input_precision="ieee")
+    else:
+        return acc + tl.dot(a, w.to(a.dtype))
+
+
+@triton.jit
 def matmul_wt_kernel(x_ptr, q_ptr, s_ptr, z_ptr, cb_ptr, gidx_ptr, y_ptr, M, N, K, words, n_groups, group_size,
                      BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_GIDX: tl.constexpr, IEEE: tl.constexpr,
                      UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -73,12 +84,7 @@ def matmul_wt_kernel(x_ptr, q_ptr, s_ptr, z_ptr, cb_ptr, gidx_ptr, y_ptr, M, N, 
         kc = kr[:, None]
         wt = dequant_tile(q_ptr, s_ptr, z_ptr, cb_ptr, gidx_ptr, n, kc, (n < N) & (kc < K), words, n_groups,
                           group_size, BITS, HAS_ZEROS, HAS_GIDX)
-        if UPCAST:  # exact: a product of two bf16 values is exact in fp32
-            acc += tl.dot(xt.to(tl.float32), wt.to(xt.dtype).to(tl.float32), input_precision="ieee")
-        elif IEEE:
-            acc += tl.dot(xt, wt.to(xt.dtype), input_precision="ieee")
-        else:
-            acc += tl.dot(xt, wt.to(xt.dtype))
+        acc = dot_acc(acc, xt, wt, IEEE, UPCAST)
     tl.store(y_ptr + m * N + n, acc.to(y_ptr.dtype.element_ty), mask=(m < M) & (n < N))
 
 
@@ -97,10 +103,5 @@ def matmul_w_kernel(g_ptr, q_ptr, s_ptr, z_ptr, cb_ptr, gidx_ptr, out_ptr, M, N,
         nc = nr[:, None]
         wt = dequant_tile(q_ptr, s_ptr, z_ptr, cb_ptr, gidx_ptr, nc, k, (nc < N) & (k < K), words, n_groups,
                           group_size, BITS, HAS_ZEROS, HAS_GIDX)
-        if UPCAST:  # exact: a product of two bf16 values is exact in fp32
-            acc += tl.dot(gt.to(tl.float32), wt.to(gt.dtype).to(tl.float32), input_precision="ieee")
-        elif IEEE:
-            acc += tl.dot(gt, wt.to(gt.dtype), input_precision="ieee")
-        else:
-            acc += tl.dot(gt, wt.to(gt.dtype))
+        acc = dot_acc(acc, gt, wt, IEEE, UPCAST)
     tl.store(out_ptr + m * K + k, acc.to(out_ptr.dtype.element_ty), mask=(m < M) & (k < K))

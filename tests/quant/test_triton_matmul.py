@@ -8,10 +8,6 @@ GPU rounds to nearest (measured: half of all values differ by one ulp, biased), 
 so bf16 tiles are multiplied as exact fp32 values there (``UPCAST``); fp16 runs the half-precision ``tl.dot``."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -59,13 +55,9 @@ def _run_cases() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def results():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "tests"), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=900,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from triton_interp import run_interpreted
+
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=[str(c) for c in CASES])
