@@ -150,7 +150,10 @@ def _use_fused(x: torch.Tensor) -> bool:
     if _FUSED is None:
         import os
 
-        _FUSED = os.environ.get("LOWBIT_TRITON_FUSED", "0") == "1" and _use_triton()
+        _FUSED = os.environ.get("LOWBIT_TRITON_FUSED", "0") == "1"
+        if _FUSED and not _use_triton():  # asked for by name: never a silent switch to the other path
+            raise RuntimeError("LOWBIT_TRITON_FUSED=1 needs triton (pip install triton) and LOWBIT_TRITON not set "
+                               "to 0; unset LOWBIT_TRITON_FUSED to use dequantise + GEMM")
     return _FUSED
 
 
