@@ -1,6 +1,6 @@
 """Tiny-model training step: time and peak memory of DiaBlo vs LoRA on fp32, 4-bit and 2-bit (RTN) bases.
 
-The embedded tiny LLaMA (``lowbit.tiny.TINY_MODEL_DIR``, 3.7M parameters, 4 layers of width 256) gets
+The embedded tiny LLaMA (``lowbit.models.tiny.TINY_MODEL_DIR``, 3.7M parameters, 4 layers of width 256) gets
 DiaBlo (N = 16) or LoRA (r = 16, α = 16) on q, k, v, up, down through ``apply_adapters``; the base is kept fp32 or
 quantized with ``QuantConfig(method="rtn", bits=b, group_size=64)`` (all seven projections per layer). One step
 = forward + loss + backward + AdamW update on a batch of 16 × 256 random tokens.
@@ -52,7 +52,7 @@ def build(base: str, adapter: str, device: torch.device):
 
     from lowbit.adapters import AdapterConfig, apply_adapters
     from lowbit.quant import QuantConfig
-    from lowbit.tiny import TINY_MODEL_DIR
+    from lowbit.models.tiny import TINY_MODEL_DIR
 
     model = AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR, dtype=torch.float32).to(device)
     quant = None if base == "fp32" else QuantConfig(method="rtn", bits=int(base[0]), group_size=64)

@@ -1,7 +1,7 @@
 """Feasibility check for the embedded tiny model: full-parameter fine-tuning on the synthetic Math10K-style
 training split, then greedy accuracy on the four synthetic test families.
 
-    python scripts/tiny_full_finetune.py --model lowbit/tiny/tiny_arith --steps 400 --out ft_check.json
+    python scripts/tiny_full_finetune.py --model lowbit/models/tiny/tiny_arith --steps 400 --out ft_check.json
 
 This is the "is >= 60% within reach" measurement of the tiny model (adapter fine-tuning comes with the recipes).
 """

@@ -72,7 +72,7 @@ def test_base_cache_is_rebuilt_for_another_tiny_checkpoint(tmp_path, monkeypatch
 
 
 def test_model_fingerprint_is_the_weights_hash():
-    """Known value: `sha256sum lowbit/tiny/tiny_arith/model.safetensors` of the shipped checkpoint."""
+    """Known value: `sha256sum lowbit/models/tiny/tiny_arith/model.safetensors` of the shipped checkpoint."""
     from lowbit.recipes.demo import model_fingerprint
 
     assert model_fingerprint() == "d154e2a950700508"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.tiny.tokenizer import build_tokenizer
+from lowbit.models.tiny.tokenizer import build_tokenizer
 
 _NAMES = ["Ann", "Ben", "Carla", "Dev", "Emma", "Farid", "Gina", "Hugo"]
 _ITEMS = ["apples", "books", "coins", "marbles", "pencils", "stickers", "cards", "shells"]

@@ -16,7 +16,7 @@ Importing :mod:`lowbit.data` is cheap: no torch, transformers or datasets import
 * ``tokenize`` (torch): records -> token ids with response-only labels, and the batch collator.
 * ``calibration`` (torch): calibration windows and held-out text for quantization.
 
-The tiny model's pre-training corpus is not data of the task: it lives in :mod:`lowbit.tiny.corpus`.
+The tiny model's pre-training corpus is not data of the task: it lives in :mod:`lowbit.models.tiny.corpus`.
 """
 
 from .loaders import (

@@ -41,7 +41,7 @@ Design, following what was measured at this model size
   strings through SHA-512, independent of ``PYTHONHASHSEED``); JSON is written with ``indent=2``,
   ``ensure_ascii=False`` and atomically.
 * **Pre-training text** for the tiny base model is built from the same sentence templates, in
-  :mod:`lowbit.tiny.corpus`.
+  :mod:`lowbit.models.tiny.corpus`.
 
 Records are ``{"instruction", "input": "", "output", "answer"}`` with ``answer`` a plain integer string
 ("28") for the numeric families and a letter "A".."E" for aqua. :func:`check_record` re-verifies every

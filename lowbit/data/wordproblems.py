@@ -1,7 +1,7 @@
 """Sentence-building blocks of the synthetic arithmetic word problems: people, items, events, number ranges.
 
 Shared by the task families (:mod:`lowbit.data.synthetic`) and the tiny model's pre-training corpus
-(:mod:`lowbit.tiny.corpus`). A :class:`Problem` collects sentences and the equations they imply; every builder
+(:mod:`lowbit.models.tiny.corpus`). A :class:`Problem` collects sentences and the equations they imply; every builder
 draws from a ``random.Random`` and applies its operation to ``Problem.value`` with :meth:`Problem.step`, so that the
 story order is the equation order.
 

@@ -22,7 +22,7 @@ from ..data.loaders import MATH10K
 from ..eval.config import EvalConfig
 from ..quant import QuantConfig
 
-TINY = "tiny"  # the embedded model (lowbit/tiny/tiny_arith)
+TINY = "tiny"  # the embedded model (lowbit/models/tiny/tiny_arith)
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 

@@ -98,7 +98,7 @@ def demo_runs(quick: bool) -> list[tuple[str, str, int | None, bool]]:
 
 def model_fingerprint() -> str:
     """SHA-256 (first 16 hex digits) of the embedded model's weights: caches built from another checkpoint are stale."""
-    from ..tiny import tiny_model_dir
+    from ..models.tiny import tiny_model_dir
 
     return sha256_file(tiny_model_dir() / "model.safetensors")[:16]
 
@@ -116,7 +116,7 @@ def build_bases(out: Path, sections: list, source: str | None = None) -> list[di
 
     from ..eval.perplexity import perplexity
     from ..quant import QuantConfig, load_quantized, quantize_model, save_quantized
-    from ..tiny import heldout_text_ids, tiny_model_dir
+    from ..models.tiny import heldout_text_ids, tiny_model_dir
     from .quantize import calibration_windows
 
     src = tiny_model_dir()

@@ -1,34 +1,12 @@
-"""The one loader of the drivers: a model named by an alias (``tiny``), a Hugging Face directory or hub id, or a
-lowbit quantized directory — optionally with an adapter on either.
-
-Model aliases are a registry (:func:`register_model_alias`): an alias maps to a function returning a local Hugging
-Face directory, so ``lowbit quantize --model tiny``, a recipe's ``model.name: tiny`` and ``lowbit evaluate --model
-tiny`` all resolve the same way.
+"""The one loader of the drivers: a model named by an alias (``tiny``, ``smollm2-135m``: :mod:`lowbit.models`), a
+Hugging Face directory or hub id, or a lowbit quantized directory — optionally with an adapter on either.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
-MODEL_ALIASES: dict[str, Callable[[], Path]] = {}
-
-
-def register_model_alias(name: str):
-    """Decorator: ``fn() -> Path`` of a local Hugging Face model directory, reachable as ``name``."""
-    def deco(fn):
-        if name in MODEL_ALIASES:
-            raise ValueError(f"model alias {name!r} is already registered")
-        MODEL_ALIASES[name] = fn
-        return fn
-    return deco
-
-
-@register_model_alias("tiny")
-def _tiny() -> Path:
-    from ..tiny import tiny_model_dir
-
-    return tiny_model_dir()
+from ..models import MODEL_ALIASES, alias_dir
 
 
 def resolve_model(model: str) -> tuple[str, bool]:
@@ -53,7 +31,7 @@ def resolve_model(model: str) -> tuple[str, bool]:
                                     f"it (`lowbit quantize --out {p}`)")
         return str(p.resolve()), False
     if model in MODEL_ALIASES:
-        return str(MODEL_ALIASES[model]().resolve()), False
+        return str(alias_dir(model)), False
     if p.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ValueError(f"model {model!r} is not a model directory; pass {accepted}")
     return model, False  # a hub id: from_pretrained reports whether it exists
@@ -229,6 +207,3 @@ def load_model(model: str, adapter: str | None = None, device: str | None = None
     m.eval()
     return m, tok, info
 
-
-# Built-in aliases defined in their own files (importing registers them).
-from . import smollm2  # noqa: E402, F401

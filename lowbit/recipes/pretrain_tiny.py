@@ -1,12 +1,12 @@
 """``lowbit pretrain-tiny``: build lowbit's embedded tiny arithmetic LLaMA from nothing, reproducibly.
 
 The base model is pre-trained (next-token prediction) on a synthetic corpus: general text — arithmetic facts,
-equations, chained computations and numbers in short narrative text (:func:`lowbit.tiny.corpus.pretrain_corpus`)
+equations, chained computations and numbers in short narrative text (:func:`lowbit.models.tiny.corpus.pretrain_corpus`)
 — and, for ``worked_fraction`` of the documents, worked problems in plain prose
-(:func:`lowbit.tiny.corpus.worked_corpus`, test problems excluded). It never sees the instruction/response format
+(:func:`lowbit.models.tiny.corpus.worked_corpus`, test problems excluded). It never sees the instruction/response format
 nor "The answer is", so that fine-tuning on the Math10K-style split has real work to do, as with LLaMA-2 on
 Math10K. Last, a few LLaMA-like outlier input channels are added to every decoder linear without changing the
-function (:mod:`lowbit.tiny.outliers`), so that 2-bit round-to-nearest damages the model as it does LLaMA. The
+function (:mod:`lowbit.models.tiny.outliers`), so that 2-bit round-to-nearest damages the model as it does LLaMA. The
 tokenizer is a byte-level BPE with single-digit tokens trained on that corpus
 plus the training split's text (so the prompt words exist as tokens); the embedding matrix is padded to a multiple
 of 64 rows so that every linear dimension is divisible by 64.
@@ -24,7 +24,7 @@ import torch
 
 from ..data.prompts import APIQ
 from ..io import atomic_dir, atomic_write_json
-from ..tiny.tokenizer import build_tokenizer, concat_with_eos
+from ..models.tiny.tokenizer import build_tokenizer, concat_with_eos
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class PretrainConfig:
     worked_fraction: float = 0.5
     seed: int = 0
     threads: int | None = None
-    # LLaMA-like outlier input channels added after training without changing the function (lowbit/tiny/outliers.py):
+    # LLaMA-like outlier input channels added after training without changing the function (lowbit/models/tiny/outliers.py):
     # this share of every decoder linear's input channels gets ×outlier_factor (0 disables).
     outlier_fraction: float = 0.02
     outlier_factor: float = 8.0
@@ -81,7 +81,7 @@ def pretrain_tiny(out_dir: str | Path, cfg: PretrainConfig, progress: bool = Tru
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ..data.synthetic import generate_split
-    from ..tiny.corpus import pretrain_corpus, worked_corpus
+    from ..models.tiny.corpus import pretrain_corpus, worked_corpus
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -147,7 +147,7 @@ def pretrain_tiny(out_dir: str | Path, cfg: PretrainConfig, progress: bool = Tru
             "loss_every_50": losses[::50]}
     model = model.half()
     if cfg.outlier_fraction > 0:
-        from ..tiny.outliers import add_outlier_channels
+        from ..models.tiny.outliers import add_outlier_channels
 
         info["outliers"] = add_outlier_channels(model, cfg.outlier_fraction, cfg.outlier_factor, seed=cfg.seed)
     with atomic_dir(out_dir) as tmp:

@@ -56,7 +56,7 @@ def calibration_windows(c: CalibrationConfig, tokenizer) -> tuple[torch.Tensor, 
     """``(nsamples, seqlen)`` calibration token ids from ``c`` and the held-out 1-D ids (``None`` for ``tiny``,
     whose held-out text is separate)."""
     if c.sources == [TINY]:
-        from ..tiny import calibration_ids
+        from ..models.tiny import calibration_ids
 
         return calibration_ids(tokenizer, c.nsamples, c.seqlen), None
     from ..data.calibration import split_calibration, tokenize_sources

@@ -1,7 +1,7 @@
 """Synthetic Math10K-format data (lowbit.data.synthetic): determinism, disjointness and rationale correctness.
 
 The equations are re-evaluated here with plain Python arithmetic, independently of ``check_record``. The
-pre-training corpus built from the same templates is tested in tests/tiny/test_corpus.py.
+pre-training corpus built from the same templates is tested in tests/models/test_corpus.py.
 """
 
 from __future__ import annotations

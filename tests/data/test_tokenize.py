@@ -24,7 +24,7 @@ from lowbit.data.tokenize import (
     tokenize_dataset,
     tokenize_example,
 )
-from lowbit.tiny import TINY_MODEL_DIR
+from lowbit.models.tiny import TINY_MODEL_DIR
 
 REC = {"instruction": "Tom has 3 apples. He buys 5 more. How many apples does he have now?", "input": "",
        "output": "3 + 5 = 8. The answer is 8.", "answer": "8"}

@@ -12,7 +12,7 @@ from lowbit.eval.generate import StopOnStrings, generate, iter_generate, truncat
 def tiny():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowbit.tiny import tiny_model_dir
+    from lowbit.models.tiny import tiny_model_dir
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir())
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(), dtype=torch.float32).eval()

@@ -44,7 +44,7 @@ def _cli_error(argv: list[str]) -> str:
 
 def _stub_model_dir(tmp_path: Path, model_type: str = "llama") -> Path:
     """A model directory with the tiny model's config and tokenizer but no weights."""
-    from lowbit.tiny import tiny_model_dir
+    from lowbit.models.tiny import tiny_model_dir
 
     d = tmp_path / f"stub-{model_type}"
     d.mkdir()
@@ -117,7 +117,7 @@ def test_builtin_recipes_name_their_training_set():
 def test_run_json_records_the_training_set_and_the_base(tmp_path):
     from lowbit.io import sha256_file
     from lowbit.recipes.finetune import finetune
-    from lowbit.tiny import tiny_model_dir
+    from lowbit.models.tiny import tiny_model_dir
 
     train = tmp_path / "train.json"
     train.write_text(json.dumps([{"instruction": f"What is {i} + 1?", "input": "", "output": f"The answer is {i + 1}.",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lowbit.quant.rtn import rtn_quantize
-from lowbit.tiny.outliers import add_outlier_channels
+from lowbit.models.tiny.outliers import add_outlier_channels
 
 
 def _llama(kv_heads=4, bias=False, dtype=torch.float64):

@@ -1,4 +1,4 @@
-"""The tiny model's pre-training corpus (lowbit.tiny.corpus): determinism, true equations, no answer format.
+"""The tiny model's pre-training corpus (lowbit.models.tiny.corpus): determinism, true equations, no answer format.
 
 The equations are re-evaluated here with plain Python arithmetic. The texts are pinned by hash: the embedded
 checkpoint, its held-out and calibration text and the demo's numbers are built from them.
@@ -10,7 +10,7 @@ from text_checks import ARITH, NUM, equations, sha
 
 from lowbit.data.synthetic import FAMILIES, generate_split, problem_key
 from lowbit.data.synthetic import test_split as synthetic_test_split
-from lowbit.tiny.corpus import pretrain_corpus, worked_corpus, worked_problem_text
+from lowbit.models.tiny.corpus import pretrain_corpus, worked_corpus, worked_problem_text
 
 
 def test_pretrain_corpus():
@@ -56,7 +56,7 @@ def test_worked_problem_text():
 
 
 def test_corpus_text_is_pinned():
-    """sha256 of ``json.dumps`` of the documents, recorded before the corpus moved to lowbit.tiny.corpus."""
+    """sha256 of ``json.dumps`` of the documents, recorded before the corpus moved to lowbit.models.tiny.corpus."""
     assert sha(pretrain_corpus(3000, seed=12345)) == "be163c65055d73e258b95d47cdb69564a773693ec12d42c45b152f30d395ee1d"
     assert sha(pretrain_corpus(2000, seed=0)) == "7064ea212a8a7d46eaca7f0e446becea90406b5d7cf9776a657dfea2447ccf35"
     assert sha(worked_corpus(500, 0)) == "1ee7aa34e26cbc3bd19dc4199cfc66b4d9a7ae16dd4eb7a172a1cdc3a15e8288"

