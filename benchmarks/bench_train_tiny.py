@@ -51,8 +51,8 @@ def build(base: str, adapter: str, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     from lowbit.adapters import AdapterConfig, apply_adapters
-    from lowbit.quant import QuantConfig
     from lowbit.models.tiny import TINY_MODEL_DIR
+    from lowbit.quant import QuantConfig
 
     model = AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR, dtype=torch.float32).to(device)
     quant = None if base == "fp32" else QuantConfig(method="rtn", bits=int(base[0]), group_size=64)

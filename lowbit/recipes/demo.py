@@ -115,8 +115,8 @@ def build_bases(out: Path, sections: list, source: str | None = None) -> list[di
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..eval.perplexity import perplexity
-    from ..quant import QuantConfig, load_quantized, quantize_model, save_quantized
     from ..models.tiny import heldout_text_ids, tiny_model_dir
+    from ..quant import QuantConfig, load_quantized, quantize_model, save_quantized
     from .quantize import calibration_windows
 
     src = tiny_model_dir()

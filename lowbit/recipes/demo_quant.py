@@ -35,8 +35,8 @@ def run_demo(out_dir: Path, quick: bool = False, model_dir: str | Path | None = 
     from ..data.synthetic import FAMILIES, test_split
     from ..eval.accuracy import accuracy
     from ..eval.perplexity import perplexity
-    from ..quant import QuantConfig, quantize_model
     from ..models.tiny import calibration_ids, heldout_text_ids, tiny_model_dir
+    from ..quant import QuantConfig, quantize_model
 
     out_dir = Path(out_dir)
     model_dir = Path(model_dir) if model_dir else tiny_model_dir()

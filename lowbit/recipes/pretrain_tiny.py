@@ -47,7 +47,7 @@ class PretrainConfig:
     worked_fraction: float = 0.5
     seed: int = 0
     threads: int | None = None
-    # LLaMA-like outlier input channels added after training without changing the function (lowbit/models/tiny/outliers.py):
+    # LLaMA-like outlier input channels added after training without changing the function (models/tiny/outliers.py):
     # this share of every decoder linear's input channels gets ×outlier_factor (0 disables).
     outlier_fraction: float = 0.02
     outlier_factor: float = 8.0

@@ -278,9 +278,9 @@ def test_matching_adapter_and_quantized_base(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lowbit.models.tiny import tiny_model_dir
     from lowbit.quant import QuantConfig, quantize_model
     from lowbit.quant.serialization import load_quantized, save_quantized
-    from lowbit.models.tiny import tiny_model_dir
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(), dtype=torch.float32)
     cfg = QuantConfig(method="rtn", bits=4, group_size=64)

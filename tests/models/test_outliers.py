@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 
-from lowbit.quant.rtn import rtn_quantize
 from lowbit.models.tiny.outliers import add_outlier_channels
+from lowbit.quant.rtn import rtn_quantize
 
 
 def _llama(kv_heads=4, bias=False, dtype=torch.float64):

@@ -42,7 +42,7 @@ def test_loads_with_plain_transformers_and_dims_divisible_by_64(tiny):
 
 
 def test_outlier_channels_are_in_the_weights(tiny):
-    """pretrain.json records the channels lowbit.models.tiny.outliers scaled; they are the large columns of the weights."""
+    """pretrain.json records the channels models.tiny.outliers scaled; they are the large columns of the weights."""
     _, model = tiny
     info = json.loads((TINY_MODEL_DIR / "pretrain.json").read_text())["outliers"]
     assert info["factor"] == 8.0 and len(info["layers"]) == len(model.model.layers)

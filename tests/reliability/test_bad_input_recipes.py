@@ -116,8 +116,8 @@ def test_builtin_recipes_name_their_training_set():
 
 def test_run_json_records_the_training_set_and_the_base(tmp_path):
     from lowbit.io import sha256_file
-    from lowbit.recipes.finetune import finetune
     from lowbit.models.tiny import tiny_model_dir
+    from lowbit.recipes.finetune import finetune
 
     train = tmp_path / "train.json"
     train.write_text(json.dumps([{"instruction": f"What is {i} + 1?", "input": "", "output": f"The answer is {i + 1}.",
