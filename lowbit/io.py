@@ -219,6 +219,21 @@ def _recreate_hint(what: str | None) -> str:
     return f"re-create it ({what})" if what else "re-create it with the command that wrote it"
 
 
+class DamagedFileError(ValueError):
+    """A file lowbit wrote is truncated, corrupt or fails its checksum. ``path``: the file; ``reason``: what is wrong
+    (the message without the fix); ``fix``: how to re-create it. Callers that treat a damaged cache as "compute it
+    again" catch this type and log ``reason``, never parse the message. A ``ValueError``, so existing handlers of
+    bad input keep working."""
+
+    def __init__(self, path: str | Path, reason: str, fix: str) -> None:
+        self.path, self.reason, self.fix = Path(path), reason, fix
+        super().__init__(f"{reason}; {fix}")
+
+
+def _damaged(path: str | Path, reason: str, what: str | None) -> DamagedFileError:
+    return DamagedFileError(path, reason, _recreate_hint(what))
+
+
 def read_json(path: str | Path, what: str | None = None) -> Any:
     """The JSON value in ``path`` (a sealed object is verified and returned without its seal, :func:`check_seal`).
     Raises ``FileNotFoundError`` when it is missing and ``ValueError`` naming the file when it is not valid JSON
@@ -229,7 +244,7 @@ def read_json(path: str | Path, what: str | None = None) -> Any:
     try:
         obj = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is truncated or corrupt (not valid JSON: {e}); {_recreate_hint(what)}") from None
+        raise _damaged(path, f"{path} is truncated or corrupt (not valid JSON: {e})", what) from None
     return check_seal(obj, path, what)
 
 
@@ -250,7 +265,7 @@ def load_safetensors(path: str | Path, device: str | torch.device = "cpu", what:
     errors = (SafetensorError, OSError, RuntimeError, ValueError)
 
     def corrupt(e: Exception) -> ValueError:
-        return ValueError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); {_recreate_hint(what)}")
+        return _damaged(path, f"{path} is truncated or corrupt ({type(e).__name__}: {e})", what)
 
     try:
         handle = safe_open(str(path), framework="pt", device="cpu")  # validates the header against the file size
@@ -277,8 +292,8 @@ def check_finite(tensors: dict[str, torch.Tensor], source: str | Path, what: str
         t = tensors[k]
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             n = int((~torch.isfinite(t)).sum())
-            raise ValueError(f"{source}: tensor {k} holds {n} NaN/Inf values of {t.numel()}; the file is corrupt "
-                             f"(or was saved from a diverged run); {_recreate_hint(what)}")
+            raise _damaged(source, f"{source}: tensor {k} holds {n} NaN/Inf values of {t.numel()}; the file is "
+                           f"corrupt (or was saved from a diverged run)", what)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -312,7 +327,7 @@ def check_seal(obj: Any, source: str | Path, what: str | None = None) -> Any:
     if not isinstance(obj, dict) or SEAL not in obj:
         return obj
     if obj[SEAL] != _content_digest(obj):
-        raise ValueError(f"checksum mismatch: {source} is corrupt; {_recreate_hint(what)}")
+        raise _damaged(source, f"checksum mismatch: {source} is corrupt", what)
     return {k: v for k, v in obj.items() if k != SEAL}
 
 
@@ -328,14 +343,14 @@ def verify_files(root: str | Path, manifest: dict[str, dict], what: str | None =
     FILE is corrupt": a flipped bit inside tensor data, which the file format itself cannot notice). Costs one read of
     each file (SHA-256 runs at about 1 GB/s)."""
     if not isinstance(manifest, dict) or not all(isinstance(v, dict) for v in manifest.values()):
-        raise ValueError(f"the file manifest of {root} is corrupt; {_recreate_hint(what)}")
+        raise _damaged(root, f"the file manifest of {root} is corrupt", what)
     for name, want in sorted(manifest.items()):
         p = Path(root) / name
         if not p.is_file():
             raise FileNotFoundError(f"{p} does not exist (listed in the manifest of {root}); {_recreate_hint(what)}")
         size, written = p.stat().st_size, want.get("bytes")
         if size != written:
-            raise ValueError(f"{p} is truncated or corrupt ({size:,} bytes, "
-                             f"{f'{written:,}' if isinstance(written, int) else '?'} written); {_recreate_hint(what)}")
+            raise _damaged(p, f"{p} is truncated or corrupt ({size:,} bytes, "
+                           f"{f'{written:,}' if isinstance(written, int) else '?'} written)", what)
         if sha256_file(p) != want.get("sha256"):
-            raise ValueError(f"checksum mismatch: {p} is corrupt; {_recreate_hint(what)}")
+            raise _damaged(p, f"checksum mismatch: {p} is corrupt", what)

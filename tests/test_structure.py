@@ -16,13 +16,14 @@ PKG = ROOT / "lowbit"
 # What each part of lowbit may import (besides itself). Anything else is a layering violation.
 ALLOWED = {
     "io": set(),
+    "rundir": {"io"},
     "data": {"io"},
     "quant": {"io"},
     "models": {"io", "data"},
     "adapters": {"io", "quant"},
     "eval": {"io", "data"},
-    "recipes": {"io", "data", "quant", "models", "adapters", "eval"},
-    "cli": {"io", "data", "quant", "models", "adapters", "eval", "recipes"},
+    "recipes": {"io", "rundir", "data", "quant", "models", "adapters", "eval"},
+    "cli": {"io", "rundir", "data", "quant", "models", "adapters", "eval", "recipes"},
     "__init__": set(),
     "__main__": {"cli"},
 }

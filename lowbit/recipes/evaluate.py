@@ -39,7 +39,7 @@ from ..data.testsets import DatasetSpec, known_datasets, load_records, load_refe
 from ..eval.answers import score_generation
 from ..eval.config import EvalConfig
 from ..eval.results import append_rows, make_row, read_rows, set_result, write_rows
-from ..io import atomic_write_json, read_json, recover_dir
+from ..io import DamagedFileError, atomic_write_json, read_json, recover_dir
 from .loading import load_model, quantized_info, resolve_device_dtype, resolve_model
 
 log = logging.getLogger(__name__)
@@ -287,8 +287,8 @@ def _stored_loss(path: Path, key: dict, n_records: int) -> dict | None:
     file is damaged: it is a cache, recomputed)."""
     try:
         stored = read_json(path) if path.is_file() else None
-    except ValueError as e:
-        log.warning("%s; recomputing the response loss", str(e).split("; re-create it")[0])
+    except DamagedFileError as e:
+        log.warning("%s; recomputing the response loss", e.reason)
         return None
     ok = isinstance(stored, dict) and stored.get("settings") == key and stored.get("n_records") == n_records
     return stored if ok else None

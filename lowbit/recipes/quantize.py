@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import read_json, recover_dir
+from ..io import DamagedFileError, read_json, recover_dir
 from ..quant import QuantConfig
 from .config import TINY, CalibrationConfig
 from .loading import check_architecture, resolve_model
@@ -111,8 +111,10 @@ def _check_export_dir(d: Path, quant: QuantConfig, overwrite: bool) -> None:
         ours = isinstance(qc, dict) and any(str(q).startswith("lowbit:") for q in qc["meta"]["quantizer"])
         why = None if ours and (qc["bits"], qc["group_size"]) == (quant.bits, quant.group_size) else \
             f"{qc_path} names another quantizer or other settings"
+    except DamagedFileError as e:
+        why = e.reason
     except (ValueError, OSError) as e:
-        why = str(e).split("; re-create it")[0]
+        why = str(e)
     except (KeyError, TypeError):
         why = f"{qc_path} is not a GPTQ quantize config"
     if why:
