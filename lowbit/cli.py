@@ -154,7 +154,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .eval.compare import compare_runs
+    from .recipes.compare import compare_runs
 
     try:
         table, png = compare_runs(args.runs, args.out, plot=not args.no_plot)
@@ -188,28 +188,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from .recipes.demo_quant import run_demo as run_quant_demo
 
         try:
-            run_quant_demo(out_dir=Path(args.out), quick=args.quick, model_dir=args.model)
+            run_quant_demo(out_dir=Path(args.out or "demo_out"), quick=args.quick, model_dir=args.model)
         except (ValueError, FileNotFoundError) as e:
             _fail(e)
         return 0
     if args.model:
-        _fail(ValueError("--model applies to --quantization-only; the comparison uses the embedded tiny model and "
-                         "its recipes (run `lowbit finetune` on your own model instead)"))
-    if args.real:
-        from .recipes.real_suite import run_suite
+        _fail(ValueError("--model applies to --quantization-only; to compare methods on your own model, copy a spec "
+                         "(`lowbit experiment --list`) and set its model: key, or pass model=NAME to `lowbit "
+                         "experiment demo`"))
+    name = ("real-suite" if args.real else "demo") + ("-quick" if args.quick else "")
+    return _run_spec(name, args.out, [])
 
-        try:
-            run_suite(out_dir=Path(args.out if args.out != "demo_out" else "real_out"), quick=args.quick)
-        except (ValueError, FileNotFoundError) as e:
-            _fail(e)
-        return 0
-    from .recipes.demo import run_demo
+
+def _run_spec(name: str, out: str | None, overrides: list[str]) -> int:
+    from .experiments import load_spec, run_experiment
 
     try:
-        run_demo(out_dir=Path(args.out), quick=args.quick)
+        spec = load_spec(name, overrides)
+        run_experiment(spec, out)
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
     return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    if args.list or not args.spec:
+        from .experiments import builtin_specs, find_spec
+
+        for n in builtin_specs():
+            print(f"{n:<18} {find_spec(n).read_text().splitlines()[0].lstrip('# ')}")
+        return 0
+    return _run_spec(args.spec, args.out, args.overrides)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -224,13 +233,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from .recipes.study import run_study
-
-    try:
-        run_study(out_dir=Path(args.out), quick=args.quick)
-    except (ValueError, FileNotFoundError) as e:
-        _fail(e)
-    return 0
+    return _run_spec("study-quick" if args.quick else "study", args.out, [])
 
 
 def cmd_pretrain_tiny(args: argparse.Namespace) -> int:
@@ -255,7 +258,7 @@ def cmd_pretrain_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_params(args: argparse.Namespace) -> int:
-    from .adapters.params import llama2_7b_config, param_table
+    from .recipes.params import llama2_7b_config, param_table
 
     if args.model:
         from transformers import AutoConfig
@@ -319,8 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the whole comparison on the embedded tiny model (quantize, init, train, "
                        "evaluate, compare)")
-    d.add_argument("--out", default="demo_out")
-    d.add_argument("--quick", action="store_true", help="fewer methods and test problems (for tests)")
+    d.add_argument("--out", default=None, help="output directory (default: demo_out; real_out with --real)")
+    d.add_argument("--quick", action="store_true", help="the toy budget (for tests): the built-in spec demo-quick")
     d.add_argument("--model", default=None, help="with --quantization-only: model directory (default: tiny)")
     d.add_argument("--quantization-only", action="store_true",
                    help="only the quantization table (perplexity, output error per method and bit width)")
@@ -337,9 +340,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("study", help="the resolving comparison on the tiny model: matched bases, learning rates "
                         "from a validation split, several seeds, 95%% intervals (resumable; hours on 2 CPU cores)")
-    st.add_argument("--out", default="study_out", help="its ledger, runs and report (run again to resume)")
+    st.add_argument("--out", default=None, help="its ledger, runs and report (default study_out; run again to resume)")
     st.add_argument("--quick", action="store_true", help="a toy budget on four cells (for tests)")
     st.set_defaults(func=cmd_study)
+
+    xp = sub.add_parser("experiment", help="run a comparison written as a spec (YAML: cells, budget, seeds, learning "
+                        "rates, contrasts); resumable. `lowbit experiment --list` shows the built-in specs")
+    xp.add_argument("spec", nargs="?", help="a spec file (a path holding a / or ending in .yaml) or a built-in name "
+                    "(demo, demo-quick, real-suite, study, ...)")
+    xp.add_argument("overrides", nargs="*", help="dotted key=value overrides of the spec, e.g. budget.steps=10 "
+                    "seeds=[0,1]")
+    xp.add_argument("--out", default=None, help="output directory (default: the spec's out)")
+    xp.add_argument("--list", action="store_true", help="list the built-in specs")
+    xp.set_defaults(func=cmd_experiment)
 
     pa = sub.add_parser("params", help="trainable-parameter counts of DiaBlo and LoRA (LLaMA-2-7B by default)")
     pa.add_argument("--model", default=None, help="model directory, hub id or alias whose config to use")

@@ -99,13 +99,14 @@ class RunDir:
         self.write_stamp(settings, complete=False)
         return state
 
-    def write_stamp(self, settings: dict, complete: bool) -> None:
-        atomic_write_json(self.stamp_path, {"command": self.command, "settings": settings, "complete": complete},
-                          seal=True)
+    def write_stamp(self, settings: dict, complete: bool, **record) -> None:
+        """Write the stamp; ``record``: facts about the result (a weight hash, ...) kept beside the settings."""
+        atomic_write_json(self.stamp_path, {"command": self.command, "settings": settings, "complete": complete,
+                                            **record}, seal=True)
 
-    def finish(self, settings: dict) -> None:
+    def finish(self, settings: dict, **record) -> None:
         """Mark the run complete (after its last file is written)."""
-        self.write_stamp(settings, complete=True)
+        self.write_stamp(settings, complete=True, **record)
 
     def clear(self) -> None:
         if self.path.is_dir():

@@ -29,50 +29,41 @@ def test_demo_missing_model(tmp_path):
         main(["demo", "--quantization-only", "--quick", "--out", str(tmp_path), "--model", str(tmp_path / "nope")])
 
 
-def test_comparison_demo_quick_has_every_row_and_reuses_its_cache(tmp_path, capsys):
-    """The quick comparison (92 s on 2 idle cores): every row, accuracies in [0, 100], a rerun reuses the cache."""
-    from lowbit.recipes.demo import QUICK_METHODS, demo_runs
+def test_comparison_demo_quick_has_every_row_and_reuses_its_cache(tmp_path, capsys, monkeypatch):
+    """`lowbit demo --quick` is the built-in spec demo-quick: every cell's row, accuracies in [0, 100], the bases
+    with their held-out perplexity; a rerun reuses every run and every base."""
+    from lowbit.experiments import load_spec
+    from lowbit.experiments import ledger as ledger_mod
+    from lowbit.recipes import bases as bases_mod
 
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     results = json.loads((tmp_path / "results.json").read_text())
-    names = [r["name"] for r in results["runs"]]
-    assert names == [name for name, *_ in demo_runs(quick=True)]
-    assert len(names) == 1 + 2 * len(QUICK_METHODS)
+    spec = load_spec("demo-quick")
+    assert [r["run"] for r in results["runs"]] == [c.name for c in spec.cells]
+    assert len(results["runs"]) == 1 + 2 * 7
     for r in results["runs"]:
         assert r["method"] and r["bits"] in (2, 4, 16)
         for acc in r["accuracy"].values():
             assert 0 <= acc <= 100
         assert f"| {r['bits']} | {r['method']} |" in out
+    fp, *quantized = results["bases"]
+    assert fp["ppl"] > 1 and len(quantized) == 6 and all(b["ppl"] >= 0.99 * fp["ppl"] for b in quantized)
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
-    # a rerun trains nothing
-    mtimes = {p: p.stat().st_mtime for p in tmp_path.glob("runs/*/run.json")}
+
+    def refuse(*a, **k):
+        raise AssertionError("the rerun redid work")
+
+    monkeypatch.setattr(ledger_mod, "finetune", refuse)
+    monkeypatch.setattr(bases_mod, "run_quantize", refuse, raising=False)
+    import lowbit.recipes.quantize as qz
+
+    monkeypatch.setattr(qz, "run_quantize", refuse)
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
-    assert {p: p.stat().st_mtime for p in tmp_path.glob("runs/*/run.json")} == mtimes
 
 
-def test_base_cache_is_rebuilt_for_another_tiny_checkpoint(tmp_path, monkeypatch):
-    """The bases and their perplexities are keyed by the tiny model's weights: another checkpoint starts afresh."""
-    import lowbit.recipes.demo as demo
-    from lowbit.io import SEAL, atomic_write_json
-
-    monkeypatch.setattr(demo, "model_fingerprint", lambda: "old")
-    cache = tmp_path / "bases" / "perplexity.json"
-    demo.build_bases(tmp_path, [])
-    stored = json.loads(cache.read_text())
-    assert stored["source"] == "old" and stored["fp"] > 1
-    # A stale value, sealed as lowbit seals it (an unsealed edit is a corrupt entry, recomputed: tests/reliability).
-    atomic_write_json(cache, {k: v for k, v in {**stored, "fp": 123.0}.items() if k != SEAL}, seal=True)
-    demo.build_bases(tmp_path, [])
-    assert json.loads(cache.read_text())["fp"] == 123.0  # same checkpoint: reused
-    monkeypatch.setattr(demo, "model_fingerprint", lambda: "new")
-    rows = demo.build_bases(tmp_path, [])
-    stored = json.loads(cache.read_text())
-    assert stored["source"] == "new" and stored["fp"] != 123.0 and rows[0]["ppl"] == stored["fp"]
-
-
-def test_model_fingerprint_is_the_weights_hash():
+def test_model_weights_hash_is_the_checkpoints():
     """Known value: `sha256sum lowbit/models/tiny/tiny_arith/model.safetensors` of the shipped checkpoint."""
-    from lowbit.recipes.demo import model_fingerprint
+    from lowbit.recipes.loading import model_dir_fingerprint
 
-    assert model_fingerprint() == "d154e2a950700508"
+    assert model_dir_fingerprint("tiny")["weights"]["model.safetensors"].startswith("d154e2a950700508")

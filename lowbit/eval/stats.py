@@ -69,3 +69,28 @@ def fmt_ci(ci: dict, spec: str = ".1f") -> str:
     if ci["half"] is None:
         return f"{ci['mean']:{spec}} (n=1)"
     return f"{ci['mean']:{spec}} ± {ci['half']:{spec}}"
+
+
+def bootstrap_paired(diffs: Sequence[Sequence[float]], reps: int = 2000, seed: int = 0) -> dict:
+    """Two-level paired bootstrap of a mean difference over seeds **and** test problems.
+
+    ``diffs``: ``(seeds, problems)`` per-problem differences ``a - b`` (the same problems, in the same order, for
+    every seed). Each replicate resamples seeds with replacement and, independently, problems with replacement (the
+    same draw for every seed, since the problems are shared), so the interval covers both training-seed and
+    test-sampling variation. Returns ``{"mean", "lo", "hi", "half", "n_seeds", "n_problems", "verdict"}`` with a 95%
+    percentile interval (``half``: its half-width, for display).
+    """
+    import numpy as np
+
+    d = np.asarray(diffs, dtype=np.float64)
+    if d.ndim != 2 or d.size == 0:
+        raise ValueError(f"diffs must be a non-empty (seeds, problems) table, got shape {d.shape}")
+    rng = np.random.default_rng(seed)
+    s_idx = rng.integers(0, d.shape[0], size=(reps, d.shape[0]))
+    p_idx = rng.integers(0, d.shape[1], size=(reps, d.shape[1]))
+    means = np.array([d[s_idx[r]][:, p_idx[r]].mean() for r in range(reps)])
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    ci = {"mean": float(d.mean()), "lo": float(lo), "hi": float(hi), "half": float(hi - lo) / 2,
+          "n_seeds": int(d.shape[0]), "n_problems": int(d.shape[1])}
+    ci["verdict"] = verdict(ci)
+    return ci

@@ -217,15 +217,16 @@ def _coerce(value: Any, kinds: tuple, key: str) -> Any:
     return value
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+def apply_overrides(raw: dict, overrides: list[str], cls: type = None) -> dict:
     """A copy of ``raw`` with dotted keys set; values are parsed as YAML (``8`` -> int, ``null`` -> None,
-    ``[a,b]`` -> list). Key validity is checked when the config is built."""
+    ``[a,b]`` -> list). ``cls``: the config the mapping is for (default :class:`RecipeConfig`), whose nested
+    sections a dotted key must start with. Key validity is checked when the config is built."""
     import copy
 
     import yaml
 
     out = copy.deepcopy(raw)
-    sections = {n for n, (nested, _, _) in field_types(RecipeConfig).items() if nested is not None}
+    sections = {n for n, (nested, _, _) in field_types(cls or RecipeConfig).items() if nested is not None}
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():

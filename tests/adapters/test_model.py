@@ -81,7 +81,7 @@ def test_parameter_counts_follow_formulas(fp_model):
 
 
 def test_llama2_7b_counts_on_meta_device():
-    from lowbit.adapters.params import llama2_7b_config, param_table
+    from lowbit.recipes.params import llama2_7b_config, param_table
 
     rows = param_table(llama2_7b_config())
     got = {(r["adapter"], r["targets"]): r["trainable"] for r in rows}

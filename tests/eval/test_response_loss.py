@@ -80,7 +80,7 @@ def test_evaluate_reports_and_caches_it(tmp_path):
     """`lowbit evaluate --response-loss` on the tiny model: per-set loss in the summary and the compare table; a
     rerun reuses the stored loss."""
     from lowbit.cli import main
-    from lowbit.eval.compare import compare_table, load_run
+    from lowbit.recipes.compare import compare_table, load_run
     from lowbit.io import sealed
 
     args = ["evaluate", "--model", "tiny", "--datasets", "synthetic-mawps", "--limit", "2", "--loss-limit", "6",
@@ -103,7 +103,7 @@ def test_loss_only_evaluation_generates_nothing(tmp_path, capsys):
     """`--no-accuracy --response-loss`: the loss equals the full evaluation's, no generation rows are written, the
     printed summary and the compare table show the loss; `--no-accuracy` alone is refused before any work."""
     from lowbit.cli import main
-    from lowbit.eval.compare import compare_table, load_run
+    from lowbit.recipes.compare import compare_table, load_run
 
     base = ["evaluate", "--model", "tiny", "--datasets", "synthetic-mawps", "--loss-limit", "4", "--response-loss"]
     assert main([*base, "--limit", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "full")]) == 0

@@ -223,7 +223,7 @@ def test_resume_without_a_checkpoint_complete_but_damaged_has_no_fallback(clean_
 
 @pytest.mark.parametrize("name", ["config.yaml", "log.jsonl", "run.json"])
 def test_run_files(name, clean_finetune, tmp_path):
-    from lowbit.eval.compare import RUN_KEYS, load_run
+    from lowbit.recipes.compare import RUN_KEYS, load_run
     from lowbit.recipes.config import load_recipe
     from lowbit.recipes.finetune import _check_run_dir
     from lowbit.recipes.trainer import read_log
@@ -273,7 +273,7 @@ def _eval_result(d: Path) -> tuple:
 @pytest.mark.parametrize("name", EVAL_FILES)
 def test_evaluation_files(name, clean_evaluate, tmp_path, caplog):
     from lowbit.cli import main
-    from lowbit.eval.compare import load_run
+    from lowbit.recipes.compare import load_run
 
     clean = _eval_result(clean_evaluate.out)
     for i, fault in enumerate(faultlib.faults_for(clean_evaluate.out / name, SEED)):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from lowbit.cli import main
-from lowbit.eval.compare import compare_table, load_run
+from lowbit.recipes.compare import compare_table, load_run
 
 
 def _run(path, accs: dict, bits=None, run_json=None, config_yaml=None):

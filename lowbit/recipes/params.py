@@ -4,9 +4,9 @@ LoRA (Gurses et al. 2025, arXiv 2506.03230)."""
 
 from __future__ import annotations
 
-from .config import AdapterConfig
-from .model import apply_adapters, count_parameters
-from .registry import ADAPTERS
+from ..adapters import AdapterConfig
+from ..adapters.model import apply_adapters, count_parameters
+from ..adapters.registry import ADAPTERS
 
 QKV_UP_DOWN = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 ALL_SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

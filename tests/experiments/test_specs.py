@@ -1,0 +1,99 @@
+"""Experiment specs: every built-in spec loads and plans (all recipes resolve, contrasts share a base unless
+marked), bad specs are refused before any work with a message naming the key, and the study's validation split
+never touches its test or training sets."""
+
+import pytest
+
+from lowbit.data.synthetic import FAMILIES, problem_key, test_split, train_split, validation_split
+from lowbit.experiments import builtin_specs, find_spec, load_spec
+from lowbit.experiments.runner import plan, search_cells
+
+
+def test_every_builtin_spec_opens_with_its_command_and_plans():
+    assert {"demo", "demo-quick", "real-suite", "real-suite-quick", "study", "study-quick"} <= set(builtin_specs())
+    for name in builtin_specs():
+        first = find_spec(name).read_text().splitlines()[0]
+        assert first.startswith(f"# lowbit experiment {name}"), name
+        if name.startswith("real-suite"):
+            continue  # needs the SmolLM2 checkpoint to resolve its architecture: tested below when installed
+        spec = load_spec(name)
+        plans = plan(spec)
+        assert set(plans) == {c.name for c in spec.cells}
+
+
+def test_study_spec_cells_share_bases_as_its_contrasts_say():
+    spec = load_spec("study")
+    plans = plan(spec)
+    assert plans["2bit-cloq-gptq"].base == plans["2bit-gptq-lora"].base is not None
+    assert plans["2bit-cloq"].base == plans["2bit-gptq-lora-magr"].base == plans["2bit-diablo"].base == \
+        plans["2bit-diablo-calibrated"].base
+    assert plans["2bit-loftq"].base is None and plans["fp-lora"].base is None  # own base; the float model
+    same = [c for c in spec.contrasts if not c.different_bases]
+    assert len(same) == 2 + 4 * 2
+    chosen = search_cells(spec, plans)
+    assert {g: p.cell.name for g, p in chosen.items()} == {"lora-fp": "fp-lora", "diablo-fp": "fp-diablo",
+                                                           "lora-quantized": "2bit-gptq-lora",
+                                                           "diablo-quantized": "2bit-diablo"}
+    # equal parameters: DiaBlo N=16 vs LoRA r=10 on the tiny model's q,k,v,up,down (256 wide, 768 intermediate)
+    per_layer_diablo = (3 * 256 * 256 + 2 * 768 * 256) // 16
+    per_layer_lora = 10 * (3 * (256 + 256) + 2 * (256 + 768))
+    assert abs(per_layer_lora / per_layer_diablo - 1) < 0.03
+
+
+def test_real_suite_recipes_name_smollm2():
+    from lowbit.recipes.config import load_recipe
+
+    spec = load_spec("real-suite")
+    assert spec.before and len(spec.cells) == 2 + 3 + 7
+    for c in spec.cells:
+        cfg = load_recipe(c.recipe, c.overrides)
+        assert cfg.model.name == "smollm2-135m" and cfg.eval.response_loss, c.recipe
+        assert set(cfg.eval.datasets) == {"gsm8k", "svamp", "mawps", "aqua"}
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["budget.stepz=3"], r"budget\.stepz.*valid keys under budget"),
+    (["budget.steps=0"], "budget.steps must be >= 1"),
+    (["seeds=[]"], "seeds is empty"),
+    (["lr.scope=run"], "lr.scope must be one of"),
+    (["lr.search.sets=[synthetic-gsm8k]"], "not validation sets"),
+    (["lr.values={}", "lr.search=null", "lr.values.lora-fp=0.001"], "no learning rate for its group"),
+])
+def test_bad_specs_are_refused_naming_the_key(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        plan(load_spec("study-quick", overrides))
+
+
+def test_spec_errors_for_cells_and_contrasts(tmp_path):
+    import yaml
+
+    base = {"cells": [{"name": "a", "recipe": "tiny-lora-fp"}, {"name": "b", "recipe": "tiny-qlora-2bit"}]}
+    for extra, match in [({"contrasts": [{"a": "a", "b": "zz"}]}, "unknown cells"),
+                         ({"contrasts": [{"a": "a", "b": "b"}]}, "different bases"),
+                         ({"cells": [{"name": "a", "recipe": "tiny-lora-fp"}] * 2}, "repeated"),
+                         ({"cells": [{"name": "a", "recipe": "no-such-recipe"}]}, "no built-in recipe"),
+                         ({"cells": [{"name": "a", "recipe": "tiny-lora-fp", "seedz": [1]}]}, "cells\\[0\\]\\.seedz")]:
+        p = tmp_path / "s.yaml"
+        p.write_text(yaml.safe_dump({**base, **extra}))
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            plan(load_spec(p))
+    with pytest.raises(FileNotFoundError, match="built-in"):
+        load_spec("no-such-spec")
+
+
+def _stems(recs):
+    return {problem_key(r["instruction"]) for r in recs}
+
+
+def test_validation_split_is_disjoint_from_test_and_training():
+    """The validation records the study's search scores share no stem with the test split (all 500 per family)
+    nor with the training pool (the study's 2,400 records) or the full 10,000."""
+    val = {f: validation_split(f, 200) for f in FAMILIES}
+    test = set().union(*(_stems(test_split(f, 500)) for f in FAMILIES))
+    for n_train in (load_spec("study").budget.num_examples, 10000):
+        train = _stems(train_split(n_train))
+        for f in FAMILIES:
+            assert not _stems(val[f]) & test and not _stems(val[f]) & train
+    for f in FAMILIES:
+        assert len(_stems(val[f])) == 200
+        assert validation_split(f, 50) == val[f][:50]
