@@ -127,14 +127,16 @@ def test_study_tunes_on_validation_only_and_resumes_after_a_kill(tmp_path, monke
 
 
 def test_ledger_entries_of_an_older_quant_config_stay_valid():
-    """A ledger stamp whose base settings lack a QuantConfig field added since (here magr_solver) still matches; a
-    changed setting does not."""
+    """A ledger stamp of an older lowbit (flat settings, the options at top level) whose base settings lack a
+    QuantConfig option added since (here magr_solver) still matches; a changed setting does not."""
     from lowbit.quant import QuantConfig
     from lowbit.recipes.study import _same_stamp
 
     new = {"recipe": "r", "overrides": ["a=1"], "model": "m",
            "base": QuantConfig(method="magr-gptq", bits=2).to_dict()}
-    old = {**new, "base": {k: v for k, v in new["base"].items() if k != "magr_solver"}}
+    flat = {**{k: v for k, v in new["base"].items() if k != "options"}, **new["base"]["options"]}
+    old = {**new, "base": {k: v for k, v in flat.items() if k != "magr_solver"}}
+    assert "magr_iters" in old["base"] and "options" not in old["base"]
     assert _same_stamp(old, new)
     assert not _same_stamp({**old, "base": {**old["base"], "bits": 4}}, new)
     assert not _same_stamp({**old, "overrides": ["a=2"]}, new)
