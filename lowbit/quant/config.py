@@ -91,7 +91,7 @@ def build_options(registry: dict[str, Any], kind: str, name: str, values: Any) -
     (the defaults), a mapping (from YAML or overrides) or already an instance of its options class. A key the
     entry does not know is refused, listing its options, or naming the entries it belongs to."""
     cls = registry[name].options
-    if cls is not None and isinstance(values, cls):
+    if cls is not None and type(values) is cls:  # exactly: MagR+GPTQ's options are GPTQOptions too, with more
         return values
     if dataclasses.is_dataclass(values) and not isinstance(values, type):
         raise ValueError(f"{kind} {name!r} takes {cls.__name__ if cls else 'no'} options, got "

@@ -172,6 +172,8 @@ def test_options_are_the_methods_own_and_checked():
         QuantConfig(method="magr-rtn", options={"magr_iters": "many"})
     with pytest.raises(ValueError, match="method 'rtn' takes no options, got GPTQOptions"):
         QuantConfig(method="rtn", options=QuantConfig().options)
+    with pytest.raises(ValueError, match="method 'gptq' takes GPTQOptions options, got MagRGPTQOptions"):
+        QuantConfig(method="gptq", options=magr.options)
 
 
 def test_old_flat_quant_config_loads_equal_to_the_new(tmp_path):
