@@ -158,12 +158,12 @@ def main() -> None:
                 del model
         # Like for like (reordering off in both), lowbit's other methods: once each (perplexity is deterministic).
         once = {} if args.defaults_only else {"lowbit GPTQ, reordering off":
-                lambda b=bits: lowbit_run(fp, QuantConfig(method="gptq", bits=b, act_order=False,
-                                                          static_groups=False), calib)}
+                lambda b=bits: lowbit_run(fp, QuantConfig(method="gptq", bits=b, options={
+                    "act_order": False, "static_groups": False}), calib)}
         if not args.defaults_only:
             once["lowbit GPTQ, reordering off, block-start group params"] = lambda b=bits: lowbit_run(
-                fp, QuantConfig(method="gptq", bits=b, act_order=False, static_groups=False,
-                                group_params="block-start"), calib)
+                fp, QuantConfig(method="gptq", bits=b, options={
+                    "act_order": False, "static_groups": False, "group_params": "block-start"}), calib)
         if not args.no_gptqmodel and not args.defaults_only:
             once["GPTQModel, reordering off"] = lambda b=bits: gptqmodel_run(path, b, calib, False, tmp)
         if not (args.defaults_and_like_for_like or args.defaults_only):

@@ -20,9 +20,6 @@ FIELD_HELP = {
     "QuantConfig": {
         "method": "rtn, gptq, magr-gptq, magr-rtn or nf", "bits": "2, 3, 4 or 8 (nf: 2 or 4)",
         "group_size": "inputs per scale; -1 = per output channel", "sym": "symmetric grid (default asymmetric)",
-        "act_order": "GPTQ: columns by descending diag(H)",
-        "static_groups": "GPTQ: group parameters fixed up front (contiguous groups with act-order)",
-        "group_params": "GPTQ without static groups: current (error-updated weights) or block-start (GPTQModel's rule)",
         "clip_search": "MSE range search for scales (helps at 2 bits)", "targets": "linear names, e.g. q_proj,k_proj",
     },
     "CalibrationConfig": {"sources": "calibration text: .txt/.json/.jsonl files (or wikitext2/c4 with network access)"},
@@ -113,13 +110,45 @@ def _setup_logging(verbose: bool) -> None:
 
 # ------------------------------------------------------------------------------------------------ subcommands
 
+OPTION_DEST = "option_"  # option flags' namespace prefix: an option name never shadows a run or config field
+
+
+def add_quant_option_args(group) -> None:
+    """One flag per registered quantizer option (``--magr-iters``, ``--act-order/--no-act-order``), its help from
+    the option field's ``metadata["help"]`` and the methods that take it; absent flags keep the method's defaults."""
+    from .recipes.config import QuantConfig, field_types
+
+    for name, (f, cls, methods) in QuantConfig.option_fields().items():
+        kind = field_types(cls)[name][2][0]
+        default = "" if f.default in (None, False) else f" (default: {f.default})"
+        kw = {"dest": OPTION_DEST + name, "default": argparse.SUPPRESS,
+              "help": f"{f.metadata.get('help', '')} [{', '.join(methods)}]{default}"}
+        if kind is bool:
+            group.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
+        else:
+            group.add_argument("--" + name.replace("_", "-"), type=kind if kind in (int, float) else str,
+                               metavar=name.upper(), **kw)
+
+
+def quant_options_from_args(args: argparse.Namespace, method: str) -> dict:
+    """The ``options`` mapping of the option flags present; a flag ``method`` has no use for is an error."""
+    from .recipes.config import QuantConfig
+
+    known = QuantConfig.option_fields()
+    for name in (n for n in known if hasattr(args, OPTION_DEST + n) and method not in known[n][2]):
+        takes = ", ".join("--" + n.replace("_", "-") for n in sorted(n for n in known if method in known[n][2]))
+        raise ValueError(f"--{name.replace('_', '-')} is an option of --method {' / '.join(known[name][2])}; "
+                         f"--method {method} has no use for it (its options: {takes or 'none'})")
+    return {n: getattr(args, OPTION_DEST + n) for n in known if hasattr(args, OPTION_DEST + n)}
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .quant import QuantConfig
-    from .recipes.config import CalibrationConfig
+    from .recipes.config import CalibrationConfig, QuantConfig
     from .recipes.quantize import QuantizeRun, run_quantize
 
     try:
-        run = config_from_args(QuantizeRun, args, quant=config_from_args(QuantConfig, args),
+        options = quant_options_from_args(args, args.method)
+        run = config_from_args(QuantizeRun, args, quant=config_from_args(QuantConfig, args, options=options),
                                calibration=config_from_args(CalibrationConfig, args, **(
                                    {} if hasattr(args, "sources") else {"sources": []})))
         s = run_quantize(run)
@@ -283,8 +312,7 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .eval.config import EvalConfig
-    from .quant import QuantConfig
-    from .recipes.config import CalibrationConfig
+    from .recipes.config import CalibrationConfig, QuantConfig
     from .recipes.evaluate import EvaluateRun
     from .recipes.export_run import ExportRun
     from .recipes.pretrain_tiny import PretrainConfig
@@ -297,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model to packed low-bit storage")
     add_config_args(q.add_argument_group("run"), QuantizeRun)
-    add_config_args(q.add_argument_group("quantization (QuantConfig)"), QuantConfig, required=("method", "bits"))
+    add_config_args(q.add_argument_group("quantization (QuantConfig)"), QuantConfig, skip=("options",),
+                    required=("method", "bits"))
+    add_quant_option_args(q.add_argument_group("quantizer options (QuantConfig.options; each names its methods)"))
     add_config_args(q.add_argument_group("calibration"), CalibrationConfig, rename={"sources": "calib"})
     q.set_defaults(func=cmd_quantize)
 

@@ -206,25 +206,39 @@ def test_pure_parts_import_without_transformers():
 
 
 def test_quantize_flags_are_the_config_fields():
-    """`lowbit quantize --help` lists one flag per QuantConfig field in its quantization group, and the other flags
-    are exactly the fields of the run and calibration configs."""
+    """`lowbit quantize --help` lists one flag per QuantConfig field in its quantization group (``options`` aside),
+    one flag per quantizer option (the union of the registered options classes) in its own group, and the other
+    flags are exactly the fields of the run and calibration configs."""
     import dataclasses
 
-    from lowbit.cli import build_parser
-    from lowbit.quant import QuantConfig
-    from lowbit.recipes.config import CalibrationConfig
+    from lowbit.cli import OPTION_DEST, build_parser, quant_options_from_args
+    from lowbit.recipes.config import CalibrationConfig, QuantConfig
     from lowbit.recipes.quantize import QuantizeRun
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices["quantize"]
     groups = {g.title: {a.dest for a in g._group_actions} for g in sub._action_groups}
     fields = {c: {f.name for f in dataclasses.fields(c)} for c in (QuantConfig, CalibrationConfig, QuantizeRun)}
-    assert groups["quantization (QuantConfig)"] == fields[QuantConfig]
+    options = set(QuantConfig.option_fields())
+    assert {"act_order", "static_groups", "damp", "magr_iters", "magr_solver"} <= options
+    assert groups["quantization (QuantConfig)"] == fields[QuantConfig] - {"options"}
+    option_group = next(t for t in groups if t.startswith("quantizer options"))
+    assert groups[option_group] == {OPTION_DEST + n for n in options}
     assert groups["calibration"] == fields[CalibrationConfig]
     assert groups["run"] == fields[QuantizeRun] - {"quant", "calibration"}
     help_text = sub.format_help()
-    for name in fields[QuantConfig]:
+    for name in (fields[QuantConfig] - {"options"}) | options:
         assert "--" + name.replace("_", "-") in help_text
+    # The flags present become the method's options; a flag of another method is refused, naming the method.
+    args = parser.parse_args(["quantize", "--model", "m", "--out", "o", "--method", "magr-gptq", "--bits", "2",
+                              "--magr-iters", "7", "--no-act-order", "--damp", "0.05"])
+    opts = quant_options_from_args(args, args.method)
+    assert opts == {"magr_iters": 7, "act_order": False, "damp": 0.05}
+    assert QuantConfig(method="magr-gptq", bits=2, options=opts).options.magr_iters == 7
+    args = parser.parse_args(["quantize", "--model", "m", "--out", "o", "--method", "rtn", "--bits", "2",
+                              "--act-order"])
+    with pytest.raises(ValueError, match="--act-order is an option of --method gptq / magr-gptq; --method rtn"):
+        quant_options_from_args(args, args.method)
 
 
 def test_field_help_names_real_fields():
@@ -232,8 +246,7 @@ def test_field_help_names_real_fields():
 
     from lowbit import cli
     from lowbit.eval.config import EvalConfig
-    from lowbit.quant import QuantConfig
-    from lowbit.recipes.config import CalibrationConfig
+    from lowbit.recipes.config import CalibrationConfig, QuantConfig
     from lowbit.recipes.evaluate import EvaluateRun
     from lowbit.recipes.quantize import QuantizeRun
 

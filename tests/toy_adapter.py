@@ -41,6 +41,6 @@ class ToyDiag(AdapterLayer):
         return torch.diag(self.diag)
 
 
-def toy_init(wrapper, W, Q, H, cfg):
+def toy_init(wrapper, W, Q, H, cfg, options):
     with torch.no_grad():
         wrapper.diag.copy_(torch.diagonal(W - Q))

@@ -8,8 +8,9 @@ algorithm → ``model`` (apply, count), ``fingerprint`` (the base an adapter was
 load in PEFT's layout, refusing another base).
 
 Adding an adapter: subclass ``AdapterLayer`` in a new file, decorate it with ``@register_adapter("name")`` and import
-the file below. Adding an initialisation: decorate its function with ``@register_init("name", ...)`` next to the
-algorithm and import the file below.
+the file below. Adding an initialisation: decorate its function with ``@register_init("name", ..., options=ItsOptions)``
+(per-linear) or ``@register_base_init(...)`` (it quantizes the base itself) next to the algorithm, with a dataclass
+of its own settings (``adapter.init_options``), and import the file below.
 """
 
 from . import apiq, cloq, diablo, diablo_calibrated, loftq, lora  # noqa: F401  (importing registers them)
@@ -23,12 +24,12 @@ from .fingerprint import base_difference, base_fingerprint, describe_base
 from .loftq import loftq_init
 from .lora import LoRALinear
 from .model import adapter_modules, apply_adapters, count_parameters, expected_trainable, without_adapters
-from .registry import ADAPTERS, INITS, register_adapter, register_init
+from .registry import ADAPTERS, INITS, register_adapter, register_base_init, register_init
 from .storage import load_adapter, read_adapter_config, read_adapter_meta, save_adapter, set_adapter_weights
 
 __all__ = [
-    "AdapterConfig", "AdapterLayer", "ADAPTERS", "INITS", "register_adapter", "register_init", "apply_adapters",
-    "adapter_modules", "count_parameters", "expected_trainable", "without_adapters", "save_adapter",
+    "AdapterConfig", "AdapterLayer", "ADAPTERS", "INITS", "register_adapter", "register_init", "register_base_init",
+    "apply_adapters", "adapter_modules", "count_parameters", "expected_trainable", "without_adapters", "save_adapter",
     "load_adapter", "read_adapter_config", "set_adapter_weights", "DiaBloLinear", "LoRALinear", "cloq_init",
     "loftq_init", "diablo_calibrated_init", "apiq_bw", "base_fingerprint", "base_difference", "describe_base",
     "read_adapter_meta",

@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,7 @@ from ..quant.calibrate import capture_layer_inputs, run_layer
 from ..quant.qweight import QuantizedWeight, check_bits
 from .base import quantized_linear
 from .lwc import LwcLoRALinear, dividing_group_size
-from .registry import make_adapter, register_init
+from .registry import make_adapter, register_base_init
 
 log = logging.getLogger(__name__)
 
@@ -233,15 +234,32 @@ def check_apiq_quant(quant) -> None:
                          "would be ignored: set quant.clip_search=false")
 
 
-@register_init("apiq-bw", adapters=("lora",), needs_calibration=True, quantizes_base=True, quantizers=("rtn",),
-               check_quant=check_apiq_quant)
-def _apiq_bw_init(model: nn.Module, names: list[str], cfg, quant, calibration: torch.Tensor, progress: bool
-                  ) -> list[dict]:
+@dataclass(frozen=True)
+class ApiQOptions:
+    """``adapter.init_options`` of ``init=apiq-bw``: the block-wise optimisation (defaults of Liao et al. 2024)."""
+
+    apiq_epochs: int = field(default=20, metadata={"help": "epochs over the calibration samples per block"})
+    apiq_lr_lora: float = field(default=5e-4, metadata={"help": "AdamW learning rate of the LoRA factors"})
+    apiq_lr_clip: float = field(default=5e-3, metadata={"help": "AdamW learning rate of the clipping"})
+    apiq_weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.apiq_epochs, int) or self.apiq_epochs < 0:
+            raise ValueError(f"apiq_epochs must be an integer >= 0, got {self.apiq_epochs!r}")
+        if min(self.apiq_lr_lora, self.apiq_lr_clip, self.apiq_weight_decay) < 0:
+            raise ValueError(f"apiq_lr_lora, apiq_lr_clip and apiq_weight_decay must be >= 0, got "
+                             f"{self.apiq_lr_lora}, {self.apiq_lr_clip}, {self.apiq_weight_decay}")
+
+
+@register_base_init("apiq-bw", adapters=("lora",), needs_calibration=True, quantizers=("rtn",),
+                    check_quant=check_apiq_quant, options=ApiQOptions)
+def _apiq_bw_init(model: nn.Module, names: list[str], cfg, options: ApiQOptions, quant, calibration: torch.Tensor,
+                  progress: bool) -> list[dict]:
     """Every linear ``quant`` covers learns its clipping; only the adapter targets carry LoRA."""
     res = apiq_bw(model, calibration, quant.bits, group_size=quant.group_size, rank=cfg.rank, alpha=cfg.alpha,
-                  targets=quant.targets, lora_targets=list(cfg.targets), epochs=cfg.apiq_epochs,
-                  lr_lora=cfg.apiq_lr_lora, lr_clip=cfg.apiq_lr_clip, weight_decay=cfg.apiq_weight_decay,
-                  progress=progress)
+                  targets=quant.targets, lora_targets=list(cfg.targets), epochs=options.apiq_epochs,
+                  lr_lora=options.apiq_lr_lora, lr_clip=options.apiq_lr_clip,
+                  weight_decay=options.apiq_weight_decay, progress=progress)
     root = math.sqrt(cfg.alpha / cfg.rank)  # apiq_bw's factors are for the plain alpha/r scaling
     adapted = set(names)
     for name, (qw, A, B) in res.items():

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .linalg import check_init_inputs, damped, gram_root
+from .linalg import DampOptions, check_init_inputs, damped, gram_root
 from .lora import LoRALinear, check_rank
 from .registry import register_init
 
@@ -53,7 +53,7 @@ def cloq_objective(E: torch.Tensor, H: torch.Tensor, delta: torch.Tensor) -> flo
     return float(((D @ H.double()) * D).sum())
 
 
-@register_init("cloq", adapters=("lora",), needs_calibration=True, needs_float_weights=True)
-def _cloq(wrapper: LoRALinear, W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, cfg) -> None:
+@register_init("cloq", adapters=("lora",), needs_calibration=True, needs_float_weights=True, options=DampOptions)
+def _cloq(wrapper: LoRALinear, W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, cfg, options: DampOptions) -> None:
     """Inside the calibration pass: the LoRA delta ``s·B A`` becomes CLoQ's ``B A``."""
-    wrapper.set_delta(*cloq_init(W, Q, H, cfg.rank, damp=cfg.damp))
+    wrapper.set_delta(*cloq_init(W, Q, H, cfg.rank, damp=options.damp))

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
+from ..quant.config import build_options, split_legacy
 from .registry import ADAPTERS, INITS, AdapterInit, inits_for
 
 if TYPE_CHECKING:
@@ -21,9 +22,12 @@ class AdapterConfig:
     adapter: a registered adapter (``lora``, ``diablo``). init: an initialisation registered for it — LoRA:
     ``default`` | ``cloq`` | ``loftq`` | ``apiq-bw``; DiaBlo: ``default`` | ``calibrated``. rank/alpha/rslora: LoRA
     (scaling ``alpha/rank``, or ``alpha/sqrt(rank)``). num_blocks: DiaBlo ``N``. dropout: on the adapter's input.
-    targets: projection names (suffixes such as ``q_proj``). damp: relative damping of ``H`` for the closed forms.
-    loftq_iters: LoftQ alternations. apiq_*: ApiQ-bw optimisation (epochs, learning rates of LoRA and of the
-    clipping, AdamW weight decay; the defaults of Liao et al. 2024).
+    targets: projection names (suffixes such as ``q_proj``).
+    init_options: the init's own settings, an instance of the options class it was registered with (``cloq`` and
+    ``calibrated``: ``damp``, the relative damping of ``H`` in their closed forms; ``loftq``: ``loftq_iters``;
+    ``apiq-bw``: ``apiq_epochs``, ``apiq_lr_lora``, ``apiq_lr_clip``, ``apiq_weight_decay``; ``default`` none).
+    Given as a mapping (``adapter.init_options.apiq_epochs=5``) it is converted and checked against that class;
+    unset options keep the init's defaults.
     """
 
     adapter: str = "lora"
@@ -34,12 +38,11 @@ class AdapterConfig:
     num_blocks: int = 64
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    damp: float = 0.01
-    loftq_iters: int = 5
-    apiq_epochs: int = 20
-    apiq_lr_lora: float = 5e-4
-    apiq_lr_clip: float = 5e-3
-    apiq_weight_decay: float = 0.1
+    init_options: Any = None
+
+    # Settings that were top-level fields before the options moved beside their init (recipes are told so).
+    MOVED_KEYS = {k: f"init_options.{k}" for k in ("damp", "loftq_iters", "apiq_epochs", "apiq_lr_lora",
+                                                    "apiq_lr_clip", "apiq_weight_decay")}
 
     def __post_init__(self) -> None:
         if self.adapter not in ADAPTERS:
@@ -54,15 +57,11 @@ class AdapterConfig:
             raise ValueError(f"num_blocks must be a positive integer, got {self.num_blocks!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not 0 <= self.damp < 1:
-            raise ValueError(f"damp must be in [0, 1), got {self.damp}")
         if isinstance(self.targets, str):
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
         if not self.targets:
             raise ValueError("targets is empty; name at least one projection, e.g. ['q_proj', 'v_proj']")
-        if self.loftq_iters < 1 or self.apiq_epochs < 0:
-            raise ValueError(f"loftq_iters must be >= 1 and apiq_epochs >= 0, got {self.loftq_iters}, "
-                             f"{self.apiq_epochs}")
+        self.init_options = build_options(INITS, "init", self.init, self.init_options)
 
     def _hint(self) -> str:
         """Point to this adapter's counterpart of an init registered for another adapter (same requirements)."""
@@ -101,4 +100,13 @@ class AdapterConfig:
         return INITS[self.init].needs_calibration
 
     def to_dict(self) -> dict:
+        """Plain nested dict (``init_options`` a dict, or ``None`` for an init without options)."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AdapterConfig:
+        """Rebuild from :meth:`to_dict` output, also of older lowbit versions: their flat format (``damp``,
+        ``loftq_iters``, ``apiq_*`` at top level for every init) has the init's own settings moved into
+        ``init_options`` and the others dropped."""
+        valid = {f.name for f in fields(cls)}
+        return cls(**split_legacy(d, valid, INITS, d.get("init", cls.init), "init_options"))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .diablo import DiaBloLinear, block_shape, blocks_to_dense
-from .linalg import check_init_inputs, damped
+from .linalg import DampOptions, check_init_inputs, damped
 from .registry import register_init
 
 
@@ -54,7 +54,9 @@ def diablo_objective(E: torch.Tensor, H: torch.Tensor, blocks: torch.Tensor) -> 
     return float(((R @ H.double()) * R).sum())
 
 
-@register_init("calibrated", adapters=("diablo",), needs_calibration=True, needs_float_weights=True)
-def _calibrated(wrapper: DiaBloLinear, W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, cfg) -> None:
+@register_init("calibrated", adapters=("diablo",), needs_calibration=True, needs_float_weights=True,
+               options=DampOptions)
+def _calibrated(wrapper: DiaBloLinear, W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, cfg,
+                options: DampOptions) -> None:
     """Inside the calibration pass: the blocks become the closed form above."""
-    wrapper.set_blocks(diablo_calibrated_init(W, Q, H, wrapper.num_blocks, damp=cfg.damp))
+    wrapper.set_blocks(diablo_calibrated_init(W, Q, H, wrapper.num_blocks, damp=options.damp))

@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
+
+
+@dataclass(frozen=True)
+class DampOptions:
+    """The options of the closed-form calibrated inits (``cloq``, ``calibrated``): ``adapter.init_options.damp``,
+    the relative damping ``λ = damp·mean(diag H)`` of ``H`` in their solves."""
+
+    damp: float = field(default=0.01, metadata={"help": "relative damping of H in the closed form"})
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"damp must be in [0, 1), got {self.damp}")
 
 
 def check_init_inputs(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor | None) -> None:

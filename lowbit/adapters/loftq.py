@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ from ..quant.qweight import QuantizedWeight, check_weight
 from ..quant.rtn import rtn_quantize
 from .base import quantized_linear
 from .lora import check_rank
-from .registry import make_adapter, register_init
+from .registry import make_adapter, register_base_init
 
 QUANTIZERS = ("nf", "uniform")
 
@@ -81,8 +82,20 @@ def loftq_init(W: torch.Tensor, bits: int, rank: int, iters: int = 5, quantizer:
     return qw, (A / s).contiguous(), (B / s).contiguous()
 
 
-@register_init("loftq", adapters=("lora",), quantizes_base=True, quantizers=("nf", "rtn"))
-def _loftq(model: nn.Module, names: list[str], cfg, quant: QuantConfig, calibration, progress: bool) -> list[dict]:
+@dataclass(frozen=True)
+class LoftQOptions:
+    """``adapter.init_options`` of ``init=loftq``."""
+
+    loftq_iters: int = field(default=5, metadata={"help": "LoftQ alternations (quantize, SVD)"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.loftq_iters, int) or self.loftq_iters < 1:
+            raise ValueError(f"loftq_iters must be an integer >= 1, got {self.loftq_iters!r}")
+
+
+@register_base_init("loftq", adapters=("lora",), quantizers=("nf", "rtn"), options=LoftQOptions)
+def _loftq(model: nn.Module, names: list[str], cfg, options: LoftQOptions, quant: QuantConfig, calibration,
+           progress: bool) -> list[dict]:
     """Every adapted linear gets LoftQ's quantized base and factors. The linears ``quant`` covers without an adapter
     get the same quantizer (LoftQ with ``B A = 0``), so that every method of a comparison runs on a fully quantized
     base. Report: ``{module, loftq_error}`` per adapted linear."""
@@ -93,7 +106,7 @@ def _loftq(model: nn.Module, names: list[str], cfg, quant: QuantConfig, calibrat
         lin = model.get_submodule(name)
         hist: list[float] = []
         qw, A, B = _alternate(lin.weight.detach().float(), lambda M: quant.quantize(M, None), cfg.rank,
-                              cfg.loftq_iters, hist)
+                              options.loftq_iters, hist)
         w = make_adapter(quantized_linear(qw, lin), cfg)
         w.set_delta(A, B)
         set_submodule(model, name, w)

@@ -2,13 +2,14 @@
 
 :func:`apply_adapters` resolves the target names against the architecture table of :mod:`lowbit.quant.arch`,
 validates everything that depends on the model before any expensive work, and runs the registered initialisation
-(see :mod:`lowbit.adapters.registry`) by its flags:
+(see :mod:`lowbit.adapters.registry`) by its kind, each called one way:
 
-- per-linear inits (``default``; ``cloq`` for LoRA, Deng et al. 2025; ``calibrated`` for DiaBlo) run inside
-  :func:`~lowbit.quant.model.quantize_model`'s sequential calibration pass, which provides ``W``, ``Q`` and
-  ``H = X^T X``: the calibration data flows through the model once and later layers see the adapted outputs of
-  earlier ones; without a quantizer the wrappers go on the linears as they are;
-- inits that quantize the base themselves (``loftq``, Li et al. 2023; ``apiq-bw``, Liao et al. 2024) get the model.
+- per-linear inits (:class:`~lowbit.adapters.registry.LinearInit`: ``default``; ``cloq`` for LoRA, Deng et al. 2025;
+  ``calibrated`` for DiaBlo) run inside :func:`~lowbit.quant.model.quantize_model`'s sequential calibration pass,
+  which provides ``W``, ``Q`` and ``H = X^T X``: the calibration data flows through the model once and later layers
+  see the adapted outputs of earlier ones; without a quantizer the wrappers go on the linears as they are;
+- inits that quantize the base themselves (:class:`~lowbit.adapters.registry.BaseInit`: ``loftq``, Li et al. 2023;
+  ``apiq-bw``, Liao et al. 2024) get the model.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..quant.arch import arch_spec, resolve_targets, set_submodule
 from ..quant.qlinear import QuantLinear
 from .base import AdapterLayer
 from .config import AdapterConfig
-from .registry import ADAPTERS, INITS, AdapterInit, make_adapter
+from .registry import ADAPTERS, INITS, BaseInit, LinearInit, make_adapter
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,8 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, calibration: torch.T
     init = INITS[config.init]
     was_training = model.training
     quant_report: list[dict] = []
-    if init.quantizes_base:
-        quant_report = init.fn(model, names, config, quant, calibration, progress)
+    if isinstance(init, BaseInit):
+        quant_report = init.fn(model, names, config, config.init_options, quant, calibration, progress)
     elif quant is not None:
         quant_report = _quantize_and_wrap(model, names, config, init, quant, calibration, progress, quantized_base)
     # Targets left as they are: no quantizer, or ones the quantizer does not cover (per-linear inits that need
@@ -105,9 +106,7 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, calibration: torch.T
     for name in names:
         base = model.get_submodule(name)
         if not isinstance(base, AdapterLayer):
-            w = make_adapter(base, config)
-            init.fn(w, None, None, None, config)
-            set_submodule(model, name, w)
+            set_submodule(model, name, _wrap(init, base, config, None, None, None))
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -125,7 +124,15 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, calibration: torch.T
     return {**counts, "modules": len(names), "quant_report": quant_report}
 
 
-def _quantize_and_wrap(model: nn.Module, names: list[str], config: AdapterConfig, init: AdapterInit,
+def _wrap(init: LinearInit, base: nn.Module, config: AdapterConfig, W: torch.Tensor | None, Q: torch.Tensor | None,
+          H: torch.Tensor | None) -> AdapterLayer:
+    """``base`` wrapped in a fresh adapter, initialised by the per-linear ``init`` (the one call of its ``fn``)."""
+    w = make_adapter(base, config)
+    init.fn(w, W, Q, H, config, config.init_options)
+    return w
+
+
+def _quantize_and_wrap(model: nn.Module, names: list[str], config: AdapterConfig, init: LinearInit,
                        quant: QuantConfig, calibration: torch.Tensor | None, progress: bool,
                        quantized_base: nn.Module | None) -> list[dict]:
     """Quantize with ``quant``; each target is wrapped (and a per-linear init run) as soon as it is quantized."""
@@ -135,12 +142,10 @@ def _quantize_and_wrap(model: nn.Module, names: list[str], config: AdapterConfig
     def on_linear(i: int, rel: str, lin: nn.Module, qlin: QuantLinear, H: torch.Tensor | None) -> nn.Module:
         if f"{layers_name}.{i}.{rel}" not in targets:
             return qlin
-        w = make_adapter(qlin, config)
         W = Q = None
         if init.needs_float_weights:
             W, Q = lin.weight.detach().float(), qlin.dequantize(torch.float32)
-        init.fn(w, W, Q, H, config)
-        return w
+        return _wrap(init, qlin, config, W, Q, H)
 
     pre = None
     if quantized_base is not None:

@@ -106,7 +106,7 @@ def read_adapter_config(adapter_dir: str | Path) -> AdapterConfig:
         raise FileNotFoundError(f"{d} has no adapter_config.json; pass a directory written by save_adapter or PEFT")
     meta = read_adapter_meta(d)
     if meta is not None:
-        return AdapterConfig(**meta["adapter"])
+        return AdapterConfig.from_dict(meta["adapter"])  # also the flat format of older lowbit
     peft = read_json(d / "adapter_config.json", "re-save the adapter")
     by_type = {cls.peft_type: (name, cls) for name, cls in ADAPTERS.items() if cls.peft_type}
     if not isinstance(peft, dict) or peft.get("peft_type") not in by_type:

@@ -16,6 +16,7 @@ GPTQModel, whose results it reproduces).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +25,33 @@ from .qweight import QuantizedWeight, check_bits, check_group_size, check_weight
 from .rtn import group_params as group_params_of
 
 log = logging.getLogger(__name__)
+GROUP_PARAMS = ("current", "block-start")
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    """GPTQ's own settings (``quant.options``). The default, act-order with static groups, is the most accurate
+    contiguous-group GPTQ on real checkpoints (docs/RESULTS.md); ``act_order=false static_groups=false`` is the
+    plain GPTQ of the paper."""
+
+    act_order: bool = field(default=True, metadata={"help": "GPTQ: columns by descending diag(H)"})
+    static_groups: bool = field(default=True, metadata={
+        "help": "GPTQ: group parameters fixed up front on the original weights (contiguous groups with act-order)"})
+    group_params: str = field(default="current", metadata={
+        "help": "GPTQ without static groups: current (error-updated weights) or block-start (GPTQModel's rule)"})
+    damp: float = field(default=0.01, metadata={"help": "GPTQ: damping relative to mean(diag H)"})
+    block_size: int = field(default=128, metadata={"help": "GPTQ: columns per lazy-update block"})
+
+    def __post_init__(self) -> None:
+        if self.group_params not in GROUP_PARAMS:
+            raise ValueError(f"group_params must be one of {list(GROUP_PARAMS)}, got {self.group_params!r}")
+        if self.static_groups and self.group_params != "current":
+            raise ValueError(f"group_params={self.group_params!r} applies to GPTQ without static groups (static_groups "
+                             f"fixes every group's parameters up front); set static_groups=false")
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"damp must be in [0, 1), got {self.damp}")
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
 
 
 def check_hessian(H: torch.Tensor, in_features: int) -> None:
@@ -81,7 +109,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     g = check_group_size(n, group_size)
     if not 0 <= damp < 1:
         raise ValueError(f"damp must be in [0, 1) (relative to mean(diag H)), got {damp}")
-    if group_params not in ("current", "block-start"):
+    if group_params not in GROUP_PARAMS:
         raise ValueError(f"group_params must be 'current' or 'block-start', got {group_params!r}")
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     W = W.detach().to(dtype).clone()
@@ -171,7 +199,14 @@ def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, relative: bo
     return float(err / ref.clamp(min=1e-30))
 
 
-@register_quantizer("gptq", needs_calibration=True)
+def gptq_with(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
+    """:func:`gptq_quantize` with ``cfg``'s common settings and its ``options`` (a :class:`GPTQOptions`, or a
+    subclass of it such as MagR+GPTQ's)."""
+    o = cfg.options
+    return gptq_quantize(W, H, cfg.bits, cfg.group_size, cfg.sym, o.act_order, o.damp, o.block_size,
+                         o.static_groups, cfg.clip_search, o.group_params)
+
+
+@register_quantizer("gptq", needs_calibration=True, options=GPTQOptions)
 def _gptq(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig) -> QuantizedWeight:
-    return gptq_quantize(W, H, cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, cfg.damp, cfg.block_size,
-                         cfg.static_groups, cfg.clip_search, cfg.group_params)
+    return gptq_with(W, H, cfg)

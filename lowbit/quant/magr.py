@@ -11,10 +11,12 @@ MagR changes only the weights; quantize its output with GPTQ or RTN (``method="m
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from .config import QuantConfig, register_quantizer
-from .gptq import check_hessian, gptq_quantize
+from .gptq import GPTQOptions, check_hessian, gptq_with
 from .qweight import QuantizedWeight, check_group_size, check_weight, pad_to_groups
 from .rtn import rtn_quantize
 
@@ -108,21 +110,49 @@ def magr(W: torch.Tensor, H: torch.Tensor, alpha: float = 1e-3, iters: int = 200
     return What if dtype == torch.float64 else What.float()
 
 
+@dataclass(frozen=True)
+class MagROptions:
+    """MagR's own settings (``quant.options`` of ``magr-rtn``; ``magr-gptq`` adds GPTQ's)."""
+
+    magr_alpha: float | None = field(default=None, metadata={
+        "help": "MagR: l-inf penalty (default 1e-3 per channel, 1e-4 per group)"})
+    magr_iters: int = field(default=200, metadata={"help": "MagR: proximal iterations"})
+    magr_solver: str = field(default="pg", metadata={
+        "help": "MagR: pg (the paper's proximal gradient) or fista (accelerated, adaptive restart)"})
+
+    def __post_init__(self) -> None:
+        if self.magr_alpha is not None and self.magr_alpha <= 0:
+            raise ValueError(f"magr_alpha must be > 0, got {self.magr_alpha}")
+        if self.magr_iters < 1:
+            raise ValueError(f"magr_iters must be >= 1, got {self.magr_iters}")
+        if self.magr_solver not in SOLVERS:
+            raise ValueError(f"magr_solver must be one of {list(SOLVERS)}, got {self.magr_solver!r}")
+
+
+@dataclass(frozen=True)
+class MagRGPTQOptions(MagROptions, GPTQOptions):
+    """MagR's settings plus GPTQ's (``magr-gptq``)."""
+
+    def __post_init__(self) -> None:
+        GPTQOptions.__post_init__(self)
+        MagROptions.__post_init__(self)
+
+
 def _magr(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
-    alpha = cfg.magr_alpha if cfg.magr_alpha is not None else (1e-3 if cfg.group_size == -1 else 1e-4)
-    return magr(W, H, alpha=alpha, iters=cfg.magr_iters, group_size=cfg.group_size, solver=cfg.magr_solver)
+    o = cfg.options
+    alpha = o.magr_alpha if o.magr_alpha is not None else (1e-3 if cfg.group_size == -1 else 1e-4)
+    return magr(W, H, alpha=alpha, iters=o.magr_iters, group_size=cfg.group_size, solver=o.magr_solver)
 
 
 # MagR changes only the weights; the grid comes from GPTQ or RTN (the paper's two pairings).
-@register_quantizer("magr-gptq", needs_calibration=True)
+@register_quantizer("magr-gptq", needs_calibration=True, options=MagRGPTQOptions)
 def _magr_gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
-    qw = gptq_quantize(_magr(W, H, cfg), H, cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, cfg.damp,
-                       cfg.block_size, cfg.static_groups, cfg.clip_search, cfg.group_params)
+    qw = gptq_with(_magr(W, H, cfg), H, cfg)
     qw.method = "magr-gptq"
     return qw
 
 
-@register_quantizer("magr-rtn", needs_calibration=True, ignores=("group_params",))
+@register_quantizer("magr-rtn", needs_calibration=True, options=MagROptions)
 def _magr_rtn(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
     qw = rtn_quantize(_magr(W, H, cfg), cfg.bits, cfg.group_size, cfg.sym, cfg.clip_search)
     qw.method = "magr-rtn"

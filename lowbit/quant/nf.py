@@ -47,7 +47,6 @@ def nf_quantize(W: torch.Tensor, bits: int, block_size: int = 64) -> QuantizedWe
 
 
 # Each block is scaled by its absmax onto the fixed codebook: there is no range to search.
-@register_quantizer("nf", needs_calibration=False, bits=(2, 4), needs_groups=True,
-                    ignores=("clip_search", "group_params"))
+@register_quantizer("nf", needs_calibration=False, bits=(2, 4), needs_groups=True, ignores=("clip_search",))
 def _nf(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig) -> QuantizedWeight:
     return nf_quantize(W, cfg.bits, cfg.group_size)

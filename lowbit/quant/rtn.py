@@ -68,6 +68,6 @@ def rtn_quantize(W: torch.Tensor, bits: int, group_size: int = -1, sym: bool = F
                            bits=bits, group_size=group_size, sym=sym, method="rtn")
 
 
-@register_quantizer("rtn", needs_calibration=False, ignores=("group_params",))
+@register_quantizer("rtn", needs_calibration=False)
 def _rtn(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig) -> QuantizedWeight:
     return rtn_quantize(W, cfg.bits, cfg.group_size, cfg.sym, cfg.clip_search)

@@ -181,6 +181,10 @@ def build_config(cls, values: Any, where: str = ""):
         raise ValueError(f"{label} must be a mapping, got {type(values).__name__}: {values!r}")
     types_ = field_types(cls)
     unknown = [k for k in values if k not in types_]
+    moved = getattr(cls, "MOVED_KEYS", {})  # old name -> new dotted name, for settings a config moved
+    for k in unknown:
+        if k in moved:
+            raise ValueError(f"{where}{k} moved to {where}{moved[k]}")
     if unknown:
         raise ValueError(f"unknown recipe key(s) {[f'{where}{k}' for k in unknown]}; valid keys"
                          f"{' under ' + label if where else ''}: {sorted(types_)}")

@@ -55,7 +55,7 @@ def test_zero_init_reproduces_quantized_logits_exactly(fp_model, calib):
 def test_calibrated_inits_bring_logits_closer_to_full_precision(fp_model, calib, adapter, init, quant):
     ref = _logits(fp_model, calib)
     kw = dict(rank=8, alpha=16.0) if adapter == "lora" else dict(num_blocks=8)
-    extra = dict(apiq_epochs=3) if init == "apiq-bw" else {}
+    extra = dict(init_options={"apiq_epochs": 3}) if init == "apiq-bw" else {}
     zero = copy.deepcopy(fp_model)
     if init in ("loftq", "apiq-bw"):
         # the zero-init counterpart sits on the same quantizer without the joint optimisation
@@ -177,7 +177,8 @@ def test_loftq_quantizes_the_layers_without_adapter_too(fp_model):
     from lowbit.quant import QuantLinear
 
     m = copy.deepcopy(fp_model)
-    apply_adapters(m, AdapterConfig(init="loftq", rank=8, targets=["q_proj", "v_proj"], loftq_iters=2),
+    apply_adapters(m, AdapterConfig(init="loftq", rank=8, targets=["q_proj", "v_proj"],
+                                    init_options={"loftq_iters": 2}),
                    quant=QuantConfig(method="nf", bits=4, group_size=32), progress=False)
     layer = m.model.layers[0]
     assert isinstance(layer.self_attn.q_proj, LoRALinear)

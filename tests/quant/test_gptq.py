@@ -200,12 +200,13 @@ def test_block_start_with_one_block_is_static_groups(small_problem):
 
 def test_group_params_settings_are_checked():
     with pytest.raises(ValueError, match="static_groups=false"):
-        QuantConfig(group_params="block-start")  # static groups are the default
+        QuantConfig(options={"group_params": "block-start"})  # static groups are the default
     with pytest.raises(ValueError, match="group_params must be one of"):
-        QuantConfig(static_groups=False, group_params="stale")
-    with pytest.raises(ValueError, match="no use for group_params"):
-        QuantConfig(method="rtn", static_groups=False, group_params="block-start")
-    assert QuantConfig(static_groups=False, group_params="block-start").group_params == "block-start"
+        QuantConfig(options={"static_groups": False, "group_params": "stale"})
+    with pytest.raises(ValueError, match="belongs to method 'gptq' / 'magr-gptq', not to method 'rtn'"):
+        QuantConfig(method="rtn", options={"static_groups": False, "group_params": "block-start"})
+    cfg = QuantConfig(options={"static_groups": False, "group_params": "block-start"})
+    assert cfg.options.group_params == "block-start"
 
 
 # ---------------------------------------------------------------- (c) brute force on tiny problems

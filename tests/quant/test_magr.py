@@ -257,4 +257,4 @@ def test_magr_objective_by_hand_and_solver_errors():
     with pytest.raises(ValueError, match="unknown MagR solver"):
         magr(W, H, solver="adam")
     with pytest.raises(ValueError, match="magr_solver"):
-        QuantConfig(method="magr-gptq", bits=2, magr_solver="adam")
+        QuantConfig(method="magr-gptq", bits=2, options={"magr_solver": "adam"})

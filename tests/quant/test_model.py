@@ -23,6 +23,11 @@ def _calib(vocab=320, n=8, seqlen=32, seed=0):
     return torch.randint(3, vocab, (n, seqlen), generator=g)
 
 
+def _magr_iters(method: str, iters: int) -> dict:
+    """``options`` with fewer MagR iterations for the MagR methods (the others have no such option)."""
+    return {"magr_iters": iters} if method.startswith("magr") else {}
+
+
 def test_import_is_cheap():
     code = ("import sys, lowbit, lowbit.quant; "
             "bad = [m for m in ('transformers', 'datasets', 'accelerate') if m in sys.modules]; "
@@ -35,8 +40,8 @@ def test_import_is_cheap():
 def test_quantize_model_replaces_every_linear(method):
     model = random_llama(hidden=64, layers=2, intermediate=128)
     bits = 4 if method != "magr-rtn" else 3
-    report = quantize_model(model, QuantConfig(method=method, bits=bits, group_size=32, magr_iters=20), _calib(),
-                            progress=False)
+    cfg = QuantConfig(method=method, bits=bits, group_size=32, options=_magr_iters(method, 20))
+    report = quantize_model(model, cfg, _calib(), progress=False)
     q = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     assert len(q) == 14 and len(report) == 14
     # Only the lm_head stays a float linear; no decoder linear keeps a float weight.
@@ -54,7 +59,7 @@ def test_sequential_groups_use_quantized_inputs():
     ref = copy.deepcopy(model)
     layers = ref.model.layers
     hidden, kws = capture_layer_inputs(ref, layers, calib)
-    cfg = QuantConfig(method="gptq", bits=2, group_size=32, act_order=False, static_groups=False)
+    cfg = QuantConfig(method="gptq", bits=2, group_size=32, options={"act_order": False, "static_groups": False})
     attn = layers[0].self_attn
     # Quantize q,k,v of the reference by hand, then collect o_proj's inputs.
     for name in ("q_proj", "k_proj", "v_proj"):
@@ -80,7 +85,8 @@ def test_sequential_groups_use_quantized_inputs():
     assert torch.allclose(got, expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("method,bits,kw", [("gptq", 4, {"act_order": True}), ("nf", 2, {}), ("rtn", 3, {})])
+@pytest.mark.parametrize("method,bits,kw", [("gptq", 4, {"options": {"act_order": True}}), ("nf", 2, {}),
+                                             ("rtn", 3, {})])
 def test_save_load_bit_exact(tmp_path, method, bits, kw):
     model = random_llama(hidden=64, layers=2, intermediate=128)
     cfg = QuantConfig(method=method, bits=bits, group_size=32, **kw)
@@ -138,6 +144,64 @@ def test_config_validation(kwargs, match):
         QuantConfig(**kwargs)
 
 
+# The flat settings dict older lowbit wrote to quant_config.json and ledgers: every method's settings at top level.
+OLD_FLAT = {"method": "gptq", "bits": 4, "group_size": 32, "sym": False, "act_order": False, "static_groups": False,
+            "group_params": "block-start", "damp": 0.02, "block_size": 128, "clip_search": False, "magr_alpha": None,
+            "magr_iters": 200, "magr_solver": "pg", "targets": None}
+
+
+def test_options_are_the_methods_own_and_checked():
+    magr = QuantConfig(method="magr-gptq", bits=2, options={"magr_iters": "10", "damp": "1e-2"})  # override strings
+    assert (magr.options.magr_iters, magr.options.damp, magr.options.act_order) == (10, 0.01, True)
+    assert QuantConfig(method="magr-gptq", bits=2, options={"magr_iters": 10}) == magr
+    assert QuantConfig.from_dict(magr.to_dict()) == magr and magr.to_dict()["options"]["magr_iters"] == 10
+    assert QuantConfig(method="rtn").options is None and QuantConfig(method="rtn").to_dict()["options"] is None
+    # the defaults of every method are those it had as flat fields
+    assert QuantConfig().options == type(QuantConfig().options)(act_order=True, static_groups=True,
+                                                                group_params="current", damp=0.01, block_size=128)
+    assert (magr.options.magr_alpha, QuantConfig(method="magr-rtn").options.magr_iters) == (None, 200)
+    with pytest.raises(ValueError, match=r"option 'magr_iters' belongs to method 'magr-gptq' / 'magr-rtn', not to "
+                                         r"method 'gptq' \(its options: \['act_order', 'block_size', 'damp', "):
+        QuantConfig(method="gptq", options={"magr_iters": 10})
+    with pytest.raises(ValueError, match=r"unknown option 'iters' for method 'magr-rtn'; its options: "
+                                         r"\['magr_alpha', 'magr_iters', 'magr_solver'\]"):
+        QuantConfig(method="magr-rtn", options={"iters": 10})
+    with pytest.raises(ValueError, match="belongs to method 'gptq' / 'magr-gptq', not to method 'nf'.*no options"):
+        QuantConfig(method="nf", bits=4, options={"act_order": False})
+    with pytest.raises(ValueError, match="option 'magr_iters' of method 'magr-rtn' must be int, got 'many'"):
+        QuantConfig(method="magr-rtn", options={"magr_iters": "many"})
+    with pytest.raises(ValueError, match="method 'rtn' takes no options, got GPTQOptions"):
+        QuantConfig(method="rtn", options=QuantConfig().options)
+    with pytest.raises(ValueError, match="method 'gptq' takes GPTQOptions options, got MagRGPTQOptions"):
+        QuantConfig(method="gptq", options=magr.options)
+
+
+def test_old_flat_quant_config_loads_equal_to_the_new(tmp_path):
+    from lowbit.io import atomic_write_json, read_json
+
+    new = QuantConfig(method="gptq", bits=4, group_size=32,
+                      options={"act_order": False, "static_groups": False, "group_params": "block-start",
+                               "damp": 0.02})
+    assert QuantConfig.from_dict(OLD_FLAT) == new  # MagR's settings had no effect on GPTQ: dropped
+    old_magr = {**OLD_FLAT, "method": "magr-rtn", "group_params": "current", "magr_iters": 5, "magr_alpha": 1e-3}
+    assert QuantConfig.from_dict(old_magr) == QuantConfig(method="magr-rtn", bits=4, group_size=32,
+                                                          options={"magr_iters": 5, "magr_alpha": 1e-3})
+    with pytest.raises(ValueError, match=r"unknown quantization setting\(s\) \['colour'\]"):
+        QuantConfig.from_dict({**OLD_FLAT, "colour": 1})
+    # a quantized model saved by older lowbit: its quant_config.json holds the flat settings
+    model = random_llama(hidden=64, layers=2, intermediate=128)
+    quantize_model(model, new, _calib(), progress=False)
+    save_quantized(model, tmp_path / "q", new, source="random")
+    meta = read_json(tmp_path / "q" / "quant_config.json")
+    meta["quantization"] = dict(OLD_FLAT)
+    atomic_write_json(tmp_path / "q" / "quant_config.json", meta, seal=True)
+    loaded = load_quantized(tmp_path / "q")
+    assert loaded.lowbit_quant_config == new
+    x = _calib(n=2, seed=5)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, loaded(input_ids=x).logits)
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq", "magr-gptq", "nf"])
 def test_group_size_not_dividing_gives_a_shorter_last_group(method, tmp_path):
     """Widths 64 (hidden) and 128 (intermediate) with groups of 48: ``ceil(in/48)`` groups per row, the last one
@@ -145,7 +209,7 @@ def test_group_size_not_dividing_gives_a_shorter_last_group(method, tmp_path):
     from lowbit.quant import load_quantized, quantized_modules, save_quantized
 
     model = random_llama()
-    cfg = QuantConfig(method=method, bits=4, group_size=48, magr_iters=5)
+    cfg = QuantConfig(method=method, bits=4, group_size=48, options=_magr_iters(method, 5))
     report = quantize_model(model, cfg, _calib(), progress=False)
     assert all(r["rel_weight_error"] < 0.2 for r in report)
     for m in quantized_modules(model).values():
@@ -189,6 +253,11 @@ def test_cli_bad_inputs(tiny_llama_dir, tmp_path):
         _cli(tiny_llama_dir, tmp_path / "a", "--method", "foo", "--bits", "4")
     with pytest.raises(SystemExit, match="group_size must be a positive integer or -1"):
         _cli(tiny_llama_dir, tmp_path / "a", *base, "--group-size", "0")
+    with pytest.raises(SystemExit, match=r"--magr-iters is an option of --method magr-gptq / magr-rtn; --method gptq "
+                                         r"has no use for it \(its options: --act-order, "):
+        _cli(tiny_llama_dir, tmp_path / "a", *base, "--magr-iters", "3")
+    with pytest.raises(SystemExit, match="static_groups=false"):
+        _cli(tiny_llama_dir, tmp_path / "a", *base, "--group-params", "block-start")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(SystemExit, match="empty"):
@@ -263,7 +332,7 @@ def test_quantize_model_equals_the_plain_calibration_loop():
     model = random_llama(hidden=64, layers=3, intermediate=128)
     calib = _calib(n=6)
     ref = copy.deepcopy(model)
-    cfg = QuantConfig(method="gptq", bits=3, group_size=32, act_order=True)
+    cfg = QuantConfig(method="gptq", bits=3, group_size=32, options={"act_order": True})
     _reference_quantize(ref, cfg, calib)
     quantize_model(model, cfg, calib, progress=False)
     n = 0

@@ -71,13 +71,57 @@ def test_every_recipe_round_trips_yaml_config_yaml():
 def test_every_quantization_setting_is_reachable_and_null_sections():
     from lowbit.quant import QuantConfig
 
-    cfg = load_recipe("tiny-cloq-2bit", ["quant.magr_iters=50", "quant.static_groups=true", "quant.targets=[q_proj]",
-                                         "quant.block_size=64"])
+    cfg = load_recipe("tiny-cloq-2bit", ["quant.options.magr_iters=50", "quant.options.static_groups=true",
+                                         "quant.targets=[q_proj]", "quant.options.block_size=64",
+                                         "quant.options.magr_alpha=1e-3"])
     assert isinstance(cfg.quant, QuantConfig)
-    assert (cfg.quant.magr_iters, cfg.quant.static_groups, cfg.quant.targets, cfg.quant.block_size) == \
-        (50, True, ["q_proj"], 64)
+    o = cfg.quant.options
+    assert (o.magr_iters, o.static_groups, cfg.quant.targets, o.block_size, o.magr_alpha) == \
+        (50, True, ["q_proj"], 64, 1e-3)
     fp = load_recipe("tiny-lora-fp")
     assert fp.quant is None and load_recipe("tiny-lora-fp", ["eval=null"]).eval is None
+
+
+def test_method_and_init_options_from_a_recipe():
+    cfg = load_recipe("tiny-apiq-bw-2bit", ["adapter.init_options.apiq_lr_clip=1e-2"])
+    o = cfg.adapter.init_options
+    assert (o.apiq_epochs, o.apiq_lr_clip, o.apiq_lr_lora) == (5, 1e-2, 5e-4)  # the recipe's 5, the default lr
+    assert load_recipe("smollm2-cloq-2bit").quant.options.magr_iters == 50
+    assert load_recipe("tiny-cloq-2bit", ["adapter.init_options.damp=0"]).adapter.init_options.damp == 0.0
+    with pytest.raises(ValueError, match="option 'magr_iters' belongs to method 'magr-gptq' / 'magr-rtn', not to "
+                                         "method 'gptq'"):
+        load_recipe("tiny-cloq-2bit", ["quant.method=gptq", "quant.options.magr_iters=10"])
+    with pytest.raises(ValueError, match="option 'damp' belongs to init 'calibrated' / 'cloq', not to init 'loftq'"):
+        load_recipe("tiny-loftq-2bit", ["adapter.init_options.damp=0.1"])
+
+
+@pytest.mark.parametrize("override, moved", [
+    ("quant.magr_iters=10", "quant.magr_iters moved to quant.options.magr_iters"),
+    ("quant.act_order=false", "quant.act_order moved to quant.options.act_order"),
+    ("adapter.apiq_epochs=1", "adapter.apiq_epochs moved to adapter.init_options.apiq_epochs"),
+    ("adapter.loftq_iters=1", "adapter.loftq_iters moved to adapter.init_options.loftq_iters"),
+    ("adapter.damp=0.1", "adapter.damp moved to adapter.init_options.damp")])
+def test_an_old_key_is_refused_naming_the_new_one(override, moved, tmp_path):
+    with pytest.raises(ValueError, match=moved):
+        load_recipe("tiny-cloq-2bit", [override])
+    # the same key in a recipe file
+    section, rest = override.split(".", 1)
+    key, value = rest.split("=")
+    path = tmp_path / "old.yaml"
+    path.write_text(f"quant: {{method: magr-gptq, bits: 2}}\n{section}:\n  {key}: {value}\n")
+    with pytest.raises(ValueError, match=moved):
+        load_recipe(path)
+
+
+def test_old_flat_adapter_config_loads_into_init_options():
+    from lowbit.adapters import AdapterConfig
+
+    old = {"adapter": "lora", "init": "loftq", "rank": 8, "alpha": 16.0, "rslora": False, "num_blocks": 64,
+           "dropout": 0.0, "targets": ["q_proj"], "damp": 0.01, "loftq_iters": 3, "apiq_epochs": 20,
+           "apiq_lr_lora": 5e-4, "apiq_lr_clip": 5e-3, "apiq_weight_decay": 0.1}
+    new = AdapterConfig(init="loftq", rank=8, targets=["q_proj"], init_options={"loftq_iters": 3})
+    assert AdapterConfig.from_dict(old) == new and AdapterConfig.from_dict(new.to_dict()) == new
+    assert AdapterConfig.from_dict({**old, "init": "default"}).init_options is None
 
 
 @pytest.mark.parametrize("override, where", [

@@ -43,3 +43,73 @@ def test_toy_adapter_and_init_run_from_a_recipe_yaml(tmp_path, toy_registered):
     assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LOWBIT_TOY"
     # The init ran: the scales start at diag(W - Q) of a 2-bit base, so they are far from zero after 3 small steps.
     assert min(t.abs().sum().item() for t in state.values()) > 0
+
+
+# An initialisation with a setting of its own, as a user would add it: one new file holding its options dataclass and
+# its registration. Nothing else changes (AdapterConfig included); the option is reached from a recipe override.
+SCALE_INIT = '''
+"""A per-linear LoRA init: A filled with `scale`, B zero (a zero delta; the option is visible in A)."""
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.adapters.registry import register_init
+
+SEEN = []
+
+
+@dataclass(frozen=True)
+class ScaleOptions:
+    scale: float = 0.5
+
+    def __post_init__(self):
+        if self.scale <= 0:
+            raise ValueError(f"scale must be > 0, got {self.scale}")
+
+
+@register_init("scaled-a", adapters=("lora",), options=ScaleOptions)
+def scaled_a(wrapper, W, Q, H, cfg, options):
+    SEEN.append(options)
+    with torch.no_grad():
+        wrapper.lora_A.fill_(options.scale)
+        wrapper.lora_B.zero_()
+'''
+
+
+def _load_module(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scale_init", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_an_init_with_its_own_option_is_one_file_and_one_registration(tmp_path):
+    from lowbit.adapters.registry import INITS
+
+    (tmp_path / "scale_init.py").write_text(SCALE_INIT)
+    run = ["train.max_steps=2", "train.batch_size=2", "data.num_examples=4", "eval=null",
+           f"output_dir={tmp_path / 'run'}"]
+    with scoped_registrations():
+        mod = _load_module(tmp_path / "scale_init.py")
+        cfg = load_recipe("tiny-lora-fp", ["adapter.init=scaled-a", "adapter.init_options.scale=0.25", *run])
+        assert cfg.adapter.init_options == mod.ScaleOptions(scale=0.25)
+        assert cfg.to_dict()["adapter"]["init_options"] == {"scale": 0.25}
+        summary = finetune(cfg)
+        assert summary["steps"] == 2
+        # the init ran once per adapted linear (5 projections x 4 layers) with the recipe's option
+        assert mod.SEEN == [mod.ScaleOptions(scale=0.25)] * 20
+        state = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+        a = [t for k, t in state.items() if "lora_A" in k]
+        assert len(a) == 20
+        # A started at 0.25 everywhere; two Adam steps of lr <= 5e-3 move an entry by about 1e-2 at most
+        assert all((t - 0.25).abs().max() < 0.03 for t in a)
+        assert load_recipe("tiny-lora-fp", ["adapter.init=scaled-a"]).adapter.init_options.scale == 0.5
+        with pytest.raises(ValueError, match=r"unknown option 'scal' for init 'scaled-a'; its options: \['scale'\]"):
+            load_recipe("tiny-lora-fp", ["adapter.init=scaled-a", "adapter.init_options.scal=0.25"])
+        with pytest.raises(ValueError, match="option 'loftq_iters' belongs to init 'loftq', not to init 'scaled-a'"):
+            load_recipe("tiny-lora-fp", ["adapter.init=scaled-a", "adapter.init_options.loftq_iters=2"])
+        with pytest.raises(ValueError, match="scale must be > 0"):
+            load_recipe("tiny-lora-fp", ["adapter.init=scaled-a", "adapter.init_options.scale=0"])
+    assert "scaled-a" not in INITS

@@ -101,8 +101,8 @@ def test_loftq_adapter_needs_its_requantized_base(fp_model, tmp_path):
     # and a plain RTN base of the same settings does not.
     quant = QuantConfig(method="rtn", bits=2, group_size=32)
     m = copy.deepcopy(fp_model)
-    apply_adapters(m, AdapterConfig(init="loftq", rank=4, targets=["q_proj"], loftq_iters=2), quant=quant,
-                   progress=False)
+    apply_adapters(m, AdapterConfig(init="loftq", rank=4, targets=["q_proj"], init_options={"loftq_iters": 2}),
+                   quant=quant, progress=False)
     save_adapter(m, tmp_path / "ad")
     with without_adapters(m) as base:
         save_quantized(base, tmp_path / "base", quant)
@@ -164,7 +164,8 @@ def test_quantize_model_names_the_layer_with_nan_activations(fp_model, calib, me
         m.model.embed_tokens.weight[calib[0, 0]] = float("nan")  # finite linears, NaN activations
     with pytest.raises(ValueError, match=r"layer 0 self_attn\.q_proj: the calibration activations reaching it are "
                                          r"non-finite") as e:
-        quantize_model(m, QuantConfig(method=method, bits=2, group_size=32, magr_iters=2), calib, progress=False)
+        options = {"magr_iters": 2} if method == "magr-gptq" else {}
+        quantize_model(m, QuantConfig(method=method, bits=2, group_size=32, options=options), calib, progress=False)
     assert "checkpoint" not in str(e.value)
 
 
@@ -383,7 +384,7 @@ def test_atomic_dir_fsyncs_the_new_result(tmp_path, monkeypatch):
 
 @bad_input("ApiQ-bw with quant.sym or quant.clip_search")
 def test_apiq_refuses_sym_and_clip_search_before_any_work(fp_model, calib):
-    cfg = AdapterConfig(init="apiq-bw", rank=4, apiq_epochs=0)
+    cfg = AdapterConfig(init="apiq-bw", rank=4, init_options={"apiq_epochs": 0})
     for kw, match in ((dict(sym=True), "quant.sym=true is not implemented"),
                       (dict(clip_search=True), "quant.clip_search=true would be ignored")):
         quant = QuantConfig(method="rtn", bits=2, group_size=32, **kw)
@@ -412,7 +413,7 @@ def test_loftq_uniform_honours_sym_and_clip_search(fp_model, sym, clip):
     assert torch.equal(qw.dequantize(), ref.dequantize())
     # The registered init takes them from quant: its base is the same.
     m = copy.deepcopy(fp_model)
-    apply_adapters(m, AdapterConfig(init="loftq", rank=4, targets=["q_proj"], loftq_iters=1),
+    apply_adapters(m, AdapterConfig(init="loftq", rank=4, targets=["q_proj"], init_options={"loftq_iters": 1}),
                    quant=QuantConfig(method="rtn", bits=2, group_size=32, sym=sym, clip_search=clip), progress=False)
     base = m.model.layers[0].self_attn.q_proj.base
     assert torch.equal(base.dequantize(torch.float32), ref.dequantize())
