@@ -54,3 +54,38 @@ def test_pairing_removes_the_shared_seed_effect():
     assert paired_ci({0: 1.0, 5: 9.0}, {0: 0.5})["n"] == 1
     with pytest.raises(ValueError, match="same seeds"):
         paired_ci({0: 1.0}, {1: 1.0})
+
+
+def test_bootstrap_paired_constant_difference_has_no_width():
+    from lowbit.eval.stats import bootstrap_paired
+
+    ci = bootstrap_paired([[2.0] * 50, [2.0] * 50])
+    assert ci["mean"] == ci["lo"] == ci["hi"] == 2.0 and ci["verdict"] == "a > b"
+
+
+def test_bootstrap_paired_one_seed_matches_the_normal_interval_over_problems():
+    """One seed: the bootstrap over problems approaches mean ± 1.96·sd/√n (400 problems, ±100-point differences)."""
+    import random
+    import statistics
+
+    from lowbit.eval.stats import bootstrap_paired
+
+    rng = random.Random(1)
+    d = [rng.choice([-100.0, 0.0, 0.0, 100.0]) + (100.0 if rng.random() < 0.05 else 0.0) for _ in range(400)]
+    ci = bootstrap_paired([d], reps=4000, seed=3)
+    half = 1.96 * statistics.stdev(d) / len(d) ** 0.5
+    assert abs(ci["half"] - half) / half < 0.1
+    assert abs((ci["lo"] + ci["hi"]) / 2 - statistics.fmean(d)) < 0.15 * half
+
+
+def test_bootstrap_paired_covers_seed_variation_too():
+    """Two seeds whose mean differences disagree (+10 and −10 points) give a wider interval than either seed's
+    problems alone, and one that straddles zero."""
+    from lowbit.eval.stats import bootstrap_paired
+
+    a = [10.0] * 100 + [0.0] * 100
+    b = [-10.0] * 100 + [0.0] * 100
+    alone = bootstrap_paired([a], seed=0)
+    both = bootstrap_paired([a, b], seed=0)
+    assert both["hi"] - both["lo"] > alone["hi"] - alone["lo"] and both["verdict"] == "unresolved"
+    assert alone["verdict"] == "a > b"
