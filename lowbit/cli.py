@@ -241,13 +241,12 @@ def cmd_pretrain_tiny(args: argparse.Namespace) -> int:
     except ValueError as e:
         _fail(e)
     out = Path(args.out)
-    if not args.overwrite:
-        from .io import check_new_dir
+    from .rundir import RunDir
 
-        try:
-            check_new_dir(out, "--out")
-        except ValueError as e:
-            _fail(e)
+    try:  # the model is written atomically: --overwrite replaces it once it is complete
+        RunDir(out, "pretrain-tiny", what="tiny model").check({}, overwrite=args.overwrite, resume=False)
+    except ValueError as e:
+        _fail(e)
     info = pretrain_tiny(out, cfg)
     print(f"pre-trained tiny LLaMA ({info['params'] / 1e6:.2f}M params) in {info['seconds']:.0f}s: "
           f"final train loss {info['final_train_loss']:.3f}, held-out ppl {info['heldout_ppl']:.3f} -> {out}")
