@@ -241,10 +241,12 @@ def cmd_pretrain_tiny(args: argparse.Namespace) -> int:
     except ValueError as e:
         _fail(e)
     out = Path(args.out)
-    from .rundir import RunDir
+    from dataclasses import asdict
+
+    from .recipes.pretrain_tiny import pretrain_dir
 
     try:  # the model is written atomically: --overwrite replaces it once it is complete
-        RunDir(out, "pretrain-tiny", what="tiny model").check({}, overwrite=args.overwrite, resume=False)
+        pretrain_dir(out).check(asdict(cfg), overwrite=args.overwrite, resume=False)
     except ValueError as e:
         _fail(e)
     info = pretrain_tiny(out, cfg)

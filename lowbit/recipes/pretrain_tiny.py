@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from ..data.prompts import APIQ
-from ..io import atomic_dir, atomic_write_json
+from ..io import atomic_dir, atomic_write_json, read_json
 from ..models.tiny.tokenizer import build_tokenizer, concat_with_eos
+from ..rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,19 @@ def _blocks(tok, docs: list[str], seqlen: int) -> torch.Tensor:
     ids = concat_with_eos(tok, docs)
     n = len(ids) // seqlen
     return torch.tensor(ids[: n * seqlen]).view(n, seqlen)
+
+
+def _recorded_config(out: Path) -> dict | None:
+    """A tiny model's ``pretrain.json`` records the configuration that trained it."""
+    f = out / "pretrain.json"
+    info = read_json(f) if f.is_file() else None
+    return {"settings": info.get("config") or {}, "complete": True} if isinstance(info, dict) else None
+
+
+def pretrain_dir(path: str | Path) -> RunDir:
+    """``lowbit pretrain-tiny --out``: written in one atomic step; ``pretrain.json`` is its record."""
+    return RunDir(path, "pretrain-tiny", what="tiny model", stamp=None, recorded=_recorded_config,
+                  record="pretrain.json")
 
 
 def pretrain_tiny(out_dir: str | Path, cfg: PretrainConfig, progress: bool = True) -> dict:

@@ -41,7 +41,7 @@ def test_tiny_recipe_on_2bit_base_trains_with_decreasing_loss(tmp_path, recipe):
     assert summary["last_logged_loss"] == recs[-1]["loss"]
     assert summary["final_loss"] == summary["mean_train_loss"] and summary["mean_train_loss"] > last
     stamp = RunDir(tmp_path, "finetune").read_stamp()
-    assert stamp["complete"] is True and "output_dir" not in stamp["settings"]
+    assert stamp["complete"] is True and stamp["settings"]["train"]["max_steps"] == 30
 
 
 class _StopAt:
