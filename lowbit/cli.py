@@ -177,9 +177,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
     if summary:
-        print(f"{summary['method']} ({summary['bits']}-bit): {summary['steps']} steps, final loss "
-              f"{summary['final_loss']:.4f}, {summary['trainable_params']:,} trainable parameters, "
-              f"{summary['train_time_s']:.1f}s -> {cfg.output_dir}")
+        print(f"{summary['method']} ({summary['bits']}-bit): {summary['steps']} steps, mean loss "
+              f"{summary['mean_train_loss']:.4f}, last logged loss {_fmt(summary['last_logged_loss'])}, "
+              f"{summary['trainable_params']:,} trainable parameters, {summary['train_time_s']:.1f}s -> "
+              f"{cfg.output_dir}")
     return 0
 
 
