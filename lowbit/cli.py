@@ -166,9 +166,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .eval.config import EvalConfig
-    from .eval.results import format_summary
-    from .recipes.evaluate import SUMMARY, EvaluateRun, default_out, run_evaluation
+    from .recipes.evaluate import SUMMARY, EvalConfig, EvaluateRun, default_out, format_summary, run_evaluation
 
     try:
         run = config_from_args(EvaluateRun, args, eval=config_from_args(EvalConfig, args))
@@ -206,9 +204,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
     if summary:
-        print(f"{summary['method']} ({summary['bits']}-bit): {summary['steps']} steps, final loss "
-              f"{summary['final_loss']:.4f}, {summary['trainable_params']:,} trainable parameters, "
-              f"{summary['train_time_s']:.1f}s -> {cfg.output_dir}")
+        print(f"{summary['method']} ({summary['bits']}-bit): {summary['steps']} steps, mean loss "
+              f"{summary['mean_train_loss']:.4f}, last logged loss {_fmt(summary['last_logged_loss'])}, "
+              f"{summary['trainable_params']:,} trainable parameters, {summary['train_time_s']:.1f}s -> "
+              f"{cfg.output_dir}")
     return 0
 
 
@@ -266,20 +265,16 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain_tiny(args: argparse.Namespace) -> int:
-    from .recipes.pretrain_tiny import PretrainConfig, pretrain_tiny
+    from dataclasses import asdict
 
-    try:
+    from .recipes.pretrain_tiny import PretrainConfig, pretrain_dir, pretrain_tiny
+
+    out = Path(args.out)
+    try:  # the model is written atomically: --overwrite replaces it once it is complete
         cfg = config_from_args(PretrainConfig, args)
+        pretrain_dir(out).check(asdict(cfg), overwrite=args.overwrite, resume=False)
     except ValueError as e:
         _fail(e)
-    out = Path(args.out)
-    if not args.overwrite:
-        from .io import check_new_dir
-
-        try:
-            check_new_dir(out, "--out")
-        except ValueError as e:
-            _fail(e)
     info = pretrain_tiny(out, cfg)
     print(f"pre-trained tiny LLaMA ({info['params'] / 1e6:.2f}M params) in {info['seconds']:.0f}s: "
           f"final train loss {info['final_train_loss']:.3f}, held-out ppl {info['heldout_ppl']:.3f} -> {out}")
@@ -287,33 +282,20 @@ def cmd_pretrain_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_params(args: argparse.Namespace) -> int:
-    from .recipes.params import llama2_7b_config, param_table
+    from .recipes.params import params_report
 
-    if args.model:
-        from transformers import AutoConfig
-
-        from .recipes.loading import resolve_model
-
-        try:
-            hf_config, label = AutoConfig.from_pretrained(resolve_model(args.model)[0]), args.model
-        except (ValueError, OSError) as e:
-            _fail(e)
-    else:
-        hf_config, label = llama2_7b_config(), "LLaMA-2-7B"
-    rows = param_table(hf_config, rank=args.rank, num_blocks=args.num_blocks)
-    print(f"trainable parameters on {label} (built on the meta device)\n")
-    print("| adapter | targets | trainable | % of base |\n|---|---|---:|---:|")
-    for r in rows:
-        print(f"| {r['adapter']} | {r['targets']} | {r['trainable']:,} | {r['percent']:.3f}% |")
+    try:
+        print(params_report(args.model, rank=args.rank, num_blocks=args.num_blocks))
+    except ValueError as e:
+        _fail(e)
     return 0
 
 
 # ---------------------------------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
-    from .eval.config import EvalConfig
     from .recipes.config import CalibrationConfig, QuantConfig
-    from .recipes.evaluate import EvaluateRun
+    from .recipes.evaluate import EvalConfig, EvaluateRun
     from .recipes.export_run import ExportRun
     from .recipes.pretrain_tiny import PretrainConfig
     from .recipes.quantize import QuantizeRun

@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         new = {r["cell"]: r for r in run_experiment(spec, Path(args.out))["runs"]}[cell.name]
         same = new["accuracy"] == entry["accuracy"] and new["loss"] == entry["loss"]
         ok &= same
-        rows.append({"run": name, "lr": entry["lr"], "committed": {"accuracy": entry["accuracy"], "loss": entry["loss"]},
+        rows.append({"run": name, "lr": entry["lr"],
+                     "committed": {"accuracy": entry["accuracy"], "loss": entry["loss"]},
                      "rerun": {"accuracy": new["accuracy"], "loss": new["loss"]}, "identical": same})
         print(f"{name}: acc {entry['acc_avg']:.2f} -> {new['acc_avg']:.2f}, loss {entry['loss_avg']:.6f} -> "
               f"{new['loss_avg']:.6f}: {'identical' if same else 'DIFFERENT'}")

@@ -32,8 +32,8 @@ def test_demo_missing_model(tmp_path):
 def test_comparison_demo_quick_has_every_row_and_reuses_its_cache(tmp_path, capsys, monkeypatch):
     """`lowbit demo --quick` is the built-in spec demo-quick: every cell's row, accuracies in [0, 100], the bases
     with their held-out perplexity; a rerun reuses every run and every base."""
-    from lowbit.experiments import load_spec
     from lowbit.experiments import ledger as ledger_mod
+    from lowbit.experiments import load_spec
     from lowbit.recipes import bases as bases_mod
 
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0

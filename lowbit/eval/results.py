@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from ..data.testsets import DatasetSpec
-from ..io import atomic_write_text, check_seal, sealed
+from ..io import DamagedFileError, atomic_write_text, check_seal, sealed
 from .answers import VARIANTS as CHOICE_RULES
 from .answers import score_generation
 
@@ -38,7 +38,7 @@ def read_rows(path: Path) -> dict[int, dict]:
             if k == len(lines) - 1:  # the last line, no newline after it: an interrupted append
                 dropped = True
                 continue
-            why = "corrupt (checksum mismatch)" if "checksum mismatch" in str(e) else "not a result row"
+            why = "corrupt (checksum mismatch)" if isinstance(e, DamagedFileError) else "not a result row"
             raise ValueError(f"{path} line {k + 1} is {why}; delete the file to regenerate that set, "
                              f"or pass --overwrite") from None
     if dropped or (data and not data.endswith(b"\n")):

@@ -24,6 +24,7 @@ from ..rundir import DONE, RunDir
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+STAMP = "experiment_run.json"  # beside finetune's own stamp: "trained by this experiment with these settings"
 
 
 def run_key(cfg, recipe: str, base_settings: dict | None, base_weights: str | None, model_weights: str | None) -> dict:
@@ -72,7 +73,7 @@ class Ledger:
         if entry is not None and entry.get("key") == key:
             log.info("%s: done (ledger)", name)
             return entry
-        rd = RunDir(run_dir, "experiment-run")
+        rd = RunDir(run_dir, "experiment-run", stamp=STAMP)
         if rd.state(key) != DONE:  # not trained with these settings (or killed before it finished): from scratch
             rd.clear()
             log.info("%s: training %s (%s)", name, p.cell.recipe, ", ".join(f"{k}={v}" for k, v in meta.items()))

@@ -108,7 +108,7 @@ def format_report(results: dict) -> str:
     if results["contrasts"]:
         lines += ["", "Contrasts (a − b; **bold**: the 95% interval excludes zero). Accuracy bootstrap: over seeds "
                   "and test problems.", "", "| a | b | isolates | seeds | Δ accuracy, bootstrap [95%] | "
-                  "Δ accuracy, t over seeds | Δ response loss | better (bootstrap) |", "|---|---|---|---|---|---|---|---|"]
+                  "Δ accuracy, t over seeds | Δ response loss | better (bootstrap) |", "|---" * 8 + "|"]
         for p in results["contrasts"]:
             lines.append(f"| {p['a']} | {p['b']} | {p['what']} | {len(p['seeds'])} | {_boot(p['acc_bootstrap'])} | "
                          f"{_ci(p['acc_avg'], '.1f')} | {_ci(p['loss_avg'], '.4f')} | "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from ..io import DamagedFileError, atomic_write_json, read_json
@@ -108,9 +109,7 @@ def build_bases(spec: ExperimentSpec, plans: dict[str, CellPlan], out: Path) -> 
     """Quantize each distinct shared base once (cached) and point its cells at it; -> the bases' rows (with
     held-out perplexity when the spec asks for it, cached by weight hash in ``OUT/bases/perplexity.json``)."""
     built: dict[str, tuple[Path, str]] = {}
-    for p in sorted(plans.values(), key=lambda p: (-(p.base.quant.bits if p.base else 0), p.base.key if p.base else "")):
-        if p.base is None:
-            continue
+    for p in sorted((p for p in plans.values() if p.base is not None), key=lambda p: (-p.base.quant.bits, p.base.key)):
         if p.base.key not in built:
             built[p.base.key] = build_base(p.base, out / "bases")
         p.base_dir, p.base_weights = built[p.base.key]
@@ -191,10 +190,10 @@ def learning_rates(spec: ExperimentSpec, plans: dict[str, CellPlan], ledger: Led
             name = f"search-{p.cell.name}-lr{lr:g}" + (f"-s{seed}" if seed is not None else "")
             evaluation = [f"eval.datasets={','.join(s.sets)}", "eval.accuracy=false", "eval.response_loss=true",
                           f"eval.limit={s.limit}"]
-            entry = ledger.run(name, p, lambda d, lr=lr: _run_overrides(p, d, lr=lr, seed=seed, steps=s.steps,
-                                                                        evaluation=evaluation),
+            overrides = partial(_run_overrides, p, lr=lr, seed=seed, steps=s.steps, evaluation=evaluation)
+            entry = ledger.run(name, p, overrides,
                                meta={"tag": "search", "cell": p.cell.name, "group": group, "lr": lr, "seed": seed})
-            scores[lr] = entry["scores"]["loss_avg"]
+            scores[lr] = entry["loss_avg"]
             rows.append({"group": group, "cell": p.cell.name, "lr": lr, "val_loss": scores[lr]})
         rates[group] = min(scores, key=scores.get)
         log.info("learning rate %s: %g (validation loss %s)", group, rates[group],
@@ -218,7 +217,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path | None = None) -> dict:
         lr = cell.lr if cell.lr is not None else rates.get(p.group)
         name = cell.name + (f"-s{seed}" if seed is not None else "")
         log.info("[%d/%d] %s", i + 1, len(order), name)
-        runs.append(ledger.run(name, p, lambda d, p=p, lr=lr, seed=seed: _run_overrides(p, d, lr=lr, seed=seed),
+        runs.append(ledger.run(name, p, partial(_run_overrides, p, lr=lr, seed=seed),
                                meta={"tag": "final", "cell": cell.name, "seed": seed, "lr": lr},
                                before=spec.before))
         write_report(out, spec, plans, runs, rates, search, t0, complete=False, bases=bases)

@@ -28,6 +28,7 @@ from .config import TINY, CalibrationConfig, RecipeConfig
 log = logging.getLogger(__name__)
 
 FLOAT, OWN = "float", "own"
+STAMP = "base_stamp.json"  # beside quantize's own stamp: the settings and the weight hash of a shared base
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def build_base(spec: BaseSpec, root: str | Path) -> tuple[Path, str]:
     from .loading import model_dir_fingerprint
     from .quantize import QuantizeRun, run_quantize
 
-    rd = RunDir(Path(root) / spec.key, "base", same=_same_base)
+    rd = RunDir(Path(root) / spec.key, "base", same=_same_base, stamp=STAMP)
     if rd.state(spec.settings()) == DONE:
         try:
             verify_quantized(rd.path)

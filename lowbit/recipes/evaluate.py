@@ -26,7 +26,7 @@ indices; extraction and scoring are recomputed from the stored generations, so t
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -35,17 +35,24 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..data.prompts import format_prompt
-from ..data.testsets import DatasetSpec, known_datasets, load_records, load_reference_records, resolve_datasets
+from ..data.testsets import DatasetSpec, load_records, load_reference_records, resolve_datasets
 from ..eval.answers import score_generation
 from ..eval.config import EvalConfig
-from ..eval.results import append_rows, make_row, read_rows, set_result, write_rows
+from ..eval.results import (
+    append_rows,
+    format_summary,  # noqa: F401  (the CLI prints summaries through this driver)
+    make_row,
+    read_rows,
+    set_result,
+    write_rows,
+)
 from ..io import DamagedFileError, atomic_write_json, read_json, recover_dir
+from .eval_settings import SETTINGS, SUMMARY, check_settings, settings_key
 from .loading import load_model, quantized_info, resolve_device_dtype, resolve_model
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-SETTINGS, SUMMARY = "settings.json", "summary.json"
 
 #: ``generate_batches(prompts)`` yields ``(indices into prompts, continuations)`` per batch (see ``iter_generate``).
 BatchGenerator = Callable[[list[str]], Iterable[tuple[list[int], list[str]]]]
@@ -76,66 +83,28 @@ class EvaluateRun:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
 
 
-# ------------------------------------------------------------------------------------------------------ model
-
-def _fingerprint(path: str | None) -> str | None:
-    """A cheap identity of a directory's weight files: a retrained adapter or re-quantized model in the same place
-    must not be mixed with the generations of the old one. Their SHA-256 recorded by lowbit (quantized models,
-    adapters: the same content rewritten, as by a resumed run, keeps its identity), else names, sizes and mtimes."""
-    if path is None or not Path(path).is_dir():
-        return None
-    suffixes, h = (".safetensors", ".bin", ".pt", ".pth"), hashlib.sha256()
-    metas = [Path(path) / m for m in ("quant_config.json", "lowbit_adapter.json") if (Path(path) / m).is_file()]
-    recorded = (read_json(metas[0]).get("files") or {}) if metas else {}
-    if recorded:
-        h.update("".join(f"{n}:{d.get('sha256')};" for n, d in sorted(recorded.items()) if n.endswith(suffixes)
-                         and isinstance(d, dict)).encode())
-        return h.hexdigest()[:16]
-    for f in sorted(f for f in Path(path).iterdir() if f.suffix in suffixes):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------------------------------------- the run
-
-def _settings_key(cfg: EvalConfig, model_path: str, quantized: bool, adapter_path: str | None, dtype: str) -> dict:
-    max_new_tokens, num_beams = cfg.generation
-    return {"model": model_path, "model_fingerprint": _fingerprint(model_path), "adapter": adapter_path,
-            "adapter_fingerprint": _fingerprint(adapter_path), "prompt": cfg.prompt, "num_beams": num_beams,
-            "max_new_tokens": max_new_tokens, "dtype": "as stored" if quantized else dtype}
-
-
-def _check_settings(out: Path, key: dict, dataset_names: list[str], overwrite: bool) -> list[Path]:
-    """Refuse an ``--out`` holding generations made with other settings (unless ``overwrite``); -> the result files
-    to discard. Nothing is deleted or written here, so a run that fails later (a bad adapter) changes nothing."""
-    f = out / SETTINGS
-    try:
-        old = read_json(f, "pass --overwrite to discard the generations there") if f.is_file() else None
-    except ValueError:
-        if not overwrite:
-            raise
-        old = {}  # damaged: the settings there are unknown, every set there is stale
-    rows = [out / f"{n}.jsonl" for n in dataset_names if (out / f"{n}.jsonl").is_file()]
-    if not isinstance(old, dict) and rows and not overwrite:
-        raise ValueError(f"{f} is missing or corrupt, so the settings that generated {rows[0]} are unknown; pass "
-                         f"--overwrite to discard those rows (or choose another --out)")
-    old = old if isinstance(old, dict) else ({} if f.is_file() else None)
-    diff = [k for k in key if old is not None and old.get(k) != key[k]]
-    if diff and not overwrite:
-        what = ", ".join(f"{k} {old.get(k)!r} there, {key[k]!r} now" for k in diff)
-        raise ValueError(f"--out {out} holds generations made with other settings ({what}); choose another "
-                         f"--out, or pass --overwrite to discard them")
-    if not overwrite:
-        return []
-    names = known_datasets() if diff else dataset_names  # other settings: every set there is stale
-    # Only our own files: --out may be a fine-tuning run directory.
-    return [p for p in [out / f"{n}.jsonl" for n in names] + [out / SUMMARY] if p.exists()]
-
-
 def default_out(model_path: str, adapter: str | None) -> Path:
     name = Path(model_path).name + (f"+{Path(adapter).name}" if adapter else "")
     return Path("eval_out") / name
+
+
+@dataclass
+class _Plan:
+    """What one evaluation does, decided before the model loads: per set its records, prompts, stored rows, missing
+    indices, and the response-loss records (with a stored result, if any)."""
+    out: Path
+    key: dict
+    specs: list[DatasetSpec]
+    records: dict[str, list[dict]]
+    prompts: dict[str, list[str]] = field(default_factory=dict)
+    stored: dict[str, dict[int, dict]] = field(default_factory=dict)
+    missing: dict[str, list[int]] = field(default_factory=dict)
+    loss_records: dict[str, list[dict]] = field(default_factory=dict)
+    loss_done: dict[str, dict | None] = field(default_factory=dict)
+    discard: list[Path] = field(default_factory=list)  # files of other settings, removed once the model loads
+
+    def needs_model(self) -> bool:
+        return any(self.missing.values()) or any(v is None for v in self.loss_done.values())
 
 
 def run_evaluation(run: EvaluateRun, generate_batches: BatchGenerator | None = None) -> dict:
@@ -144,15 +113,30 @@ def run_evaluation(run: EvaluateRun, generate_batches: BatchGenerator | None = N
     loads; the model loads only if some example is missing. ``generate_batches`` replaces the model (tests: an
     oracle)."""
     t_start = time.perf_counter()
-    cfg = run.eval
-    specs = resolve_datasets(cfg.datasets, cfg.data_dir)
-    # accuracy=False: nothing to generate, only the response loss below.
-    records = {s.name: load_records(s, cfg.limit, cfg.synthetic_seed) if cfg.accuracy else [] for s in specs}
-    if generate_batches is None:
+    target = _resolve_target(run, oracle=generate_batches is not None)
+    plan = _plan(run, target)
+    model, tok = _load_model(run, target, plan, oracle=generate_batches is not None)
+    generate = generate_batches or (_model_generator(model, tok, run.eval) if model is not None else None)
+    _prepare_out(plan)
+    summary = _new_summary(run, target)
+    for s in plan.specs:
+        summary["datasets"][s.name] = _evaluate_set(s, plan, run, generate, model, tok, summary)
+        _finish_summary(summary, plan.out, t_start, complete=False, peak=None)
+    peak = None
+    if target["device"].startswith("cuda") and summary["generated"]:
+        import torch
+
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    return _finish_summary(summary, plan.out, t_start, complete=True, peak=peak)
+
+
+def _resolve_target(run: EvaluateRun, oracle: bool) -> dict:
+    """The model and adapter paths, device and dtype, and ``--out`` (checked to be no file)."""
+    if oracle:
+        model_path, quantized, device, dtype = run.model, False, "n/a", "n/a"
+    else:
         model_path, quantized = resolve_model(run.model)
         device, dtype = resolve_device_dtype(run.device, run.dtype)
-    else:
-        model_path, quantized, device, dtype = run.model, False, "n/a", "n/a"
     adapter_path = None
     if run.adapter is not None:
         if not recover_dir(Path(run.adapter).expanduser()).is_dir():
@@ -162,103 +146,135 @@ def run_evaluation(run: EvaluateRun, generate_batches: BatchGenerator | None = N
     out = Path(run.out) if run.out else default_out(model_path, adapter_path)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is a file; choose a directory path")
-    key = _settings_key(cfg, model_path, quantized, adapter_path, dtype)
-    discard = _check_settings(out, key, [s.name for s in specs], run.overwrite)
+    return {"model_path": model_path, "quantized": quantized, "device": device, "dtype": dtype,
+            "adapter_path": adapter_path, "out": out, "oracle": oracle}
 
-    # What is already done: rows on disk whose prompt is the prompt we would use now.
-    prompts, stored, missing = {}, {}, {}
+
+def _plan(run: EvaluateRun, target: dict) -> _Plan:
+    """The sets, the output directory's settings check and what is already done there: rows whose prompt is the
+    prompt used now, and stored response losses of the same settings."""
+    cfg = run.eval
+    specs = resolve_datasets(cfg.datasets, cfg.data_dir)
+    # accuracy=False: nothing to generate, only the response loss.
+    records = {s.name: load_records(s, cfg.limit, cfg.synthetic_seed) if cfg.accuracy else [] for s in specs}
+    key = settings_key(cfg, target["model_path"], target["quantized"], target["adapter_path"], target["dtype"])
+    out = target["out"]
+    discard = check_settings(out, key, [s.name for s in specs], run.overwrite)
+    plan = _Plan(out, key, specs, records, discard=discard)
     for s in specs:
-        prompts[s.name] = [format_prompt(r["instruction"], r.get("input", ""), cfg.prompt) for r in records[s.name]]
+        plan.prompts[s.name] = [format_prompt(r["instruction"], r.get("input", ""), cfg.prompt)
+                                for r in records[s.name]]
         path = out / f"{s.name}.jsonl"
-        stored[s.name] = {} if path in discard else read_rows(path)
-        for i, row in stored[s.name].items():
-            if i < len(prompts[s.name]) and row.get("prompt") != prompts[s.name][i]:
-                raise ValueError(f"{out / (s.name + '.jsonl')}: example {i} was generated from another prompt "
-                                 f"(the dataset file, --synthetic-seed or prompt changed); choose another --out "
-                                 f"or pass --overwrite")
-        missing[s.name] = [i for i in range(len(prompts[s.name])) if i not in stored[s.name]]
-        log.info("%s: %d examples, %d done, %d to generate", s.name, len(prompts[s.name]),
-                 len(prompts[s.name]) - len(missing[s.name]), len(missing[s.name]))
+        plan.stored[s.name] = {} if path in discard else _stored_rows(path, plan.prompts[s.name])
+        plan.missing[s.name] = [i for i in range(len(plan.prompts[s.name])) if i not in plan.stored[s.name]]
+        log.info("%s: %d examples, %d done, %d to generate", s.name, len(plan.prompts[s.name]),
+                 len(plan.prompts[s.name]) - len(plan.missing[s.name]), len(plan.missing[s.name]))
+    if cfg.response_loss:
+        plan.loss_records = {s.name: load_reference_records(s, cfg.loss_limit or cfg.limit, cfg.synthetic_seed)
+                             for s in specs}
+    plan.loss_done = {n: _stored_loss(out / f"{n}.loss.json", key, len(r)) for n, r in plan.loss_records.items()}
+    return plan
 
-    info = {"quantized": quantized, "quantization": None, "bits": None, "dtype": dtype, "device": device}
-    if generate_batches is None:
-        info["bits"] = 32 if dtype == "float32" else 16
-        if quantized:
-            info.update(quantized_info(model_path), dtype="as stored")
-    peak = None
-    loss_records = {s.name: load_reference_records(s, cfg.loss_limit or cfg.limit, cfg.synthetic_seed)
-                    for s in specs} if cfg.response_loss else {}
-    loss_done = {n: _stored_loss(out / f"{n}.loss.json", key, len(r)) for n, r in loss_records.items()}
-    need_model = any(missing.values()) or any(v is None for v in loss_done.values())
-    if generate_batches is not None and any(v is None for v in loss_done.values()):
+
+def _stored_rows(path: Path, prompts: list[str]) -> dict[int, dict]:
+    """The rows in ``path``; one generated from another prompt than today's is an error, not a silent mix."""
+    rows = read_rows(path)
+    for i, row in rows.items():
+        if i < len(prompts) and row.get("prompt") != prompts[i]:
+            raise ValueError(f"{path}: example {i} was generated from another prompt (the dataset file, "
+                             f"--synthetic-seed or prompt changed); choose another --out or pass --overwrite")
+    return rows
+
+
+def _load_model(run: EvaluateRun, target: dict, plan: _Plan, oracle: bool):
+    """The model and tokenizer, when something is left to generate or score; ``(None, None)`` otherwise."""
+    if oracle and any(v is None for v in plan.loss_done.values()):
         raise ValueError("the response loss needs the model itself; it cannot be scored from a generator alone")
-    model = tok = None
-    if generate_batches is None and need_model:
-        import torch
+    if oracle or not plan.needs_model():
+        return None, None
+    import torch
 
-        from ..eval.generate import iter_generate
+    t0 = time.perf_counter()
+    model, tok, loaded = load_model(target["model_path"], target["adapter_path"], target["device"], run.dtype,
+                                    force_adapter=run.force_adapter)
+    log.info("loaded %s%s in %.1fs (%s, %s)", target["model_path"],
+             f" + adapter {target['adapter_path']}" if target["adapter_path"] else "", time.perf_counter() - t0,
+             loaded["dtype"], loaded["device"])
+    if target["device"].startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    return model, tok
 
-        t0 = time.perf_counter()
-        model, tok, loaded = load_model(model_path, adapter_path, device, run.dtype, force_adapter=run.force_adapter)
-        log.info("loaded %s%s in %.1fs (%s, %s)", model_path, f" + adapter {adapter_path}" if adapter_path else "",
-                 time.perf_counter() - t0, loaded["dtype"], loaded["device"])
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
 
-        max_new_tokens, num_beams = cfg.generation
+def _model_generator(model, tok, cfg: EvalConfig) -> BatchGenerator:
+    """The model's :data:`BatchGenerator` under the protocol's decoding settings."""
+    from ..eval.generate import iter_generate
 
-        def generate_batches(batch_prompts):
-            return iter_generate(model, tok, batch_prompts, max_new_tokens=max_new_tokens,
-                                 batch_size=cfg.batch_size, num_beams=num_beams)
+    max_new_tokens, num_beams = cfg.generation
+    return functools.partial(iter_generate, model, tok, max_new_tokens=max_new_tokens, batch_size=cfg.batch_size,
+                             num_beams=num_beams)
 
-    # The model (and adapter) loaded: only now touch the directory.
-    out.mkdir(parents=True, exist_ok=True)
-    for p in discard:
+
+def _prepare_out(plan: _Plan) -> None:
+    """The model (and adapter) loaded: only now touch the directory (stale files out, ``settings.json`` in)."""
+    plan.out.mkdir(parents=True, exist_ok=True)
+    for p in plan.discard:
         log.info("--overwrite: removing %s", p)
-        p.unlink()
-    if any(missing.values()) or not (out / SETTINGS).is_file():
-        atomic_write_json(out / SETTINGS, key, seal=True)
+        p.unlink(missing_ok=True)
+    if any(plan.missing.values()) or not (plan.out / SETTINGS).is_file():
+        atomic_write_json(plan.out / SETTINGS, plan.key, seal=True)
+
+
+def _new_summary(run: EvaluateRun, target: dict) -> dict:
+    """The summary before any set: the model, its quantization, the settings."""
+    cfg, dtype = run.eval, target["dtype"]
+    info = {"quantized": target["quantized"], "quantization": None, "bits": None, "dtype": dtype,
+            "device": target["device"]}
+    if not target["oracle"]:
+        info["bits"] = 32 if dtype == "float32" else 16
+        if target["quantized"]:
+            info.update(quantized_info(target["model_path"]), dtype="as stored")
     settings = {k: v for k, v in asdict(cfg).items() if k != "datasets"}
     settings.update(zip(("max_new_tokens", "num_beams"), cfg.generation), device=run.device, dtype=run.dtype,
                     prompt=cfg.prompt)
-    summary = {"model": run.model, "model_path": model_path, "adapter": adapter_path, **info, "settings": settings,
-               "datasets": {}, "average": None, "generated": 0, "generation_s": 0.0}
-    for s in specs:
-        if not cfg.accuracy:
-            res = summary["datasets"][s.name] = {"name": s.name, "display": s.display, "kind": s.kind,
-                                                 "accuracy": None, "correct": 0, "n": 0, "generated": 0, "file": None}
-            res["response_loss"] = _response_loss(out / f"{s.name}.loss.json", key, loss_done[s.name], model, tok,
-                                                  loss_records[s.name], cfg)
-            log.info("%s: response loss %.4f (%d records)", s.name, res["response_loss"]["loss"],
-                     res["response_loss"]["n"])
-            _finish_summary(summary, out, t_start, complete=False, peak=peak)
-            continue
-        gen_s = _generate_missing(s, out / f"{s.name}.jsonl", prompts[s.name], records[s.name], stored[s.name],
-                                  missing[s.name], generate_batches, cfg, run.progress)
-        rows = stored[s.name]
-        for i, row in rows.items():  # re-score with today's labels and rule, so the file agrees with the summary
-            if i < len(records[s.name]):
-                row["label"] = str(records[s.name][i]["answer"])
-            row["extracted"], row["correct"] = score_generation(row["generation"], row["label"], s.kind,
-                                                                cfg.choice_rule)
-        write_rows(out / f"{s.name}.jsonl", rows)
-        res = set_result(s, [rows[i] for i in range(len(prompts[s.name]))], cfg.choice_rule)
-        res.update(generated=len(missing[s.name]), file=f"{s.name}.jsonl")
-        summary["datasets"][s.name] = res
-        summary["generated"] += len(missing[s.name])
-        summary["generation_s"] += gen_s
-        log.info("%s: %.1f%% (%d/%d)", s.name, res["accuracy"], res["correct"], res["n"])
-        if cfg.response_loss:
-            res["response_loss"] = _response_loss(out / f"{s.name}.loss.json", key, loss_done[s.name], model, tok,
-                                                  loss_records[s.name], cfg)
-            log.info("%s: response loss %.4f (%d records, %d tokens)", s.name, res["response_loss"]["loss"],
-                     res["response_loss"]["n"], res["response_loss"]["tokens"])
-        _finish_summary(summary, out, t_start, complete=False, peak=peak)
-    if device.startswith("cuda") and summary["generated"]:
-        import torch
+    return {"model": run.model, "model_path": target["model_path"], "adapter": target["adapter_path"], **info,
+            "settings": settings, "datasets": {}, "average": None, "generated": 0, "generation_s": 0.0}
 
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    return _finish_summary(summary, out, t_start, complete=True, peak=peak)
+
+def _evaluate_set(s: DatasetSpec, plan: _Plan, run: EvaluateRun, generate: BatchGenerator | None, model, tok,
+                  summary: dict) -> dict:
+    """One set: the missing rows generated, every row re-scored, the response loss; -> its summary entry."""
+    cfg, out = run.eval, plan.out
+    if not cfg.accuracy:
+        res = {"name": s.name, "display": s.display, "kind": s.kind, "accuracy": None, "correct": 0, "n": 0,
+               "generated": 0, "file": None}
+    else:
+        res = _score_set(s, plan, run, generate, summary)
+    if cfg.response_loss:
+        res["response_loss"] = _response_loss(out / f"{s.name}.loss.json", plan.key, plan.loss_done[s.name], model,
+                                              tok, plan.loss_records[s.name], cfg)
+        log.info("%s: response loss %.4f (%d records, %d tokens)", s.name, res["response_loss"]["loss"],
+                 res["response_loss"]["n"], res["response_loss"]["tokens"])
+    return res
+
+
+def _score_set(s: DatasetSpec, plan: _Plan, run: EvaluateRun, generate: BatchGenerator | None,
+               summary: dict) -> dict:
+    """Generate the set's missing rows, re-score all of them with today's labels and rule (so the file agrees with
+    the summary) and rewrite the file in index order; -> the set's accuracy entry."""
+    cfg, records, rows, missing = run.eval, plan.records[s.name], plan.stored[s.name], plan.missing[s.name]
+    path = plan.out / f"{s.name}.jsonl"
+    gen_s = _generate_missing(s, path, plan.prompts[s.name], records, rows, missing, generate, cfg, run.progress)
+    for i, row in rows.items():
+        if i < len(records):
+            row["label"] = str(records[i]["answer"])
+        row["extracted"], row["correct"] = score_generation(row["generation"], row["label"], s.kind, cfg.choice_rule)
+    write_rows(path, rows)
+    res = set_result(s, [rows[i] for i in range(len(plan.prompts[s.name]))], cfg.choice_rule)
+    res.update(generated=len(missing), file=f"{s.name}.jsonl")
+    summary["generated"] += len(missing)
+    summary["generation_s"] += gen_s
+    log.info("%s: %.1f%% (%d/%d)", s.name, res["accuracy"], res["correct"], res["n"])
+    return res
 
 
 def _generate_missing(spec: DatasetSpec, path: Path, prompts: list[str], records: list[dict], rows: dict[int, dict],

@@ -21,7 +21,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..io import atomic_dir, atomic_write_json, check_new_dir, read_json, recover_dir
+from ..io import atomic_dir, atomic_write_json, read_json, recover_dir
+from ..rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +105,32 @@ def _base_spec(base: str) -> dict | None:
 
 
 def export_run(cfg: ExportRun) -> Path:
-    """Write the export; returns its directory."""
-    import torch
-
+    """Write the export; returns its directory (``lowbit_export.json`` holds its provenance, ``lowbit_run.json`` its
+    stamp, written last)."""
     run_dir, out = Path(cfg.run_dir).expanduser(), Path(cfg.out).expanduser()
     adapter, info = _check_run(run_dir)
     spec = _base_spec(info["base"])
+    bits, group = _export_bits(cfg, info, spec)
+    settings = _settings(cfg, run_dir, bits, group)
+    RunDir(out, "export", what="export").check(settings, overwrite=cfg.overwrite, resume=False)
+    from .config import load_recipe
+
+    recipe = load_recipe(str(run_dir / "config.yaml"))
+    t0 = time.perf_counter()
+    model, tok = _merged_model(info["base"], adapter)
+    provenance = {"run_dir": str(run_dir.resolve()), "base": info["base"], "base_quantization": spec,
+                  "adapter": str(adapter.resolve()), "method": info.get("method"), "adapter_kind": info.get("adapter"),
+                  "init": info.get("init"), "export": asdict(cfg) | {"bits": bits, "group_size": group}}
+    if cfg.format == "float":
+        _write_float(cfg, model, tok, out, provenance, t0)
+    else:
+        _write_gptq(cfg, recipe, model, tok, out, provenance, bits, group, t0)
+    RunDir(out, "export").finish(settings)
+    return out
+
+
+def _export_bits(cfg: ExportRun, info: dict, spec: dict | None) -> tuple[int | None, int]:
+    """Bits and group size of the export (default: the base's); a GPTQ export needs bits the format stores."""
     bits = cfg.bits or (spec or {}).get("bits")
     group = cfg.group_size or (spec or {}).get("group_size", 128)
     if cfg.format == "gptq":
@@ -119,32 +140,42 @@ def export_run(cfg: ExportRun) -> Path:
         if bits not in GPTQ_BITS:
             raise ValueError(f"the base stores {bits} bits, which the GPTQ format cannot express; pass --bits "
                              f"(one of {', '.join(map(str, GPTQ_BITS))})")
-    if not cfg.overwrite:
-        check_new_dir(out, "--out")
-    from .config import load_recipe
+    return bits, group
 
-    recipe = load_recipe(str(run_dir / "config.yaml"))
 
+def _settings(cfg: ExportRun, run_dir: Path, bits: int | None, group: int) -> dict:
+    """The export's stamp: the run exported and how (where it goes and ``overwrite`` are no settings of it)."""
+    export = {k: v for k, v in asdict(cfg).items() if k not in ("run_dir", "out", "overwrite")}
+    return {"run_dir": str(run_dir.resolve()), **export, "bits": bits, "group_size": group}
+
+
+def _merged_model(base: str, adapter: Path):
+    """The base with the adapter merged into float weights (every other quantized layer dequantised)."""
     from ..adapters.merge import merge_to_float
     from .loading import load_model
 
-    t0 = time.perf_counter()
-    model, tok, _ = load_model(info["base"], adapter=str(adapter), device="cpu", dtype="float32")
+    model, tok, _ = load_model(base, adapter=str(adapter), device="cpu", dtype="float32")
     counts = merge_to_float(model)
     log.info("merged %d adapter layers, dequantised %d other quantized layers", counts["merged"],
              counts["dequantized"])
-    provenance = {"run_dir": str(run_dir.resolve()), "base": info["base"], "base_quantization": spec,
-                  "adapter": str(adapter.resolve()), "method": info.get("method"), "adapter_kind": info.get("adapter"),
-                  "init": info.get("init"), "export": asdict(cfg) | {"bits": bits, "group_size": group}}
-    if cfg.format == "float":
-        model.to(getattr(torch, cfg.dtype))
-        with atomic_dir(out) as tmp:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            atomic_write_json(tmp / PROVENANCE, provenance | {"seconds": time.perf_counter() - t0}, seal=True)
-        log.info("float export (%s) -> %s", cfg.dtype, out)
-        return out
+    return model, tok
 
+
+def _write_float(cfg: ExportRun, model, tok, out: Path, provenance: dict, t0: float) -> None:
+    import torch
+
+    model.to(getattr(torch, cfg.dtype))
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        atomic_write_json(tmp / PROVENANCE, provenance | {"seconds": time.perf_counter() - t0}, seal=True)
+    log.info("float export (%s) -> %s", cfg.dtype, out)
+
+
+def _write_gptq(cfg: ExportRun, recipe, model, tok, out: Path, provenance: dict, bits: int, group: int,
+                t0: float) -> None:
+    """Re-quantize the merged model (GPTQ against its own calibration Hessians, or RTN) and write it in the GPTQ
+    layout."""
     from ..quant import QuantConfig, quantize_model
     from ..quant.export import export_gptq
     from .quantize import calibration_windows
@@ -160,4 +191,3 @@ def export_run(cfg: ExportRun) -> Path:
     export_gptq(model, out, tokenizer=tok, overwrite=True)
     atomic_write_json(out / PROVENANCE, provenance | {"seconds": time.perf_counter() - t0}, seal=True)
     log.info("GPTQ export (%d-bit g%d, %s re-quantization) -> %s", bits, group, cfg.requant, out)
-    return out

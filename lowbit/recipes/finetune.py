@@ -1,23 +1,26 @@
 """``lowbit finetune RECIPE.yaml [key=value ...]``: quantize (if needed) -> initialise adapters -> train -> save.
 
-Reads top to bottom: 1. config, run directory and the cheap checks (the checkpoint to resume, the training files,
-the model's architecture from its config.json), 2. tokenizer and data (every error surfaces by here, before the
-model is loaded), 3. base model, quantization and adapter initialisation, 4. the Hugging Face ``Trainer`` with
-lowbit's callbacks, 5. the adapter, ``run.json`` and ``loss.png``. The run directory holds ``config.yaml``
-(resolved), ``log.jsonl`` (one JSON object per logging step), ``checkpoint-*`` (adapter + optimizer state only),
-``adapter/`` (PEFT layout), ``loss.png`` and ``run.json`` (the summary, with the training set's files, SHA-256
-and record count, and the base's fingerprint: weight hashes and quantization).
+Reads top to bottom: 1. run directory and the cheap checks (the checkpoint to resume, the training files, the
+model's architecture from its config.json), 2. tokenizer and data (every error surfaces by here, before the model
+is loaded), 3. base model, quantization and adapter initialisation, 4. the Hugging Face ``Trainer`` with lowbit's
+callbacks, 5. the adapter, ``run.json`` and ``loss.png``. The run directory holds ``lowbit_run.json`` (its stamp,
+:mod:`lowbit.rundir`: the recipe, and whether the run finished), ``config.yaml`` (resolved), ``log.jsonl`` (one
+JSON object per logging step), ``checkpoint-*`` (adapter + optimizer state only), ``adapter/`` (PEFT layout),
+``loss.png`` and ``run.json`` (the summary, with the training set's files, SHA-256 and record count, the base's
+fingerprint: weight hashes and quantization, and the loss: ``mean_train_loss``, also under its old name
+``final_loss``, and ``last_logged_loss``).
 
 Checkpoints are committed by a ``COMPLETE`` marker written (atomically) after the Trainer has written every file
 of the checkpoint, with their checksums; ``--resume`` continues from the newest complete checkpoint, so a process
 killed mid-save never resumes from a half-written one, and a damaged checkpoint is an error naming the file; without
 a complete checkpoint ``--resume`` is an error that changes nothing. A run killed before its first complete
-checkpoint (``config.yaml`` but no checkpoint, ``adapter/`` or ``run.json``) holds nothing to keep: the same command
-without ``--resume`` starts it over.
+checkpoint (a stamp or ``config.yaml``, but no checkpoint, ``adapter/`` or ``run.json``) holds nothing to keep: the
+same command without ``--resume`` starts it over.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
@@ -26,14 +29,16 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_write_json, atomic_write_text
+from ..io import DamagedFileError, atomic_write_json, atomic_write_text
+from ..rundir import DAMAGED, NEW, OTHER, STAMP, UNSTAMPED, RunDir, RunDirError
 from .config import RecipeConfig, dump_recipe
-from .loading import check_architecture, model_dir_fingerprint, read_model_config, resolve_model
+from .loading import base_fingerprint, bits_and_method, check_architecture, read_model_config, resolve_model
 from .trainer import (
     check_checkpoint,
     discard_incomplete_checkpoints,
     latest_checkpoint,
     plot_loss,
+    read_log,
     trainer_classes,
     truncate_log,
 )
@@ -79,53 +84,82 @@ def build_model(cfg: RecipeConfig, tokenizer, device: torch.device) -> tuple[tor
     return model, report
 
 
-# ---------------------------------------------------------------------------------------------- the recipe
+# ---------------------------------------------------------------------------------------------- the run directory
+
+#: Training length may grow on resume; anything else changing would mix two different runs.
+_MAY_CHANGE = ("max_steps", "epochs")
+
+
+def _run_settings(recipe: dict) -> dict:
+    """What makes two runs the same: the recipe without its output_dir (a moved run directory is the same run) and
+    without the training length (:data:`_MAY_CHANGE`)."""
+    d = {k: v for k, v in recipe.items() if k != "output_dir"}
+    if isinstance(d.get("train"), dict):
+        d["train"] = {k: v for k, v in d["train"].items() if k not in _MAY_CHANGE}
+    return d
+
+
+def _recorded_recipe(out: Path) -> dict | None:
+    """The recipe a run directory written without a stamp (by an earlier lowbit) holds in ``config.yaml``."""
+    import yaml
+
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        return None
+    fix = "restore it, or start over in a new output_dir"
+    try:
+        old = yaml.safe_load(saved.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise DamagedFileError(saved, f"{saved} is corrupt ({type(e).__name__})", fix) from None
+    if not isinstance(old, dict):
+        raise DamagedFileError(saved, f"{saved} is corrupt (not a recipe mapping)", fix)
+    return {"settings": old, "complete": (out / "run.json").is_file()}
+
+
+def run_dir(path: str | Path) -> RunDir:
+    """A ``lowbit finetune`` output directory: its stamp holds the recipe (:func:`_run_settings`), unfinished from
+    ``config.yaml`` on, finished once ``run.json`` is written."""
+    return RunDir(path, "finetune", lambda old, new: _run_settings(old) == _run_settings(new),
+                  what="fine-tuning run", recorded=_recorded_recipe, record="config.yaml")
+
 
 def _interrupted_start(out: Path) -> bool:
-    """A run directory whose run was killed before anything worth keeping: ``config.yaml``, but no complete
-    checkpoint, no ``adapter/`` and no ``run.json``."""
-    return ((out / "config.yaml").is_file() and latest_checkpoint(out) is None and not (out / "adapter").exists()
-            and not (out / "run.json").exists())
+    """A run directory whose run was killed before anything worth keeping: a stamp or ``config.yaml``, but no
+    complete checkpoint, no ``adapter/`` and no ``run.json``."""
+    return (((out / "config.yaml").is_file() or (out / STAMP).is_file()) and latest_checkpoint(out) is None
+            and not (out / "adapter").exists() and not (out / "run.json").exists())
 
 
-def _check_run_dir(out: Path, cfg: RecipeConfig, resume: bool) -> None:
-    saved = out / "config.yaml"
-    if not out.exists() or not any(out.iterdir()):
-        return
+def _check_run_dir(out: Path, cfg: RecipeConfig, resume: bool) -> str:
+    """Refuse a run directory that holds another run, or this run without ``resume``; restart a run killed before
+    its first checkpoint. Returns the directory's state (:mod:`lowbit.rundir`)."""
+    rd = run_dir(out)
+    state = rd.state(cfg.to_dict())
+    if state == NEW:
+        return state
     if not resume and _interrupted_start(out):
         log.warning("%s holds a run killed before its first complete checkpoint; starting it over", out)
         discard_incomplete_checkpoints(out)
         (out / "log.jsonl").unlink(missing_ok=True)
-        return
+        return NEW
     if not resume:
-        raise ValueError(f"output_dir {out} already holds a run; pass --resume to continue it, or choose another "
-                         f"output_dir=...")
-    if not saved.is_file():
-        if latest_checkpoint(out) is None:
-            return  # nothing to resume: reported next, changing nothing
-        raise ValueError(f"--resume: {saved} is missing, so the run's settings cannot be checked against the "
-                         f"recipe; restore it, or start over in a new output_dir")
-    import yaml
-
-    try:
-        old = yaml.safe_load(saved.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ValueError(f"--resume: {saved} is corrupt ({type(e).__name__}); restore it, or start over in a new "
-                         f"output_dir") from None
-    if not isinstance(old, dict):
-        raise ValueError(f"--resume: {saved} is corrupt (not a recipe mapping); restore it, or start over in a "
-                         f"new output_dir")
-    new = cfg.to_dict()
-    # Training length may grow on resume; anything else changing would mix two different runs.
-    for d in (old, new):
-        if isinstance(d.get("train"), dict):
-            d["train"].pop("max_steps", None)
-            d["train"].pop("epochs", None)
-    if old != new:
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        raise ValueError(f"--resume: the recipe differs from the run in {out} ({saved.name}) in {diff}; resume "
-                         f"with the same settings (only train.max_steps/epochs may change) or use a new "
-                         f"output_dir")
+        raise RunDirError(out, state, f"output_dir {out} already holds a run; pass --resume to continue it, or "
+                                      f"choose another output_dir=...")
+    if state == UNSTAMPED and latest_checkpoint(out) is None:
+        return state  # nothing to resume: reported next, changing nothing
+    if state == UNSTAMPED:
+        raise RunDirError(out, state, f"--resume: {out / 'config.yaml'} is missing, so the run's settings cannot "
+                                      f"be checked against the recipe; restore it, or start over in a new output_dir")
+    if state == DAMAGED:
+        raise RunDirError(out, state, f"--resume: {rd.damage.reason}; {rd.damage.fix}")
+    if state == OTHER:
+        old, new = _run_settings(rd.found["settings"]), _run_settings(cfg.to_dict())
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != json.loads(json.dumps(new.get(k))))
+        saved = rd.stamp_path if rd.stamp_path.is_file() else out / "config.yaml"
+        raise RunDirError(out, state, f"--resume: the recipe differs from the run in {out} ({saved.name}) in {diff}; "
+                                      f"resume with the same settings (only train.max_steps/epochs may change) or "
+                                      f"use a new output_dir")
+    return state
 
 
 def precision_flags(precision: str, device: torch.device) -> dict:
@@ -139,20 +173,39 @@ def precision_flags(precision: str, device: torch.device) -> dict:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
+# ---------------------------------------------------------------------------------------------- the recipe
+
 def finetune(cfg: RecipeConfig, resume: bool = False, callbacks: list | None = None) -> dict:
     """Run the recipe; returns the ``run.json`` summary (empty on non-zero ranks). ``callbacks``: extra
     ``transformers.TrainerCallback`` objects (early stopping, custom logging ...)."""
-    from ..data.tokenize import CausalLMCollator, tokenize_dataset
-
     out = Path(cfg.output_dir)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if int(os.environ.get("RANK", "0")) == 0:
-        # Rank 0 alone: the others would see the config.yaml it writes below and call the run an old one.
+        # Rank 0 alone: the others would see the stamp it writes below and call the run an old one.
         _check_run_dir(out, cfg, resume)
-    # 1b. Cheap checks before anything is written or loaded: the checkpoint to resume, the training files, the
-    # architecture (from config.json alone).
     ckpt = _resume_checkpoint(out) if resume else None
+    data_files = _check_inputs(cfg)
+    device = _pick_device(cfg)
+    tokenizer, records, train_ds = _load_data(cfg)
+    _start_run_dir(cfg, out)
+    args = _training_args(cfg, out, device)
+    model, report, init_time = _build_model_timed(cfg, tokenizer, device)
+    trainer = _build_trainer(cfg, out, model, args, train_ds, tokenizer, ckpt, callbacks)
+    result, train_time = _train(trainer, ckpt, device)
+    model.config.use_cache = True  # generation needs the KV cache that training switched off
+    if not trainer.is_world_process_zero():
+        return {}
+    base_dir = _save_model(cfg, model, tokenizer, out)
+    summary = _summary(cfg, out, report, result, ckpt, device, base_dir, data_files, records,
+                       {"train_time_s": train_time, "init_time_s": init_time})
+    _save_summary(cfg, out, summary)
+    if cfg.eval is not None:
+        summary["eval"] = evaluate_run(cfg, out, base_dir)
+    return summary
+
+
+def _check_inputs(cfg: RecipeConfig) -> list:
+    """Cheap checks before anything is written or loaded: the training files, the quantized base's small files,
+    the architecture (from config.json alone). Returns the training files."""
     data_files = training_files(cfg.data)
     loaded = cfg.model.quantized or cfg.model.name
     if cfg.model.quantized:  # its config and tokenizer are read next: their checksums first (the weights on load)
@@ -160,17 +213,25 @@ def finetune(cfg: RecipeConfig, resume: bool = False, callbacks: list | None = N
 
         verify_quantized(cfg.model.quantized, weights=False)
     check_architecture(read_model_config(loaded), loaded)
+    return data_files
+
+
+def _pick_device(cfg: RecipeConfig) -> torch.device:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    flags = precision_flags(cfg.train.precision, device)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
 
-    # 2. Tokenizer and data: fail here, before the model is loaded.
+
+def _load_data(cfg: RecipeConfig):
+    """Tokenizer, training records and the tokenized set; every data error surfaces here, before the model loads
+    (the eval sets' files too: a missing one must not surface only after training)."""
     from transformers import AutoTokenizer
+
+    from ..data.tokenize import tokenize_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.quantized or resolve_model(cfg.model.name)[0])
     if tokenizer.pad_token is None:
@@ -179,32 +240,39 @@ def finetune(cfg: RecipeConfig, resume: bool = False, callbacks: list | None = N
     train_ds = tokenize_dataset(records, tokenizer, cfg.data.max_length, variant=cfg.data.prompt,
                                 train_on_prompt=cfg.data.train_on_prompt)
     log.info("training data: %d examples (%s)", len(train_ds), cfg.data.source)
-    if cfg.eval is not None:  # a missing test file must not surface only after training
+    if cfg.eval is not None:
         from ..data.testsets import resolve_datasets
 
         resolve_datasets(list(cfg.eval.datasets), cfg.eval.data_dir)
+    return tokenizer, records, train_ds
 
+
+def _start_run_dir(cfg: RecipeConfig, out: Path) -> None:
+    """The first writes: the stamp (unfinished) and the resolved recipe, ``config.yaml``."""
     out.mkdir(parents=True, exist_ok=True)
-    if local_rank == 0:
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        run_dir(out).write_stamp(cfg.to_dict(), complete=False)
         atomic_write_text(out / "config.yaml", dump_recipe(cfg))
 
-    # The Trainer's arguments are validated here, before the expensive model work.
+
+def _training_args(cfg: RecipeConfig, out: Path, device: torch.device):
+    """The Trainer's arguments, validated here, before the expensive model work."""
     from transformers import TrainingArguments
 
-    AdapterTrainer, CommitCheckpoint, JsonlLogger = trainer_classes()
-    args = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=cfg.train.batch_size,
-        gradient_accumulation_steps=cfg.train.grad_accum, learning_rate=cfg.train.lr,
-        weight_decay=cfg.train.weight_decay, lr_scheduler_type=cfg.train.schedule,
-        warmup_steps=cfg.train.warmup_steps or cfg.train.warmup_ratio, num_train_epochs=cfg.train.epochs,
-        max_steps=cfg.train.max_steps, max_grad_norm=cfg.train.max_grad_norm, optim=cfg.train.optim,
-        logging_steps=cfg.train.logging_steps, save_strategy="steps", save_steps=cfg.train.save_steps,
-        save_total_limit=cfg.train.save_total_limit, seed=cfg.train.seed, data_seed=cfg.train.seed,
-        report_to=[], remove_unused_columns=False, dataloader_num_workers=0, use_cpu=device.type == "cpu",
+    t, world = cfg.train, int(os.environ.get("WORLD_SIZE", "1"))
+    return TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr, weight_decay=t.weight_decay, lr_scheduler_type=t.schedule,
+        warmup_steps=t.warmup_steps or t.warmup_ratio, num_train_epochs=t.epochs, max_steps=t.max_steps,
+        max_grad_norm=t.max_grad_norm, optim=t.optim, logging_steps=t.logging_steps, save_strategy="steps",
+        save_steps=t.save_steps, save_total_limit=t.save_total_limit, seed=t.seed, data_seed=t.seed, report_to=[],
+        remove_unused_columns=False, dataloader_num_workers=0, use_cpu=device.type == "cpu",
         ddp_backend="gloo" if (world > 1 and device.type == "cpu") else None, disable_tqdm=False,
-        **flags)
+        **precision_flags(t.precision, device))
 
-    # 3. Model, quantization, adapters.
+
+def _build_model_timed(cfg: RecipeConfig, tokenizer, device: torch.device):
+    """:func:`build_model`, made ready for training; -> (model, adapter report, seconds)."""
     torch.manual_seed(cfg.train.seed)
     t0 = time.perf_counter()
     model, report = build_model(cfg, tokenizer, device)
@@ -213,51 +281,78 @@ def finetune(cfg: RecipeConfig, resume: bool = False, callbacks: list | None = N
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
+    return model, report, init_time
 
-    # 4. The Trainer, customised with callbacks (and adapter-only checkpoints).
+
+def _build_trainer(cfg: RecipeConfig, out: Path, model, args, train_ds, tokenizer, ckpt: Path | None,
+                   callbacks: list | None):
+    """The Hugging Face Trainer with lowbit's callbacks (adapter-only checkpoints, the JSONL log); on resume the
+    log loses the steps after the checkpoint, and unfinished checkpoints are discarded."""
+    from ..data.tokenize import CausalLMCollator
+
+    AdapterTrainer, CommitCheckpoint, JsonlLogger = trainer_classes()
     trainer = AdapterTrainer(model=model, args=args, train_dataset=train_ds,
                              data_collator=CausalLMCollator(tokenizer),
                              callbacks=[CommitCheckpoint(), JsonlLogger(out / "log.jsonl"), *(callbacks or [])])
-    if local_rank == 0 and ckpt is not None:
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and ckpt is not None:
         truncate_log(out / "log.jsonl", int(ckpt.name.split("-")[-1]))
         discard_incomplete_checkpoints(out)
+    return trainer
+
+
+def _train(trainer, ckpt: Path | None, device: torch.device):
+    """-> (the Trainer's result, seconds)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t1 = time.perf_counter()
+    t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    train_time = time.perf_counter() - t1
+    return result, time.perf_counter() - t0
 
-    # 5. Save (generation needs the KV cache that training switched off).
-    model.config.use_cache = True
-    summary = {}
-    if trainer.is_world_process_zero():
-        from ..adapters import save_adapter
 
-        base_dir = _save_base(cfg, model, tokenizer, out)
-        save_adapter(model, out / "adapter", extra={"base": base_dir})
-        if device.type == "cuda":
-            peak, peak_kind = torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
-        else:
-            peak, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "cpu_max_rss"
-        summary = {
-            "method": cfg.method or f"{cfg.adapter.adapter}-{cfg.adapter.init}",
-            **_bits_and_method(cfg),
-            "adapter": cfg.adapter.adapter, "init": cfg.adapter.init,
-            "trainable_params": report["trainable"], "trainable_percent": report["percent"],
-            "base_params": report["base_params"], "steps": result.global_step,
-            "final_loss": float(result.training_loss), "train_time_s": train_time, "init_time_s": init_time,
-            "peak_memory_gb": peak, "peak_memory_kind": peak_kind, "world_size": world,
-            "resumed_from": ckpt.name if ckpt else None, "device": str(device), "base": base_dir,
-            "base_fingerprint": _base_fingerprint(cfg),
-            "training_set": training_set_record(cfg.data, data_files, records),
-        }
-        atomic_write_json(out / "run.json", summary, seal=True)
-        plot_loss(out / "log.jsonl", out / "loss.png", title=f"{summary['method']} ({summary['bits']}-bit)")
-        log.info("run done: %d steps, final loss %.4f, %.1fs -> %s", result.global_step, result.training_loss,
-                 train_time, out)
-        if cfg.eval is not None:
-            summary["eval"] = evaluate_run(cfg, out, base_dir)
-    return summary
+def _save_model(cfg: RecipeConfig, model, tokenizer, out: Path) -> str:
+    """The base (:func:`_save_base`) and the adapter (``adapter/``); -> the base's path."""
+    from ..adapters import save_adapter
+
+    base_dir = _save_base(cfg, model, tokenizer, out)
+    save_adapter(model, out / "adapter", extra={"base": base_dir})
+    return base_dir
+
+
+def _peak_memory(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "cpu_max_rss"
+
+
+def _summary(cfg: RecipeConfig, out: Path, report: dict, result, ckpt: Path | None, device: torch.device,
+             base_dir: str, data_files: list, records: list, times: dict) -> dict:
+    """The ``run.json`` summary. ``final_loss`` is the mean training loss over the run (the Trainer's
+    ``training_loss``; kept under its old name), also ``mean_train_loss``; ``last_logged_loss`` is the last loss in
+    ``log.jsonl`` (``None`` when no step was logged)."""
+    peak, peak_kind = _peak_memory(device)
+    logged = [r["loss"] for r in read_log(out / "log.jsonl") if "loss" in r]
+    return {
+        "method": cfg.method or f"{cfg.adapter.adapter}-{cfg.adapter.init}",
+        **bits_and_method(cfg),
+        "adapter": cfg.adapter.adapter, "init": cfg.adapter.init,
+        "trainable_params": report["trainable"], "trainable_percent": report["percent"],
+        "base_params": report["base_params"], "steps": result.global_step,
+        "final_loss": float(result.training_loss), "mean_train_loss": float(result.training_loss),
+        "last_logged_loss": float(logged[-1]) if logged else None, **times,
+        "peak_memory_gb": peak, "peak_memory_kind": peak_kind, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "resumed_from": ckpt.name if ckpt else None, "device": str(device), "base": base_dir,
+        "base_fingerprint": base_fingerprint(cfg),
+        "training_set": training_set_record(cfg.data, data_files, records),
+    }
+
+
+def _save_summary(cfg: RecipeConfig, out: Path, summary: dict) -> None:
+    """``run.json``, the loss plot, and the stamp marked finished."""
+    atomic_write_json(out / "run.json", summary, seal=True)
+    plot_loss(out / "log.jsonl", out / "loss.png", title=f"{summary['method']} ({summary['bits']}-bit)")
+    run_dir(out).finish(cfg.to_dict())
+    log.info("run done: %d steps, mean loss %.4f, last logged loss %s, %.1fs -> %s", summary["steps"],
+             summary["mean_train_loss"], summary["last_logged_loss"], summary["train_time_s"], out)
 
 
 def _resume_checkpoint(out: Path) -> Path:
@@ -270,26 +365,6 @@ def _resume_checkpoint(out: Path) -> Path:
                          f"Start over without --resume in a new output_dir (or after deleting {out})")
     check_checkpoint(ckpt)
     return ckpt
-
-
-def _base_fingerprint(cfg: RecipeConfig) -> dict:
-    """The base the adapter was trained on: the loaded model's identity (:func:`model_dir_fingerprint`) and the
-    quantization applied to it (a quantized directory's own, the recipe's ``quant``, or ``None``)."""
-    fp = model_dir_fingerprint(cfg.model.quantized or cfg.model.name)
-    if not cfg.model.quantized:
-        fp["quantization"] = cfg.quant.to_dict() if cfg.quant is not None else None
-    return fp
-
-
-def _bits_and_method(cfg: RecipeConfig) -> dict:
-    if cfg.model.quantized:
-        from ..quant.serialization import read_quant_meta
-
-        q = read_quant_meta(cfg.model.quantized)["quantization"]
-        return {"bits": q["bits"], "quant_method": q["method"]}
-    if cfg.quant is not None:
-        return {"bits": cfg.quant.bits, "quant_method": cfg.quant.method}
-    return {"bits": 16, "quant_method": None}
 
 
 def _save_base(cfg: RecipeConfig, model, tokenizer, out: Path) -> str:

@@ -207,3 +207,23 @@ def load_model(model: str, adapter: str | None = None, device: str | None = None
     m.eval()
     return m, tok, info
 
+
+def base_fingerprint(cfg) -> dict:
+    """The base the adapter was trained on: the loaded model's identity (:func:`model_dir_fingerprint`) and the
+    quantization applied to it (a quantized directory's own, the recipe's ``quant``, or ``None``)."""
+    fp = model_dir_fingerprint(cfg.model.quantized or cfg.model.name)
+    if not cfg.model.quantized:
+        fp["quantization"] = cfg.quant.to_dict() if cfg.quant is not None else None
+    return fp
+
+
+def bits_and_method(cfg) -> dict:
+    """``{bits, quant_method}`` of a recipe's base (16 and ``None`` for a float base)."""
+    if cfg.model.quantized:
+        from ..quant import read_quant_meta
+
+        q = read_quant_meta(cfg.model.quantized)["quantization"]
+        return {"bits": q["bits"], "quant_method": q["method"]}
+    if cfg.quant is not None:
+        return {"bits": cfg.quant.bits, "quant_method": cfg.quant.method}
+    return {"bits": 16, "quant_method": None}

@@ -36,3 +36,24 @@ def param_table(hf_config, rank: int = 64, num_blocks: int = 64) -> list[dict]:
             counts = count_parameters(model)
             rows.append({"adapter": ADAPTERS[adapter].summary(cfg), "targets": label, **counts})
     return rows
+
+
+def params_report(model: str | None = None, rank: int = 64, num_blocks: int = 64) -> str:
+    """``lowbit params``: the markdown table of :func:`param_table` on ``model``'s config (an alias, directory or hub
+    id; ``None``: LLaMA-2-7B)."""
+    if model:
+        from transformers import AutoConfig
+
+        from .loading import resolve_model
+
+        try:
+            hf_config, label = AutoConfig.from_pretrained(resolve_model(model)[0]), model
+        except OSError as e:
+            raise ValueError(f"cannot read a model config from {model!r}: {e}") from None
+    else:
+        hf_config, label = llama2_7b_config(), "LLaMA-2-7B"
+    lines = [f"trainable parameters on {label} (built on the meta device)\n",
+             "| adapter | targets | trainable | % of base |\n|---|---|---:|---:|"]
+    lines += [f"| {r['adapter']} | {r['targets']} | {r['trainable']:,} | {r['percent']:.3f}% |"
+              for r in param_table(hf_config, rank=rank, num_blocks=num_blocks)]
+    return "\n".join(lines)

@@ -3,7 +3,8 @@
 Cheap validation first (settings, the architecture from the model's config.json, output directory, calibration
 text), then the expensive part. The output directory holds the packed model (``quant_config.json`` +
 ``model.safetensors`` + tokenizer, loadable with :func:`lowbit.quant.load_quantized`), ``layer_errors.json`` /
-``layer_errors.md``, all written in one atomic step, and optionally a GPTQ-format export (``export_gptq``, its own
+``layer_errors.md`` and its stamp ``lowbit_run.json`` (:mod:`lowbit.rundir`: model, architecture, settings), all
+written in one atomic step, and optionally a GPTQ-format export (``export_gptq``, its own
 atomic step) that GPTQModel and ``transformers`` load. A process killed at any point leaves each directory holding
 its previous complete content or the new one; the same command run again completes (it replaces an output that
 holds the same model and settings, and a lowbit export of the same bit width and group size).
@@ -19,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ..io import DamagedFileError, read_json, recover_dir
+from ..io import DamagedFileError, read_json
 from ..quant import QuantConfig
+from ..rundir import DONE, PARTIAL, STAMP, RunDir
 from .config import TINY, CalibrationConfig
 from .loading import check_architecture, resolve_model
 
@@ -65,62 +67,68 @@ def calibration_windows(c: CalibrationConfig, tokenizer) -> tuple[torch.Tensor, 
     return split_calibration(ids, c.nsamples, c.seqlen, seed=c.seed)
 
 
-def _check_out_dir(out: Path, source: str, fingerprint: str, quant: dict, overwrite: bool) -> None:
-    """Refuse to overwrite a directory holding something else (a different model or different settings)."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ValueError(f"--out {out} exists and is a file; choose a directory path")
-    if not any(out.iterdir()) or overwrite:
-        return
-    qc = out / "quant_config.json"
-    if not qc.is_file():
-        raise ValueError(f"--out {out} is a non-empty directory that is not a lowbit quantized model; "
-                         f"choose another --out or pass --overwrite to replace it")
+def _settings(model: str, fingerprint: str, quant: dict) -> dict:
+    """What makes two quantized models the same: the source, its architecture and the quantization settings."""
+    return {"model": model, "fingerprint": fingerprint, "quantization": quant}
+
+
+def _same_settings(old: dict, new: dict) -> bool:
+    try:  # also reads older lowbit's quantization settings
+        old_q = QuantConfig.from_dict(old.get("quantization") or {}).to_dict()
+    except (TypeError, ValueError):
+        return False
+    return {**old, "quantization": old_q} == new
+
+
+def _recorded_settings(out: Path) -> dict | None:
+    """The settings an output written without a stamp (by an earlier lowbit) recorded in its quant_config.json."""
     from ..quant import read_quant_meta
 
+    if not (out / "quant_config.json").is_file():
+        return None
     try:
         meta = read_quant_meta(out)
-    except ValueError as e:
-        raise ValueError(f"--out {out} holds a damaged quantized model ({e}); pass --overwrite to replace it") from None
-    old_src = meta.get("source") or {}
-    old_q = meta.get("quantization") or {}
+    except DamagedFileError:
+        raise
+    except ValueError as e:  # another format or a newer lowbit: not a model this command may replace
+        raise DamagedFileError(out / "quant_config.json", str(e), "pass --overwrite to replace it") from None
+    src = meta.get("source") or {}
+    return {"settings": _settings(src.get("model"), src.get("fingerprint"), meta.get("quantization") or {}),
+            "complete": True}
+
+
+def out_dir(path: str | Path) -> RunDir:
+    """The ``--out`` of ``lowbit quantize``: a quantized model, written in one atomic step (its stamp inside)."""
+    return RunDir(path, "quantize", _same_settings, what="quantized model", recorded=_recorded_settings,
+                  record="quant_config.json")
+
+
+def _export_settings(quant: QuantConfig) -> dict:
+    return {"quantizer": "lowbit", "bits": quant.bits, "group_size": quant.group_size}
+
+
+def _recorded_export(d: Path) -> dict | None:
+    """The settings in a GPTQ export's quantize_config.json (the GPTQ format's own record: loaders read it)."""
+    qc_path = d / "quantize_config.json"
+    if not qc_path.is_file():
+        return None
+    qc = read_json(qc_path, "pass --overwrite to replace the export")
     try:
-        same_q = QuantConfig.from_dict(old_q).to_dict() == quant  # also reads older lowbit's settings
-    except (TypeError, ValueError):
-        same_q = False
-    if old_src.get("fingerprint") != fingerprint or old_src.get("model") != source or not same_q:
-        raise ValueError(f"--out {out} already holds a different quantized model "
-                         f"(source {old_src.get('model')!r}, method {old_q.get('method')!r}, "
-                         f"bits {old_q.get('bits')!r}); choose another --out or pass --overwrite to replace it")
-    log.info("%s holds the same model and settings; it will be replaced", out)
+        ours = any(str(q).startswith("lowbit:") for q in qc["meta"]["quantizer"])
+        settings = {"quantizer": "lowbit" if ours else "another", "bits": qc["bits"], "group_size": qc["group_size"]}
+    except (KeyError, TypeError):
+        raise DamagedFileError(qc_path, f"{qc_path} is not a GPTQ quantize config",
+                               "pass --overwrite to replace the export") from None
+    return {"settings": settings, "complete": True}
 
 
 def _check_export_dir(d: Path, quant: QuantConfig, overwrite: bool) -> None:
     """Refuse a non-empty ``--export-gptq`` directory unless it is a lowbit export of the same bit width and group
     size (a rerun of the same command) or ``overwrite`` is set."""
-    if not d.exists() or overwrite:
-        return
-    if not d.is_dir():
-        raise ValueError(f"--export-gptq {d} exists and is a file; choose a directory path")
-    if not any(d.iterdir()):
-        return
-    qc_path = d / "quantize_config.json"
-    try:
-        qc = read_json(qc_path)
-        ours = isinstance(qc, dict) and any(str(q).startswith("lowbit:") for q in qc["meta"]["quantizer"])
-        why = None if ours and (qc["bits"], qc["group_size"]) == (quant.bits, quant.group_size) else \
-            f"{qc_path} names another quantizer or other settings"
-    except DamagedFileError as e:
-        why = e.reason
-    except (ValueError, OSError) as e:
-        why = str(e)
-    except (KeyError, TypeError):
-        why = f"{qc_path} is not a GPTQ quantize config"
-    if why:
-        raise ValueError(f"--export-gptq {d} is a non-empty directory that is not a lowbit export of these settings "
-                         f"({why}); choose another path or pass --overwrite to replace it")
-    log.info("%s holds a lowbit export of the same settings; it will be replaced", d)
+    rd = RunDir(d, "quantize", what="lowbit GPTQ export of these settings", stamp=None, recorded=_recorded_export,
+                record="quantize_config.json")
+    if rd.check(_export_settings(quant), overwrite=overwrite, flag="--export-gptq") in (DONE, PARTIAL):
+        log.info("%s holds a lowbit export of the same settings; it will be replaced", d)
 
 
 def error_table(report: list[dict]) -> str:
@@ -140,13 +148,20 @@ def _mean(values) -> float | None:
 
 def run_quantize(run: QuantizeRun) -> dict:
     """Quantize ``run.model`` and save it to ``run.out``; returns the summary (also stored in quant_config.json)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    path, settings = _check_inputs(run)
+    tok, windows, held = _load_calibration(run, path)
+    model, summary, report = _quantize(run, path, windows, held)
+    _save_outputs(run, model, tok, settings, summary, report)
+    return summary
 
-    from ..eval.perplexity import perplexity
-    from ..quant import quantize_model, save_quantized
+
+def _check_inputs(run: QuantizeRun) -> tuple[str, dict]:
+    """Cheap validation before any weight loads: the model's config and architecture, the output directories.
+    Returns the model's path and the run's settings (its stamp)."""
+    from transformers import AutoConfig
+
     from ..quant.serialization import config_fingerprint
 
-    # 1. Cheap validation first: model config and architecture, output directory, calibration text.
     path, quantized = resolve_model(run.model)
     if quantized:
         raise ValueError(f"model {run.model!r} is already a lowbit quantized directory; pass the float model")
@@ -155,18 +170,34 @@ def run_quantize(run: QuantizeRun) -> dict:
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read a model config from --model {run.model!r}: {e}") from None
     check_architecture(hf_config, run.model)  # before the weights, not inside quantize_model after them
-    out = recover_dir(Path(run.out))  # a swap cut short by a crash is finished first
-    _check_out_dir(out, run.model, config_fingerprint(hf_config), run.quant.to_dict(), run.overwrite)
+    settings = _settings(run.model, config_fingerprint(hf_config), run.quant.to_dict())
+    if out_dir(run.out).check(settings, overwrite=run.overwrite) in (DONE, PARTIAL):
+        log.info("%s holds the same model and settings; it will be replaced", run.out)
     if run.export_gptq:
-        _check_export_dir(recover_dir(Path(run.export_gptq)), run.quant, run.overwrite)
+        _check_export_dir(Path(run.export_gptq), run.quant, run.overwrite)
+    return path, settings
+
+
+def _load_calibration(run: QuantizeRun, path: str):
+    """The tokenizer, the calibration windows and the held-out ids (``None`` without calibration sources)."""
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(path)
     windows = held = None
     if run.calibration.sources:
         windows, held = calibration_windows(run.calibration, tok)
         log.info("calibration: %d windows of %d tokens; %s held-out tokens", *windows.shape,
                  "no" if held is None else len(held))
+    return tok, windows, held
 
-    # 2. The expensive part.
+
+def _quantize(run: QuantizeRun, path: str, windows, held) -> tuple[torch.nn.Module, dict, list[dict]]:
+    """The expensive part: load, score, quantize, score again. -> (model, summary, per-layer report)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..eval.perplexity import perplexity
+    from ..quant import quantize_model
+
     device = run.device or ("cuda" if torch.cuda.is_available() else "cpu")
     seqlen = run.calibration.seqlen
     t0 = time.perf_counter()
@@ -177,13 +208,21 @@ def run_quantize(run: QuantizeRun) -> dict:
     report = quantize_model(model, run.quant, windows)
     if ppl_before is not None:
         ppl_after = perplexity(model, held, seqlen, run.ppl_windows)
-    elapsed = time.perf_counter() - t0
     summary = {"model": run.model, "quantization": run.quant.to_dict(), "ppl_before": ppl_before,
                "ppl_after": ppl_after, "mean_rel_output_error": _mean(r.get("rel_output_error") for r in report),
-               "mean_rel_weight_error": _mean(r["rel_weight_error"] for r in report), "seconds": elapsed}
-    save_quantized(model, out, run.quant, tokenizer=tok, source=run.model, extra={"summary": summary},
-                   files={"layer_errors.json": json.dumps(report, indent=2) + "\n",
-                          "layer_errors.md": error_table(report) + "\n"})
+               "mean_rel_weight_error": _mean(r["rel_weight_error"] for r in report),
+               "seconds": time.perf_counter() - t0}
+    return model, summary, report
+
+
+def _save_outputs(run: QuantizeRun, model, tok, settings: dict, summary: dict, report: list[dict]) -> None:
+    """``run.out`` in one atomic step (the model, the reports and the finished stamp), then the GPTQ export."""
+    from ..quant import save_quantized
+
+    files = {"layer_errors.json": json.dumps(report, indent=2) + "\n", "layer_errors.md": error_table(report) + "\n",
+             STAMP: out_dir(run.out).stamp_text(settings, complete=True)}
+    save_quantized(model, Path(run.out), run.quant, tokenizer=tok, source=run.model, extra={"summary": summary},
+                   files=files)
     if run.export_gptq:
         from ..quant.export import export_gptq
 
@@ -191,4 +230,3 @@ def run_quantize(run: QuantizeRun) -> dict:
             export_gptq(model, run.export_gptq, tokenizer=tok, overwrite=True)  # checked by _check_export_dir
         except ValueError as e:
             raise ValueError(f"GPTQ export failed: {e}") from None
-    return summary

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from ..io import (
+    DamagedFileError,
     atomic_write_figure,
     atomic_write_json,
     atomic_write_text,
@@ -64,26 +65,31 @@ def commit_checkpoint(ckpt: Path, step: int) -> None:
 
 
 def check_checkpoint(ckpt: Path) -> None:
-    """Raise ``ValueError`` (``FileNotFoundError`` for a missing file) naming the damaged file of a complete
-    checkpoint, and how to resume without it."""
+    """Raise :class:`~lowbit.io.DamagedFileError` (``FileNotFoundError`` for a missing file) naming the damaged file
+    of a complete checkpoint, with how to resume without it as the fix."""
     older = [c for c in complete_checkpoints(ckpt.parent) if c != ckpt]
     fix = (f"the checkpoint is damaged: delete {ckpt} to resume from {older[-1].name}" if older else
            "the checkpoint is damaged and no older complete one exists: start over without --resume in a new "
            "output_dir")
+    if (ckpt / COMPLETE).read_bytes().strip().isdigit():  # an older marker: presence only
+        _check_present(ckpt, REQUIRED, fix)
+        return
     try:
-        if (ckpt / COMPLETE).read_bytes().strip().isdigit():  # an older marker: presence only
-            missing = [f for f in REQUIRED if not (ckpt / f).is_file()]
-            if missing:
-                raise FileNotFoundError(f"{ckpt / missing[0]} does not exist")
-            return
         manifest = read_json(ckpt / COMPLETE)
         files = manifest.get("files") if isinstance(manifest, dict) else None
         if not isinstance(files, dict) or not set(REQUIRED) <= set(files):
-            raise ValueError(f"{ckpt / COMPLETE} is corrupt (no manifest of the required files)")
+            raise DamagedFileError(ckpt / COMPLETE, f"{ckpt / COMPLETE} is corrupt (no manifest of the required "
+                                                    f"files)", fix)
+        _check_present(ckpt, list(files), fix)
         verify_files(ckpt, files)
-    except (ValueError, FileNotFoundError) as e:
-        cls = FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError
-        raise cls(f"{str(e).split('; re-create it')[0]}; {fix}") from None
+    except DamagedFileError as e:
+        raise DamagedFileError(e.path, e.reason, fix) from None
+
+
+def _check_present(ckpt: Path, names, fix: str) -> None:
+    missing = [n for n in names if not (ckpt / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{ckpt / missing[0]} does not exist; {fix}")
 
 
 def trainer_classes():

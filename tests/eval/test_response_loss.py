@@ -80,8 +80,8 @@ def test_evaluate_reports_and_caches_it(tmp_path):
     """`lowbit evaluate --response-loss` on the tiny model: per-set loss in the summary and the compare table; a
     rerun reuses the stored loss."""
     from lowbit.cli import main
-    from lowbit.recipes.compare import compare_table, load_run
     from lowbit.io import sealed
+    from lowbit.recipes.compare import compare_table, load_run
 
     args = ["evaluate", "--model", "tiny", "--datasets", "synthetic-mawps", "--limit", "2", "--loss-limit", "6",
             "--max-new-tokens", "4", "--response-loss", "--out", str(tmp_path)]

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lowbit.experiments import load_spec, run_experiment
 from lowbit.experiments import ledger as ledger_mod
+from lowbit.experiments import load_spec, run_experiment
 
 ROOT = Path(__file__).resolve().parents[2]
 

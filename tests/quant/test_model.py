@@ -294,6 +294,27 @@ def test_cli_refuses_to_overwrite_a_different_model(tiny_llama_dir, tmp_path):
     assert _cli(tiny_llama_dir, out, "--method", "rtn", "--bits", "2", "--group-size", "32", "--overwrite") == 0
 
 
+def test_an_output_of_an_earlier_lowbit_without_a_stamp_is_judged_by_its_quant_config(tiny_llama_dir, tmp_path):
+    from lowbit.recipes.quantize import out_dir
+    from lowbit.rundir import DONE, OTHER, STAMP, UNSTAMPED
+
+    out = tmp_path / "q"
+    assert _cli(tiny_llama_dir, out, "--method", "rtn", "--bits", "4", "--group-size", "32") == 0
+    stamp = out_dir(out).read_stamp()
+    assert stamp["command"] == "quantize" and stamp["complete"] is True
+    (out / STAMP).unlink()  # as an earlier lowbit left it
+    settings = stamp["settings"]
+    assert out_dir(out).state(settings) == DONE
+    assert out_dir(out).state({**settings, "quantization": {**settings["quantization"], "bits": 2}}) == OTHER
+    with pytest.raises(SystemExit, match=r"already holds a different quantized model \(quantization.bits 4 there"):
+        _cli(tiny_llama_dir, out, "--method", "rtn", "--bits", "2", "--group-size", "32")
+    assert _cli(tiny_llama_dir, out, "--method", "rtn", "--bits", "4", "--group-size", "32") == 0
+    assert (out / STAMP).is_file()
+    (out / "quant_config.json").unlink()
+    (out / STAMP).unlink()
+    assert out_dir(out).state(settings) == UNSTAMPED
+
+
 def _reference_quantize(model, cfg, calib):
     """The plain calibration loop: one full layer forward per group (hooks keep every input), quantize, and one
     more full forward for the next layer's inputs. quantize_model must give the same weights."""

@@ -128,7 +128,7 @@ def test_bad_input_is_refused_before_work(runs, tmp_path):
         main(["export", str(run), "--out", str(tmp_path / "o5"), "--format", "float", "--bits", "4"])
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep")
-    with pytest.raises(ValueError, match="not an empty directory"):
+    with pytest.raises(ValueError, match=r"full is a non-empty directory .*--overwrite"):
         export_run(ExportRun(run_dir=str(run), out=str(tmp_path / "full")))
     assert (tmp_path / "full" / "x").read_text() == "keep"
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4", "o5"))

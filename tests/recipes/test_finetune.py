@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from lowbit.recipes.config import load_recipe
 from lowbit.recipes.finetune import finetune
 from lowbit.recipes.trainer import complete_checkpoints, read_log
+from lowbit.rundir import RunDir
 
 FAST = ["data.num_examples=160", "train.batch_size=8", "train.logging_steps=1",
         "train.warmup_ratio=0.0", "train.threads=2", "calibration.nsamples=8", "calibration.seqlen=128",
@@ -36,6 +37,11 @@ def test_tiny_recipe_on_2bit_base_trains_with_decreasing_loss(tmp_path, recipe):
         assert (tmp_path / f).is_file(), f
     assert summary["bits"] == 2 and summary["steps"] == 30 and summary["trainable_params"] > 0
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The end of the run, told truly: the last logged loss, and the mean under both its names.
+    assert summary["last_logged_loss"] == recs[-1]["loss"]
+    assert summary["final_loss"] == summary["mean_train_loss"] and summary["mean_train_loss"] > last
+    stamp = RunDir(tmp_path, "finetune").read_stamp()
+    assert stamp["complete"] is True and stamp["settings"]["train"]["max_steps"] == 30
 
 
 class _StopAt:

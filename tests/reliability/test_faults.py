@@ -221,7 +221,7 @@ def test_resume_without_a_checkpoint_complete_but_damaged_has_no_fallback(clean_
 
 # ---------------------------------------------------------------------------------------------- run files
 
-@pytest.mark.parametrize("name", ["config.yaml", "log.jsonl", "run.json"])
+@pytest.mark.parametrize("name", ["config.yaml", "lowbit_run.json", "log.jsonl", "run.json"])
 def test_run_files(name, clean_finetune, tmp_path):
     from lowbit.recipes.compare import RUN_KEYS, load_run
     from lowbit.recipes.config import load_recipe
@@ -250,7 +250,7 @@ def test_run_files(name, clean_finetune, tmp_path):
         outcome = "error" if kind == "error" else ("documented: its keys show as –" if fault.kind == "delete"
                                                    else "unchanged")
         _note(faultlib.RUN, name, fault, detail, outcome, res if kind == "error" else None)
-        if name == "config.yaml":  # `--resume` checks the recipe against it before loading anything
+        if name in ("config.yaml", "lowbit_run.json"):  # `--resume` checks the recipe before loading anything
             cfg = load_recipe(faultlib.RECIPE, [*faultlib.FINETUNE_OVERRIDES, f"output_dir={d}"])
             (d / "checkpoint-1").mkdir()
             (d / "checkpoint-1" / "COMPLETE").write_text("1\n")
@@ -299,9 +299,10 @@ def test_evaluation_files(name, clean_evaluate, tmp_path, caplog):
 def test_demo_cache_entries_are_checked(clean_demo, tmp_path):
     """Each cached step of the demo whose files are damaged counts as not done (and runs again); `lowbit demo
     --real` uses the same checks for its trained runs."""
-    from lowbit.io import read_json
     from lowbit.recipes.demo import base_settings, cached_run
     from lowbit.recipes.real_suite import trained
+
+    from lowbit.io import read_json
 
     (base,) = sorted((clean_demo.out / "bases").glob("*bit"))
     want = base_settings(base)
