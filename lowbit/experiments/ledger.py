@@ -73,13 +73,13 @@ class Ledger:
         if entry is not None and entry.get("key") == key:
             log.info("%s: done (ledger)", name)
             return entry
-        rd = RunDir(run_dir, "experiment-run", stamp=STAMP)
-        if rd.state(key) != DONE:  # not trained with these settings (or killed before it finished): from scratch
-            rd.clear()
+        info = self._trained(run_dir, key)
+        if info is None:  # not trained with these settings, killed before it finished, or damaged: from scratch
+            RunDir(run_dir, "experiment-run", stamp=STAMP).clear()
             log.info("%s: training %s (%s)", name, p.cell.recipe, ", ".join(f"{k}={v}" for k, v in meta.items()))
             finetune(load_recipe(p.cell.recipe, [*overrides(run_dir), "eval=null"]))
-            rd.finish(key)
-        info = read_json(run_dir / "run.json", f"delete {run_dir} and run the experiment again")
+            RunDir(run_dir, "experiment-run", stamp=STAMP).finish(key)
+            info = read_json(run_dir / "run.json", f"delete {run_dir} and run the experiment again")
         summary = evaluate_run(cfg, run_dir, info["base"])  # resumes from rows already generated
         entry = {"run": name, **meta, "key": key, "base_dir": info["base"], **run_results(run_dir, summary)}
         if before:
@@ -88,6 +88,18 @@ class Ledger:
         for ckpt in run_dir.glob("checkpoint-*"):  # the adapter is saved on its own; checkpoints only cost disk
             shutil.rmtree(ckpt, ignore_errors=True)
         return entry
+
+    @staticmethod
+    def _trained(run_dir: Path, key: dict) -> dict | None:
+        """``run.json`` of a run this experiment finished training with ``key``; ``None`` otherwise (a damaged
+        stamp or ``run.json`` is logged: the run trains again)."""
+        if RunDir(run_dir, "experiment-run", stamp=STAMP).state(key) != DONE:
+            return None
+        try:
+            return read_json(run_dir / "run.json")
+        except (DamagedFileError, FileNotFoundError) as e:
+            log.warning("%s; training %s again", getattr(e, "reason", e), run_dir.name)
+            return None
 
     def _before(self, name: str, p, base: str, cfg) -> dict:
         """The run's base scored without the adapter, once per base (``OUT/before/<base>``)."""

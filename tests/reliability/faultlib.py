@@ -5,7 +5,6 @@ bad input produces (active when ``LOWBIT_BAD_INPUT_LOG`` names a file)."""
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import json
 import os
@@ -121,40 +120,38 @@ def evaluate_args(out: Path) -> list[str]:
             "--max-new-tokens", "8", "--batch-size", "1", "--response-loss", "--loss-limit", "2", "--out", str(out)]
 
 
-# The demo reduced to one run on one shared (RTN) base, 2 steps, 2 problems of one family: every kind of file the
-# demo caches (bases, their perplexities, run stamps, runs), in seconds rather than minutes.
-DEMO_RUNS = [("2bit-lora", RECIPE, 2, True)]
-DEMO_BUDGET = {"steps": 2, "batch_size": 2, "n_eval": 2, "max_new_tokens": 8, "calib_samples": 4,
-               "apiq_epochs": 1, "magr_iters": 5}
+# The demo reduced to a spec of one cell on one shared (RTN) base, 2 steps, 2 problems of one family: every kind of
+# file an experiment keeps (a base and its stamp, its perplexity, the run's stamp, a ledger entry, the run), in
+# seconds rather than minutes.
+SMALL_SPEC = {
+    "name": "small", "base_perplexity": True,
+    "budget": {"steps": 2, "batch_size": 2, "num_examples": 4, "calib_samples": 4, "logging_steps": 1,
+               "eval": {"sets": ["synthetic-gsm8k"], "limit": 2, "max_new_tokens": 8}},
+    "lr": {"values": {"lora-quantized": 5e-3}},
+    "cells": [{"name": "2bit-lora", "recipe": RECIPE, "overrides": ["quant.method=rtn", "train.threads=1"]}],
+}
 
 
-@contextlib.contextmanager
-def small_demo_patch():
-    import lowbit.recipes.demo as demo
+def small_spec_file(out: str | Path) -> Path:
+    """The reduced demo's spec, written beside ``out``."""
+    import yaml
 
-    class Budget(demo.DemoBudget):
-        def overrides(self, quantized: bool, recipe: str = "") -> list[str]:
-            extra = ["quant.method=rtn"] if quantized else []
-            return [*super().overrides(quantized, recipe), *extra, "eval.datasets=[synthetic-gsm8k]", "train.threads=1"]
-
-    real = demo.demo_runs
-    demo.demo_runs = lambda quick: list(DEMO_RUNS)
-    try:
-        yield Budget(**DEMO_BUDGET)
-    finally:
-        demo.demo_runs = real
+    p = Path(out).parent / f"{Path(out).name}-spec.yaml"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text("# lowbit experiment (the reliability tests' reduced demo)\n" + yaml.safe_dump(SMALL_SPEC))
+    return p
 
 
 def small_demo(out: str | Path) -> dict:
-    """``lowbit demo --quick`` reduced (see ``DEMO_RUNS``); the kill tests run it as ``python -c``."""
-    from lowbit.recipes.demo import run_demo
+    """The reduced demo (``SMALL_SPEC``) in this process."""
+    from lowbit.experiments import load_spec, run_experiment
 
-    with small_demo_patch() as budget:
-        return run_demo(out, quick=True, budget=budget)
+    return run_experiment(load_spec(small_spec_file(out)), out)
 
 
 def demo_argv(out: Path) -> list[str]:
-    return [sys.executable, "-c", "import sys, faultlib; faultlib.small_demo(sys.argv[1])", str(out)]
+    return [sys.executable, "-m", "lowbit", "experiment", str(small_spec_file(out)), "--out", str(out)]
+
 
 
 # ---------------------------------------------------------------------------------------------- the catalogue
@@ -175,9 +172,10 @@ class Entry:
 
 
 QM, EXPORT, ADAPTER, CKPT, RUN, EVAL, DEMO = ("quantized model", "GPTQ export", "adapter", "training checkpoint",
-                                             "run directory", "evaluation", "demo cache")
-_Q_READER = "`load_quantized` (`lowbit evaluate --model`, `finetune model.quantized=`, `lowbit demo` bases)"
-_DEMO_Q = "; `lowbit demo`: the base is rebuilt"
+                                             "run directory", "evaluation", "experiment cache")
+_Q_READER = ("`load_quantized` (`lowbit evaluate --model`, `finetune model.quantized=`, `lowbit experiment` "
+             "shared bases)")
+_DEMO_Q = "; `lowbit experiment`: the base is rebuilt"
 CATALOGUE = [
     Entry(QM, "quant_config.json", _Q_READER, TRUNC + " (not valid JSON)" + _DEMO_Q,
           CHK + " (sealed) or not valid JSON" + _DEMO_Q,
@@ -225,9 +223,9 @@ CATALOGUE = [
     Entry(RUN, "log.jsonl", "the loss plot, `--resume` (drops later steps)",
           "a cut last line is ignored", "the damaged line is skipped with a warning naming it (sealed lines)",
           "the plot is empty"),
-    Entry(RUN, "run.json", "`lowbit compare`, `lowbit demo` (cache), `lowbit demo --real`",
-          TRUNC + "; demo: the run is trained again", CHK + " (sealed); demo: the run is trained again",
-          "`compare`: its keys show as –; demo: the run is trained again"),
+    Entry(RUN, "run.json", "`lowbit compare`, `lowbit experiment` (a trained run without its ledger entry)",
+          TRUNC + "; experiment: the run is trained again", CHK + " (sealed); experiment: the run is trained again",
+          "`compare`: its keys show as –; experiment: the run is trained again"),
     Entry(RUN, "loss.png", "not read back", "nothing reads it", "nothing reads it", "nothing reads it"),
     Entry(EVAL, "settings.json", "`lowbit evaluate` (resume check)", TRUNC + " (`--overwrite` discards the rows)",
           CHK + " (sealed); `--overwrite` discards the rows", "regenerated, unless rows exist: then " + ERR),
@@ -235,15 +233,22 @@ CATALOGUE = [
           ERR + " and the line (checksum mismatch, or not a row)", "the set is regenerated"),
     Entry(EVAL, "*.loss.json", "`lowbit evaluate --response-loss` (cache)", "recomputed, with a warning",
           "recomputed, with a warning (sealed)", "recomputed"),
-    Entry(EVAL, "summary.json", "`lowbit compare`, `lowbit demo` (cache); `evaluate` only rewrites it",
-          TRUNC + "; demo: the run is trained again", CHK + " (sealed); demo: the run is trained again",
-          "`compare`: " + ERR + "; demo: the run is trained again"),
-    Entry(DEMO, "bases/perplexity.json", "`lowbit demo` (cache)", "recomputed, with a warning",
+    Entry(EVAL, "summary.json", "`lowbit compare`; `evaluate` (and `lowbit experiment`) only rewrite it",
+          TRUNC + "; experiment: rewritten", CHK + " (sealed); experiment: rewritten",
+          "`compare`: " + ERR + "; experiment: rewritten"),
+    Entry(DEMO, "bases/perplexity.json", "`lowbit experiment` (cache)", "recomputed, with a warning",
           "recomputed, with a warning (sealed)", "recomputed"),
-    Entry(DEMO, "runs/*/demo_stamp.json", "`lowbit demo`, `lowbit demo --real` (cache)",
+    Entry(DEMO, "bases/*/base_stamp.json", "`lowbit experiment` (is the shared base built with these settings?)",
+          "the base is rebuilt, with a warning", "the base is rebuilt, with a warning (sealed)", "the base is rebuilt"),
+    Entry(DEMO, "ledger/*.json", "`lowbit experiment` (is the run finished?)",
+          "the entry is recomputed (evaluation resumed from the run's rows), with a warning",
+          "the entry is recomputed, with a warning (sealed)", "the entry is recomputed"),
+    Entry(DEMO, "runs/*/experiment_run.json", "`lowbit experiment` (was the run trained with these settings?)",
           "the run is trained again, with a warning", "the run is trained again, with a warning (sealed)",
           "the run is trained again"),
     Entry(DEMO, "results.json", "not read back", "nothing reads it", "nothing reads it", "nothing reads it"),
+    Entry(DEMO, "report.md", "not read back", "nothing reads it", "nothing reads it", "nothing reads it"),
+    Entry(DEMO, "cells.png", "not read back", "nothing reads it", "nothing reads it", "nothing reads it"),
     Entry(DEMO, "comparison.*", "not read back", "nothing reads it", "nothing reads it", "nothing reads it"),
 ]
 

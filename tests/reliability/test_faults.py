@@ -296,52 +296,85 @@ def test_evaluation_files(name, clean_evaluate, tmp_path, caplog):
 
 # ---------------------------------------------------------------------------------------------- demo cache
 
-def test_demo_cache_entries_are_checked(clean_demo, tmp_path):
-    """Each cached step of the demo whose files are damaged counts as not done (and runs again); `lowbit demo
-    --real` uses the same checks for its trained runs."""
-    from lowbit.recipes.demo import base_settings, cached_run
-    from lowbit.recipes.real_suite import trained
+class _Rebuilt(Exception):
+    pass
 
+
+def _shared_base(base: Path):
+    """The :class:`BaseSpec` a shared base of the reduced demo was built for, from its stamp."""
     from lowbit.io import read_json
+    from lowbit.recipes.bases import STAMP, BaseSpec
+    from lowbit.recipes.config import CalibrationConfig, QuantConfig
 
-    (base,) = sorted((clean_demo.out / "bases").glob("*bit"))
-    want = base_settings(base)
-    assert want is not None
-    for name in QUANT_FILES:
+    s = read_json(base / STAMP)["settings"]
+    return BaseSpec(s["model"], QuantConfig.from_dict(s["quant"]), CalibrationConfig(**s["calibration"]))
+
+
+def test_demo_cache_entries_are_checked(clean_demo, tmp_path, monkeypatch):
+    """Each step an experiment keeps whose files are damaged counts as not done and runs again: the shared base is
+    rebuilt (its files fail their checksums, or its stamp is damaged), the run is trained again (its stamp or
+    run.json damaged), a ledger entry is recomputed."""
+    import lowbit.recipes.quantize as qz
+    from lowbit.experiments.ledger import STAMP, Ledger
+    from lowbit.recipes.bases import STAMP as BASE_STAMP
+    from lowbit.recipes.bases import build_base
+    from lowbit.recipes.bases import model_weights_sha256 as model_hash
+
+    def rebuilt(*a, **k):
+        raise _Rebuilt
+
+    monkeypatch.setattr(qz, "run_quantize", rebuilt)
+    (base,) = sorted(p for p in (clean_demo.out / "bases").iterdir() if p.is_dir())
+    spec = _shared_base(base)
+    assert build_base(spec, clean_demo.out / "bases")[0] == base  # clean: reused
+    for name in [*QUANT_FILES, BASE_STAMP]:
         for i, fault in enumerate(faultlib.faults_for(base / name, SEED)):
-            d = _copy(base, tmp_path / f"{name}-{i}")
+            d = _copy(base, tmp_path / f"{name}-{i}" / base.name)
             detail = fault.apply(d / name)
-            got = base_settings(d)
-            assert got in (None, want)
-            _note(faultlib.DEMO, f"bases/*/{name}", fault, detail,
-                  "unchanged" if got == want else "recovered: the base is rebuilt")
+            try:
+                build_base(spec, d.parent)
+                outcome = "unchanged"
+            except _Rebuilt:
+                outcome = "recovered: the base is rebuilt"
+            if name == "model.safetensors":  # a truncated trailing newline of a JSON file is still the same JSON
+                assert outcome != "unchanged", (name, fault)
+            _note(faultlib.DEMO, f"bases/*/{name}", fault, detail, outcome)
     (run,) = sorted((clean_demo.out / "runs").iterdir())
-    stamp = read_json(run / "demo_stamp.json")
-    assert cached_run(run, stamp) and trained(run, stamp)
-    for name in ("demo_stamp.json", "run.json", "summary.json"):
+    entry = Ledger(clean_demo.out, model_hash).entry(run.name)
+    assert entry is not None and Ledger._trained(run, entry["key"]) is not None
+    for name in (STAMP, "run.json"):
         for i, fault in enumerate(faultlib.faults_for(run / name, SEED)):
             d = _copy(run, tmp_path / f"{name}-{i}", skip=("checkpoint-*", "base"))
             detail = fault.apply(d / name)
-            cached = cached_run(d, stamp)
-            if name != "summary.json":
-                assert trained(d, stamp) == cached
+            trained = Ledger._trained(d, entry["key"]) is not None
+            assert not trained or fault.kind == "truncate"  # cutting a JSON file's final newline changes nothing
             _note(faultlib.DEMO, f"runs/*/{name}", fault, detail,
-                  "unchanged" if cached else "recovered: the run is trained again")
+                  "unchanged" if trained else "recovered: the run is trained again")
+    ledger_file = clean_demo.out / "ledger" / f"{run.name}.json"
+    for i, fault in enumerate(faultlib.faults_for(ledger_file, SEED)):
+        d = _copy(clean_demo.out / "ledger", tmp_path / f"ledger-{i}" / "ledger")
+        detail = fault.apply(d / ledger_file.name)
+        kept = Ledger(d.parent, model_hash).entry(run.name) is not None
+        assert not kept or fault.kind == "truncate"
+        _note(faultlib.DEMO, "ledger/*.json", fault, detail,
+              "unchanged" if kept else "recovered: the entry is recomputed")
 
 
 def test_damaged_demo_cache_is_rebuilt_to_the_same_results(clean_demo, tmp_path):
-    """The demo run again over a cache with a damaged base, perplexity cache and run stamp: it rebuilds those
-    steps, and its results (perplexities, accuracies, adapter) equal the clean run's."""
+    """The reduced demo run again over a copy with a damaged base, perplexity cache, run stamp and ledger entry: it
+    rebuilds those steps, and its results (perplexities, accuracies, adapter) equal the clean run's."""
     from safetensors.torch import load_file
 
+    from lowbit.experiments.ledger import STAMP
     from lowbit.io import read_json
 
     d = _copy(clean_demo.out, tmp_path / "demo")
-    (base,) = sorted((d / "bases").glob("*bit"))
+    (base,) = sorted(p for p in (d / "bases").iterdir() if p.is_dir())
     (run,) = sorted((d / "runs").iterdir())
     faults = [(base / "model.safetensors", faultlib.Fault("flip", 5000, 0x10)),
               (d / "bases" / "perplexity.json", faultlib.Fault("truncate", 20)),
-              (run / "demo_stamp.json", faultlib.Fault("flip", 30, 0x01))]
+              (run / STAMP, faultlib.Fault("flip", 30, 0x01)),
+              (d / "ledger" / f"{run.name}.json", faultlib.Fault("truncate", 40))]
     for path, fault in faults:
         fault.apply(path)
     faultlib.small_demo(d)

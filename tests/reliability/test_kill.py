@@ -182,17 +182,17 @@ def test_demo(clean_demo, tmp_path):
         out = tmp_path / f"kill{k}"
         log = tmp_path / f"kill{k}.log"
         rc, _, killed = faultlib.run(faultlib.demo_argv(out), log, kill_after=delay)
-        for base in out.glob("bases/*bit"):
+        for base in out.glob("bases/*/"):  # written atomically: absent or complete
             verify_quantized(base)
         if (out / "bases" / "perplexity.json").exists():
             read_json(out / "bases" / "perplexity.json")
-        for run in out.glob("runs/*"):
-            if (run / "demo_stamp.json").exists():  # a finished run: complete
-                read_json(run / "demo_stamp.json")
-                assert _check_run_dir_after_kill(run) and (run / "summary.json").is_file()
-        faultlib.record(kind="kill", command="lowbit demo (reduced)", delay=round(delay, 2), killed=killed,
-                        state=f"bases: {[p.name for p in out.glob('bases/*bit')]}, finished runs: "
-                              f"{[p.parent.name for p in out.glob('runs/*/demo_stamp.json')]}")
+        for entry in out.glob("ledger/*.json"):  # a finished run: complete
+            read_json(entry)
+            run = out / "runs" / entry.stem
+            assert _check_run_dir_after_kill(run) and (run / "summary.json").is_file()
+        faultlib.record(kind="kill", command="lowbit experiment (the reduced demo)", delay=round(delay, 2),
+                        killed=killed, state=f"bases: {[p.name for p in out.glob('bases/*/')]}, finished runs: "
+                                            f"{[p.stem for p in out.glob('ledger/*.json')]}")
         rc, _, _ = faultlib.run(faultlib.demo_argv(out), log)
         assert rc == 0, log.read_text()[-2000:]
         got = read_json(out / "results.json")
