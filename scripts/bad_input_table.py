@@ -26,7 +26,8 @@ TESTS = ["tests/reliability/test_bad_input_recipes.py", "tests/reliability/test_
          "tests/reliability/test_faults.py"]
 
 WHERE = {
-    faultlib.QM: "`lowbit quantize --out DIR`, a run's `base/`, the demo's `bases/<method>-<bits>bit/`. One atomic "
+    faultlib.QM: "`lowbit quantize --out DIR`, a run's `base/`, an experiment's `bases/<method>-<bits>bit-<hash>/`. "
+                 "One atomic "
                  "directory swap; `quant_config.json` is sealed and records the size and SHA-256 of every file "
                  "loading reads.",
     faultlib.EXPORT: "`lowbit quantize --export-gptq DIR`: one atomic directory swap. Read by GPTQModel and "
@@ -41,8 +42,8 @@ WHERE = {
     faultlib.EVAL: "`lowbit evaluate --out DIR`, and every run directory: `settings.json`, `summary.json` and "
                    "`<set>.loss.json` sealed and written atomically; `<set>.jsonl` rows sealed, appended and fsynced "
                    "per batch, rewritten atomically in index order when the set is done.",
-    faultlib.DEMO: "`lowbit demo --out DIR` (`demo_out/`) and `lowbit demo --real` (`real_out/`, whose `before/*` "
-                   "are evaluation directories): the bases and runs above, plus these cache files.",
+    faultlib.DEMO: "`lowbit experiment SPEC --out DIR` (also `lowbit demo`, `lowbit demo --real`, `lowbit study`; "
+                   "`before/*` are evaluation directories): the bases and runs above, plus these files.",
 }
 
 HEAD = """# Bad input and damaged files

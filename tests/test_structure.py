@@ -291,13 +291,10 @@ def test_file_map_lists_every_file():
 _EXC = r"str\((?:e|err|exc|error)\)"  # the text of a caught exception
 _PARSES_MESSAGE = re.compile(rf"""split\(["']; re-create|{_EXC}\.(split|startswith|endswith|find|index)\(|"""
                              rf"""["'][^"'\n]*["']\s+(not\s+)?in\s+{_EXC}|re\.\w+\([^)\n]*{_EXC}""")
-# Being moved out of lowbit by another change, which removes its two message splits.
-_MOVING_OUT = {"recipes/demo.py"}
 
 
 def _message_parsing(pkg: Path) -> list[str]:
     return [f"{p.relative_to(pkg)}:{k}: {line.strip()}" for p in sorted(pkg.rglob("*.py"))
-            if str(p.relative_to(pkg)) not in _MOVING_OUT
             for k, line in enumerate(p.read_text().splitlines(), 1) if _PARSES_MESSAGE.search(line)]
 
 
