@@ -97,3 +97,15 @@ def test_validation_split_is_disjoint_from_test_and_training():
     for f in FAMILIES:
         assert len(_stems(val[f])) == 200
         assert validation_split(f, 50) == val[f][:50]
+
+
+def test_the_readme_example_spec_plans(tmp_path):
+    """The spec shown under "Compare methods on your own model" loads and plans (both cells on one base)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("## Compare methods on your own model")[1].split("```yaml")[1].split("```")[0]
+    (tmp_path / "my.yaml").write_text(block)
+    plans = plan(load_spec(tmp_path / "my.yaml"))
+    assert plans["cloq"].base == plans["diablo"].base is not None
+    assert {p.cfg.model.name for p in plans.values()} == {"smollm2-135m"}
