@@ -65,13 +65,11 @@ def option_owners(registry: dict[str, Any]) -> dict[str, list[str]]:
     return owners
 
 
-def _coerce_option(value: Any, hint: Any, label: str) -> Any:
-    """YAML reads ``1e-3`` as a string and overrides give ``key=8``: convert scalars by the field's type, refuse
-    a value of the wrong type (a string for an int, a number for a bool)."""
-    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
-    kinds = tuple(a for a in (typing.get_args(hint) if union else (hint,)) if a is not type(None))
-    if value is None or not kinds or not all(k in (int, float, bool, str) for k in kinds):
-        return value
+def as_number(value: Any, kinds: tuple) -> Any:
+    """YAML reads ``1e-3`` as a string and overrides give ``key=8``: a string, or an int where only a float is taken,
+    converted to the number type of a field whose non-None types are ``kinds``; anything else unchanged."""
+    if isinstance(value, int) and not isinstance(value, bool) and float in kinds and int not in kinds:
+        return float(value)
     if isinstance(value, str) and str not in kinds:
         for kind in (int, float):
             if kind in kinds:
@@ -79,8 +77,17 @@ def _coerce_option(value: Any, hint: Any, label: str) -> Any:
                     return kind(value)
                 except ValueError:
                     pass
-    if isinstance(value, int) and not isinstance(value, bool) and float in kinds and int not in kinds:
-        return float(value)
+    return value
+
+
+def _coerce_option(value: Any, hint: Any, label: str) -> Any:
+    """Convert a scalar option by the field's type (:func:`as_number`), refuse a value of the wrong type (a string
+    for an int, a number for a bool)."""
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    kinds = tuple(a for a in (typing.get_args(hint) if union else (hint,)) if a is not type(None))
+    if value is None or not kinds or not all(k in (int, float, bool, str) for k in kinds):
+        return value
+    value = as_number(value, kinds)
     if not any(isinstance(value, k) and not (isinstance(value, bool) and k is not bool) for k in kinds):
         raise ValueError(f"{label} must be {' | '.join(k.__name__ for k in kinds)}, got {value!r}")
     return value

@@ -21,6 +21,7 @@ from ..adapters import AdapterConfig
 from ..data.loaders import MATH10K
 from ..eval.config import EvalConfig
 from ..quant import QuantConfig
+from ..quant.config import as_number
 
 TINY = "tiny"  # the embedded model (lowbit/models/tiny/tiny_arith)
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -205,11 +206,12 @@ def build_config(cls, values: Any, where: str = ""):
 
 
 def _coerce(value: Any, kinds: tuple, key: str) -> Any:
-    """YAML reads ``3e-4`` (no dot) as a string and users write ``lr=1e-3``: convert numbers by the field's type."""
-    if isinstance(value, int) and not isinstance(value, bool) and float in kinds and int not in kinds:
-        return float(value)
-    if not isinstance(value, str) or str in kinds:
-        return value
+    """Numbers by the field's type (:func:`~lowbit.quant.config.as_number`); a string left for a number field is
+    an error naming the key."""
+    converted = as_number(value, kinds)
+    if isinstance(converted, str) and str not in kinds and kinds and kinds[0] in (int, float):
+        raise ValueError(f"recipe key {key} must be a number ({' | '.join(k.__name__ for k in kinds)}), got {value!r}")
+    return converted
     for kind in (int, float):
         if kind in kinds:
             try:
