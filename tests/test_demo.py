@@ -34,7 +34,6 @@ def test_comparison_demo_quick_has_every_row_and_reuses_its_cache(tmp_path, caps
     with their held-out perplexity; a rerun reuses every run and every base."""
     from lowbit.experiments import ledger as ledger_mod
     from lowbit.experiments import load_spec
-    from lowbit.recipes import bases as bases_mod
 
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -55,7 +54,6 @@ def test_comparison_demo_quick_has_every_row_and_reuses_its_cache(tmp_path, caps
         raise AssertionError("the rerun redid work")
 
     monkeypatch.setattr(ledger_mod, "finetune", refuse)
-    monkeypatch.setattr(bases_mod, "run_quantize", refuse, raising=False)
     import lowbit.recipes.quantize as qz
 
     monkeypatch.setattr(qz, "run_quantize", refuse)

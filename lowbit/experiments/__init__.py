@@ -2,13 +2,7 @@
 that executes it over the product drivers of :mod:`lowbit.recipes` (which know nothing of it). ``lowbit demo``,
 ``lowbit demo --real`` and ``lowbit study`` are the built-in specs in ``specs/``."""
 
+from .runner import run_experiment
 from .spec import ExperimentSpec, builtin_specs, find_spec, load_spec
 
 __all__ = ["ExperimentSpec", "builtin_specs", "find_spec", "load_spec", "run_experiment"]
-
-
-def run_experiment(spec, out=None) -> dict:
-    """Run (or resume) an experiment; see :func:`lowbit.experiments.runner.run_experiment`."""
-    from .runner import run_experiment as run
-
-    return run(spec, out)

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..eval.stats import bootstrap_paired, fmt_ci, mean_ci, paired_ci
 from ..io import atomic_write_json, atomic_write_text
 from ..recipes.compare import compare_table, load_run, plot_runs
-from .plots import plot_before_after, plot_cells
+from .plots import before_after_table, plot_before_after, plot_cells
 from .spec import ExperimentSpec
 
 METRICS = (("acc_avg", "accuracy (%)", "higher"), ("loss_avg", "response loss", "lower"))
@@ -126,15 +126,13 @@ def write_report(out: Path, spec: ExperimentSpec, plans: dict, runs: list[dict],
                "seconds_this_sitting": time.perf_counter() - t0}
     atomic_write_json(out / "results.json", results)
     report = format_report(results)
-    single = {r["cell"] for r in runs} and all(len(c["seeds"]) == 1 for c in results["cells"])
-    if single and runs:
+    if runs and all(len(c["seeds"]) == 1 for c in results["cells"]):  # one run per cell: lowbit compare's table
         loaded = [load_run(out / "runs" / r["run"]) for r in runs]
-        report += "\n" + compare_table(loaded) + "\n"
-        atomic_write_text(out / "comparison.md", compare_table(loaded) + "\n")
+        table = compare_table(loaded)
+        report += "\n" + table + "\n"
+        atomic_write_text(out / "comparison.md", table + "\n")
         plot_runs(loaded, out / "comparison.png")
     if spec.before and runs:
-        from .plots import before_after_table
-
         report += "\n" + before_after_table(runs) + "\n"
         plot_before_after(runs, out / "before_after.png")
     atomic_write_text(out / "report.md", report)

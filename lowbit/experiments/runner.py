@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..io import DamagedFileError, atomic_write_json, read_json
 from ..recipes.bases import BaseSpec, base_kind, base_perplexity, build_base, model_weights_sha256, shared_base
-from ..recipes.config import RecipeConfig, load_recipe
+from ..recipes.config import TINY, RecipeConfig, load_recipe
 from .ledger import Ledger
 from .report import write_report
 from .spec import Cell, ExperimentSpec
@@ -84,9 +84,11 @@ def plan(spec: ExperimentSpec) -> dict[str, CellPlan]:
             raise ValueError(f"cell {cell.name}: recipe {cell.recipe} has no eval section (eval=null), so the "
                              f"experiment cannot score it; give it one (budget.eval.sets=...)")
         plans[cell.name] = CellPlan(cell, overrides, cfg, shared_base(cfg), lr_group(spec, cell, cfg))
-    managed = bool(spec.lr.values) or spec.lr.search is not None
-    for p in plans.values():
-        if managed and p.cell.lr is None and p.group not in spec.lr.values and spec.lr.search is None:
+    if spec.base_perplexity and {p.cfg.model.name for p in plans.values()} != {TINY}:
+        raise ValueError(f"base_perplexity: true scores the embedded tiny model's held-out text, but the cells train "
+                         f"{sorted({p.cfg.model.name for p in plans.values()})}; set base_perplexity: false")
+    for p in plans.values():  # fixed rates without a search: every cell needs one (none: each recipe's own train.lr)
+        if spec.lr.values and spec.lr.search is None and p.cell.lr is None and p.group not in spec.lr.values:
             raise ValueError(f"cell {p.cell.name}: no learning rate for its group {p.group!r} (lr.scope="
                              f"{spec.lr.scope}); add lr.values.{p.group}, the cell's lr, or an lr.search")
     for c in spec.contrasts:

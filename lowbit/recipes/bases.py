@@ -13,6 +13,7 @@ on the embedded tiny model's held-out text.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -85,7 +86,7 @@ def build_base(spec: BaseSpec, root: str | Path) -> tuple[Path, str]:
     if rd.state(spec.settings()) == DONE:
         try:
             verify_quantized(rd.path)
-            return rd.path, rd.read_stamp()["weights_sha256"]
+            return rd.path, rd.found["weights_sha256"]  # the stamp state() has just read
         except (DamagedFileError, FileNotFoundError, KeyError) as e:
             log.warning("cached base %s is damaged (%s); rebuilding it", rd.path, getattr(e, "reason", e))
     rd.clear()
@@ -105,21 +106,32 @@ def model_weights_sha256(model: str) -> str | None:
     return model_dir_fingerprint(model)["weights_sha256"]
 
 
-def base_perplexity(model: str, base: str | Path | None = None, docs: int = 400, seqlen: int = 256,
-                    windows: int = 16) -> float | None:
-    """Held-out perplexity of ``base`` (a quantized directory; ``None``: the float ``model``) on the embedded tiny
-    model's held-out text; ``None`` for other models, which ship no held-out text of their own."""
-    if model != TINY:
-        return None
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@functools.lru_cache(maxsize=2)
+def _tiny_heldout(docs: int):
+    """``(tokenizer, 1-D held-out ids)`` of the embedded tiny model: built once per process, shared by every base."""
+    from transformers import AutoTokenizer
 
-    from ..eval.perplexity import perplexity
     from ..models.tiny import heldout_text_ids, tiny_model_dir
-    from ..quant import load_quantized
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir())
-    held = heldout_text_ids(tok, n_docs=docs)
+    return tok, heldout_text_ids(tok, n_docs=docs)
+
+
+def base_perplexity(model: str, base: str | Path | None = None, docs: int = 400, seqlen: int = 256,
+                    windows: int = 16) -> float:
+    """Held-out perplexity of ``base`` (a quantized directory; ``None``: the float ``model``) on the embedded tiny
+    model's held-out text. Other models ship no held-out text of their own: refused."""
+    if model != TINY:
+        raise ValueError(f"base perplexity is scored on the embedded tiny model's held-out text; model {model!r} has "
+                         f"none (set base_perplexity: false in the spec)")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..eval.perplexity import perplexity
+    from ..models.tiny import tiny_model_dir
+    from ..quant import load_quantized
+
+    held = _tiny_heldout(docs)[1]
     if base is None:
         m = AutoModelForCausalLM.from_pretrained(tiny_model_dir(), dtype=torch.float32).eval()
     else:

@@ -109,3 +109,9 @@ def test_the_readme_example_spec_plans(tmp_path):
     plans = plan(load_spec(tmp_path / "my.yaml"))
     assert plans["cloq"].base == plans["diablo"].base is not None
     assert {p.cfg.model.name for p in plans.values()} == {"smollm2-135m"}
+
+
+def test_base_perplexity_is_refused_for_a_model_without_held_out_text():
+    """The bases' perplexity is scored on the tiny model's held-out text: another model is an error, not a blank."""
+    with pytest.raises(ValueError, match="base_perplexity: true scores the embedded tiny model"):
+        plan(load_spec("demo-quick", ["model=smollm2-135m"]))
