@@ -304,6 +304,10 @@ ALL_TEST_SETS = tuple(n for n, s in _REGISTRY.items() if s.folder is not None)
 
 def _synthetic_loader(family: str) -> Loader:
     def load(limit: int | None, seed: int) -> list[dict]:
+        if limit is not None and limit > SYNTHETIC_N:  # training data excludes only the first SYNTHETIC_N stems
+            raise ValueError(f"limit {limit} is beyond the {SYNTHETIC_N} test problems the training and validation "
+                             f"data exclude (problems past {SYNTHETIC_N} may equal training problems); use "
+                             f"limit <= {SYNTHETIC_N}")
         return test_split(family, limit or SYNTHETIC_N, seed=seed)
 
     return load

@@ -16,6 +16,7 @@ rest. ``OUT/runs`` holds the run directories (a trained run whose evaluation was
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -177,30 +178,59 @@ def search_cells(spec: ExperimentSpec, plans: dict[str, CellPlan]) -> dict[str, 
 
 
 def learning_rates(spec: ExperimentSpec, plans: dict[str, CellPlan], ledger: Ledger) -> tuple[dict, list]:
-    """``{group: lr}`` (fixed values, then searched ones) and the search's rows."""
+    """``{group: lr}`` (fixed values, then searched ones) and the search's rows (one per rate and seed)."""
     rates, rows = dict(spec.lr.values), []
     if spec.lr.search is None:
         return rates, rows
     s = spec.lr.search
-    seed = spec.seeds_of(spec.cells[0])[0]
+    seeds = s.seeds or [spec.seeds_of(spec.cells[0])[0]]
     for group, p in search_cells(spec, plans).items():
         grid = s.grid.get(p.cfg.adapter.adapter)
         if not grid:
             raise ValueError(f"lr.search.grid has no rates for adapter {p.cfg.adapter.adapter!r} (group {group})")
-        scores = {}
-        for lr in grid:
-            name = f"search-{p.cell.name}-lr{lr:g}" + (f"-s{seed}" if seed is not None else "")
-            evaluation = [f"eval.datasets={','.join(s.sets)}", "eval.accuracy=false", "eval.response_loss=true",
-                          f"eval.limit={s.limit}"]
-            overrides = partial(_run_overrides, p, lr=lr, seed=seed, steps=s.steps, evaluation=evaluation)
-            entry = ledger.run(name, p, overrides,
-                               meta={"tag": "search", "cell": p.cell.name, "group": group, "lr": lr, "seed": seed})
-            scores[lr] = entry["loss_avg"]
-            rows.append({"group": group, "cell": p.cell.name, "lr": lr, "val_loss": scores[lr]})
-        rates[group] = min(scores, key=scores.get)
+        scores = {lr: [_search_run(spec, p, group, lr, seeds[0], ledger, rows)] for lr in grid}
+        if s.tie is not None:  # rates within one seed's noise of the best: decided by the mean over all seeds
+            best = min(v[0] for v in scores.values())
+            for lr in [lr for lr, v in scores.items() if v[0] - best <= s.tie]:
+                scores[lr] += [_search_run(spec, p, group, lr, seed, ledger, rows) for seed in seeds[1:]]
+            scores = {lr: v for lr, v in scores.items() if len(v) == len(seeds)}
+        means = {lr: sum(v) / len(v) for lr, v in scores.items()}
+        rates[group] = min(means, key=means.get)
         log.info("learning rate %s: %g (validation loss %s)", group, rates[group],
-                 ", ".join(f"{k:g}: {v:.4f}" for k, v in scores.items()))
+                 ", ".join(f"{k:g}: {v:.4f}" for k, v in means.items()))
     return rates, rows
+
+
+def _search_run(spec: ExperimentSpec, p: CellPlan, group: str, lr: float, seed: int | None, ledger: Ledger,
+                rows: list) -> float:
+    """Train ``p`` at ``lr`` for the search's steps; -> its validation response loss (also appended to ``rows``)."""
+    s = spec.lr.search
+    name = f"search-{p.cell.name}-lr{lr:g}" + (f"-s{seed}" if seed is not None else "")
+    evaluation = [f"eval.datasets={','.join(s.sets)}", "eval.accuracy=false", "eval.response_loss=true",
+                  f"eval.limit={s.limit}", f"eval.loss_limit={s.limit}"]
+    overrides = partial(_run_overrides, p, lr=lr, seed=seed, steps=s.steps, evaluation=evaluation)
+    entry = ledger.run(name, p, overrides,
+                       meta={"tag": "search", "cell": p.cell.name, "group": group, "lr": lr, "seed": seed})
+    rows.append({"group": group, "cell": p.cell.name, "lr": lr, "seed": seed, "val_loss": entry["loss_avg"]})
+    return entry["loss_avg"]
+
+
+def preregister(spec: ExperimentSpec, out: Path) -> dict:
+    """Record the questions (contrasts and analysis) before the first final run in ``OUT/preregistration.json``;
+    a later sitting whose questions differ is refused (changing them after seeing results would bias them)."""
+    text = {"contrasts": [dataclasses.asdict(c) for c in spec.contrasts], "analysis": dataclasses.asdict(spec.analysis)}
+    path = out / "preregistration.json"
+    if path.is_file():
+        stored = read_json(path, f"restore {path} from its copy, or start the experiment in a new --out")
+        if {k: stored[k] for k in text} != text:
+            raise ValueError(f"{spec.name}: the contrasts or analysis differ from those registered in {path} "
+                             f"(written {stored['written']}) before the first final run; results already seen "
+                             f"must not change the questions. Restore them, or run the new questions in a new "
+                             f"--out")
+        return stored
+    stored = {**text, "written": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    atomic_write_json(path, stored, seal=True)
+    return stored
 
 
 def run_experiment(spec: ExperimentSpec, out: str | Path | None = None) -> dict:
@@ -211,6 +241,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path | None = None) -> dict:
     bases = build_bases(spec, plans, out)
     ledger = Ledger(out, model_weights_sha256)
     rates, search = learning_rates(spec, plans, ledger)
+    preregister(spec, out)
     order = [(seed, c) for c in spec.cells for seed in spec.seeds_of(c)]
     order.sort(key=lambda sc: -1 if sc[0] is None else sc[0])  # seed-major: every cell at n seeds before n+1
     runs = []

@@ -65,8 +65,10 @@ class Budget:
 @dataclass
 class Search:
     """A learning-rate search: each ``grid`` value (per adapter, e.g. ``lora: [1e-3, 5e-3]``) trains ``steps``
-    steps on the first seed and is scored by the response loss on ``limit`` records of each validation ``sets``
-    (never a test set); the lowest loss wins. on: the cells searched (one per scope group; default: each group's
+    steps on the first of ``seeds`` (default: the spec's first seed) and is scored by the response loss on
+    ``limit`` records of each validation ``sets`` (never a test set); the lowest loss wins. tie: rates within
+    ``tie`` nats of the best are trained again on the other ``seeds`` and the lowest mean wins (a tie within one
+    seed's noise is not decided by that seed). on: the cells searched (one per scope group; default: each group's
     cell with the data-free init, lowest bit width, first in the spec)."""
 
     grid: dict = field(default_factory=dict)
@@ -74,6 +76,8 @@ class Search:
     sets: list[str] = field(default_factory=list)
     limit: int = 100
     on: list[str] | None = None
+    seeds: list[int] | None = None
+    tie: float | None = None
 
     def __post_init__(self) -> None:
         if not self.grid or not all(isinstance(v, list) and v for v in self.grid.values()):
@@ -88,6 +92,11 @@ class Search:
         if bad:
             raise ValueError(f"lr.search.sets {bad} are not validation sets (names ending in -val): tuning on a "
                              f"test set would bias the comparison")
+        if self.seeds is not None and not self.seeds:
+            raise ValueError("lr.search.seeds is empty; give at least one seed, or null for the spec's first seed")
+        if self.tie is not None and (self.tie < 0 or not self.seeds or len(self.seeds) < 2):
+            raise ValueError(f"lr.search.tie={self.tie} needs tie >= 0 and at least two lr.search.seeds (the "
+                             f"second breaks ties), got seeds={self.seeds}")
 
 
 @dataclass
@@ -127,12 +136,37 @@ class Cell:
 @dataclass
 class Contrast:
     """``a - b``: the paired difference of two cells over their common seeds (and problems). different_bases: allow
-    cells on different bases (the difference then mixes base and method)."""
+    cells on different bases (the difference then mixes base and method). primary: a pre-registered question —
+    the primary contrasts share one multiple-comparison correction per metric and get a verdict; the others are
+    reported as exploratory (a pipeline difference when the bases differ)."""
 
     a: str
     b: str
     what: str = ""
     different_bases: bool = False
+    primary: bool = False
+
+
+@dataclass
+class Analysis:
+    """How the contrasts are judged. alpha: family-wise error rate of the primary contrasts per metric (Holm);
+    margins: ``{metric: m}`` — a difference whose 95% interval lies inside ``[-m, m]`` is called equivalent;
+    primary_metric: the endpoint the study is sized for (the other is secondary)."""
+
+    alpha: float = 0.05
+    margins: dict = field(default_factory=lambda: {"response_loss": 0.005, "accuracy": 1.0})
+    primary_metric: str = "response_loss"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"analysis.alpha must be in (0, 1), got {self.alpha}")
+        bad = sorted(set(self.margins) - set(METRICS))
+        if bad or self.primary_metric not in METRICS:
+            raise ValueError(f"analysis metrics must be among {list(METRICS)}; got margins {sorted(self.margins)}, "
+                             f"primary_metric {self.primary_metric!r}")
+        self.margins = {k: float(v) for k, v in self.margins.items()}
+        if any(v <= 0 for v in self.margins.values()):
+            raise ValueError(f"analysis.margins must be > 0, got {self.margins}")
 
 
 @dataclass
@@ -150,6 +184,7 @@ class ExperimentSpec:
     lr: LearningRates = field(default_factory=LearningRates)
     cells: list = field(default_factory=list)
     contrasts: list = field(default_factory=list)
+    analysis: Analysis = field(default_factory=Analysis)
     before: bool = False
     base_perplexity: bool = False
 
@@ -168,6 +203,12 @@ class ExperimentSpec:
             missing = [x for x in (c.a, c.b) if x not in names]
             if missing:
                 raise ValueError(f"contrast {c.a} - {c.b} names unknown cells {missing}; cells: {names}")
+        if any(c.primary and c.different_bases for c in self.contrasts):
+            raise ValueError("a primary contrast must compare cells on one base (different_bases: false): a "
+                             "pre-registered method question cannot mix base and method")
+        if any(c.primary and c.different_bases for c in self.contrasts):
+            raise ValueError("a primary contrast must compare cells on one base (different_bases: false): a "
+                             "pre-registered method question cannot mix base and method")
         if self.seeds is not None and not self.seeds:
             raise ValueError("seeds is empty; give at least one seed, or null for the recipes' own")
         if self.lr.search is not None and self.lr.search.on:
