@@ -18,6 +18,7 @@ from ..io import DamagedFileError, atomic_write_json, read_json
 from ..recipes.config import load_recipe
 from ..recipes.evaluate import EvaluateRun, run_evaluation
 from ..recipes.finetune import evaluate_run, finetune
+from ..recipes.initialised import initialise
 from ..recipes.results import run_results
 from ..rundir import DONE, RunDir
 
@@ -102,11 +103,33 @@ class Ledger:
             return None
 
     def _before(self, name: str, p, base: str, cfg) -> dict:
-        """The run's base scored without the adapter, once per base (``OUT/before/<base>``)."""
+        """The run's base scored without the adapter, once per base (``OUT/before/<base>``); for an init that is
+        not the data-free default also with the adapter as initialised (``initialised``), once per cell."""
         label = p.base.key if p.base is not None else ("fp-" + Path(base).name if cfg.quant is None
                                                        else f"own-{name}")
-        summary = run_evaluation(EvaluateRun(model=base, eval=cfg.eval, out=str(self.out / "before" / label),
-                                             progress=False))
-        sets = summary["datasets"].items()
-        return {"base": label, "accuracy": {k: d.get("accuracy") for k, d in sets},
-                "loss": {k: (d.get("response_loss") or {}).get("loss") for k, d in sets}}
+        out = {"base": label, **_scores(run_evaluation(EvaluateRun(model=base, eval=cfg.eval, progress=False,
+                                                                     out=str(self.out / "before" / label))))}
+        if cfg.adapter.init != "default":
+            out["initialised"] = self._initialised(p, cfg)
+        return out
+
+    def _initialised(self, p, cfg) -> dict:
+        """``cfg``'s adapter as initialised (no step trained), scored on its evaluation; cached under
+        ``OUT/before/init-<cell>`` by the cell's settings."""
+        where = self.out / "before" / f"init-{p.cell.name}"
+        key = {**cfg.to_dict(), "output_dir": None, "train": None}  # training settings do not change the init
+        stamp = RunDir(where, "initialised-adapter", stamp=STAMP)
+        if stamp.state(key) != DONE:
+            stamp.clear()
+            base = initialise(load_recipe(p.cell.recipe, [*p.overrides, f"output_dir={where}"] + (
+                [f"model.quantized={p.base_dir.resolve()}"] if p.base_dir is not None else [])), where)
+            stamp.finish(key, base=base)
+        base = stamp.read_stamp()["base"]
+        return _scores(run_evaluation(EvaluateRun(model=base, eval=cfg.eval, adapter=str(where / "adapter"),
+                                                  out=str(where / "eval"), progress=False)))
+
+
+def _scores(summary: dict) -> dict:
+    sets = summary["datasets"].items()
+    return {"accuracy": {k: d.get("accuracy") for k, d in sets},
+            "loss": {k: (d.get("response_loss") or {}).get("loss") for k, d in sets}}

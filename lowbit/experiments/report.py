@@ -1,97 +1,54 @@
-"""An experiment's report, computed from its ledger entries alone: per cell the mean with a 95% t interval over seeds;
-per contrast the paired difference over common seeds (t interval) and a two-level bootstrap over seeds **and test
-problems** (accuracy; :func:`lowbit.eval.stats.bootstrap_paired`); the bases; the learning-rate search. Written as
+"""An experiment's report, computed from its ledger entries alone (:mod:`.analysis`): per cell and per contrast the
+estimate with its interval over seeds **and test problems**, the primary contrasts' Holm-adjusted p and verdicts,
+the exploratory ones apart; the bases; the learning-rate search. Written as
 ``results.json`` and ``report.md``; where every cell ran once, also the per-set table ``comparison.md`` and chart
 ``comparison.png`` of ``lowbit compare``; with ``before: true``, the before → after table."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
-from ..eval.stats import bootstrap_paired, fmt_ci, mean_ci, paired_ci
 from ..io import atomic_write_json, atomic_write_text
 from ..recipes.compare import compare_table, load_run, plot_runs
 from .plots import before_after_table, plot_before_after, plot_cells
+from .analysis import METRICS, cell_rows, contrast_rows
 from .spec import ExperimentSpec
-
-METRICS = (("acc_avg", "accuracy (%)", "higher"), ("loss_avg", "response loss", "lower"))
-
-
-def cell_rows(spec: ExperimentSpec, plans: dict, runs: list[dict]) -> list[dict]:
-    """Per cell with finished runs: label, bits, seeds, lr, trainable, mean ± CI of each metric and per set."""
-    out = []
-    for c in spec.cells:
-        rs = [r for r in runs if r["cell"] == c.name]
-        if not rs:
-            continue
-        q = plans[c.name].cfg.quant
-        row = {"cell": c.name, "label": c.label, "bits": q.bits if q is not None else None,
-               "seeds": [r["seed"] for r in rs], "lr": rs[0]["lr"], "trainable_params": rs[0]["trainable_params"],
-               "train_time_s": sum(r["train_time_s"] for r in rs) / len(rs)}
-        for key, _, _ in METRICS:
-            vals = [r[key] for r in rs if r[key] is not None]
-            row[key] = mean_ci(vals) if vals else None
-        row["accuracy"] = {s: mean_ci([r["accuracy"][s] for r in rs]) for s in rs[0]["accuracy"]}
-        row["loss"] = {s: mean_ci([r["loss"][s] for r in rs]) for s in rs[0]["loss"]}
-        out.append(row)
-    return out
-
-
-def _problem_diffs(a: dict[object, dict], b: dict[object, dict], seeds: list) -> list[list[float]] | None:
-    """``(seeds, problems)`` of correct(a) - correct(b) in points, over the problems both runs scored."""
-    rows = []
-    for s in seeds:
-        pa, pb = a[s]["problems"], b[s]["problems"]
-        d = []
-        for name in sorted(set(pa) & set(pb)):
-            ca = {x["index"]: x["correct"] for x in pa[name] if x["correct"] is not None}
-            cb = {x["index"]: x["correct"] for x in pb[name] if x["correct"] is not None}
-            d += [100.0 * (float(ca[i]) - float(cb[i])) for i in sorted(set(ca) & set(cb))]
-        rows.append(d)
-    return rows if rows and rows[0] and all(len(r) == len(rows[0]) for r in rows) else None
-
-
-def contrast_rows(spec: ExperimentSpec, runs: list[dict]) -> list[dict]:
-    """Per contrast with common seeds: paired differences (t over seeds; bootstrap over seeds and problems)."""
-    by_cell: dict[str, dict] = {}
-    for r in runs:
-        by_cell.setdefault(r["cell"], {})[r["seed"]] = r
-    out = []
-    for c in spec.contrasts:
-        a, b = by_cell.get(c.a, {}), by_cell.get(c.b, {})
-        seeds = sorted(set(a) & set(b), key=lambda s: -1 if s is None else s)
-        if not seeds:
-            continue
-        row = {"a": c.a, "b": c.b, "what": c.what, "different_bases": c.different_bases, "seeds": seeds}
-        for key, _, better in METRICS:
-            va = {s: a[s][key] for s in seeds if a[s][key] is not None}
-            vb = {s: b[s][key] for s in seeds if b[s][key] is not None}
-            row[key] = _with_winner(paired_ci(va, vb), better, c) if set(va) & set(vb) else None
-        diffs = _problem_diffs(a, b, seeds)
-        row["acc_bootstrap"] = _with_winner(bootstrap_paired(diffs), "higher", c) if diffs else None
-        out.append(row)
-    return out
-
-
-def _with_winner(ci: dict, better: str, c) -> dict:
-    sign = {"a > b": 1, "a < b": -1}.get(ci["verdict"], 0) * (1 if better == "higher" else -1)
-    return {**ci, "better": {1: c.a, -1: c.b, 0: "unresolved"}[sign]}
 
 
 def _ci(ci: dict | None, spec: str) -> str:
-    return "–" if ci is None else fmt_ci(ci, spec)
-
-
-def _boot(ci: dict | None) -> str:
     if ci is None:
         return "–"
-    txt = f"{ci['mean']:.1f} [{ci['lo']:.1f}, {ci['hi']:.1f}]"
-    return f"**{txt}**" if ci["better"] != "unresolved" else txt
+    if ci.get("half") is None:
+        return f"{ci['mean']:{spec}} (n=1)"
+    return f"{ci['mean']:{spec}} [{ci['lo']:{spec}}, {ci['hi']:{spec}}]"
+
+
+def _p(v: float | None) -> str:
+    return "–" if v is None else (f"{v:.2g}" if v >= 0.001 else "<0.001")
+
+
+def _contrast_table(rows: list[dict], adjusted: bool) -> list[str]:
+    head = "| a − b | question | seeds × problems |"
+    for _, _, _, _, title in METRICS:
+        head += f" Δ {title} [95%] | p |" + (" p (Holm) | verdict |" if adjusted else "")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        first = r[METRICS[0][0]] or r[METRICS[1][0]] or {}
+        line = f"| {r['a']} − {r['b']} | {r['what']} | {len(r['seeds'])} × {first.get('n_problems', '–')} |"
+        for name, _, _, _, _ in METRICS:
+            ci, spec = r[name], ".4f" if name == "response_loss" else ".1f"
+            line += f" {_ci(ci, spec)} | {_p((ci or {}).get('p'))} |"
+            if adjusted:
+                v = (ci or {}).get("verdict", "–")
+                line += f" {_p((ci or {}).get('p_holm'))} | {'**' + v + '**' if v.endswith('better') else v} |"
+        lines.append(line)
+    return lines
 
 
 def format_report(results: dict) -> str:
-    """Markdown: budget line, bases, learning rates, cells, contrasts."""
+    """Markdown: description, bases, learning rates, cells, primary then exploratory contrasts."""
     lines = [f"# {results['name']}", "", results.get("description") or "", ""]
     if results["bases"]:
         lines += ["| base | held-out ppl | weights (SHA-256) |", "|---|---|---|"]
@@ -99,20 +56,27 @@ def format_report(results: dict) -> str:
                   f"{(b['weights_sha256'] or '–')[:12]} |" for b in results["bases"]] + [""]
     if results["learning_rates"]:
         lines += ["Learning rates: " + ", ".join(f"{g} {v:g}" for g, v in results["learning_rates"].items()), ""]
-    lines += ["| bits | cell | trainable | lr | seeds | avg accuracy (95% t over seeds) | response loss |",
-              "|---|---|---|---|---|---|---|"]
+    a = results.get("analysis") or {}
+    lines += ["Per cell: mean over seeds and test problems with its 95% interval (crossed seeds × problems random "
+              "effects, Satterthwaite t), so it covers a new draw of seeds and of problems.", "",
+              "| bits | cell | trainable | lr | seeds | " + " | ".join(f"{t} [95%]" for *_, t in METRICS) + " |",
+              "|---|---|---|---|---|" + "---|" * len(METRICS)]
     for c in results["cells"]:
         lr = "recipe" if c["lr"] is None else f"{c['lr']:g}"
         lines.append(f"| {c['bits'] or 'fp'} | {c['label']} | {c['trainable_params']:,} | {lr} | {len(c['seeds'])} | "
-                     f"{_ci(c['acc_avg'], '.1f')} | {_ci(c['loss_avg'], '.4f')} |")
-    if results["contrasts"]:
-        lines += ["", "Contrasts (a − b; **bold**: the 95% interval excludes zero). Accuracy bootstrap: over seeds "
-                  "and test problems.", "", "| a | b | isolates | seeds | Δ accuracy, bootstrap [95%] | "
-                  "Δ accuracy, t over seeds | Δ response loss | better (bootstrap) |", "|---" * 8 + "|"]
-        for p in results["contrasts"]:
-            lines.append(f"| {p['a']} | {p['b']} | {p['what']} | {len(p['seeds'])} | {_boot(p['acc_bootstrap'])} | "
-                         f"{_ci(p['acc_avg'], '.1f')} | {_ci(p['loss_avg'], '.4f')} | "
-                         f"{(p['acc_bootstrap'] or {}).get('better', 'unresolved')} |")
+                     + " | ".join(_ci(c[n], ".4f" if n == "response_loss" else ".1f") for n, *_ in METRICS) + " |")
+    prim = [r for r in results["contrasts"] if r["primary"]]
+    rest = [r for r in results["contrasts"] if not r["primary"]]
+    if prim:
+        lines += ["", f"Pre-registered contrasts (a − b; Holm across these {len(prim)} per metric at "
+                  f"{a.get('alpha', 0.05):g}; equivalence margins {a.get('margins', {})}; primary endpoint "
+                  f"{a.get('primary_metric', 'response_loss')}). Verdict: the better cell when the Holm-adjusted p "
+                  f"< alpha; equivalent when the interval lies inside the margin; else unresolved.", ""]
+        lines += _contrast_table(prim, adjusted=True)
+    if rest:
+        lines += ["", "Exploratory contrasts (not pre-registered, no correction, no verdict; *pipeline*: the cells "
+                  "differ in base as well as method).", ""]
+        lines += _contrast_table(rest, adjusted=False)
     return "\n".join(lines) + "\n"
 
 
@@ -120,7 +84,8 @@ def write_report(out: Path, spec: ExperimentSpec, plans: dict, runs: list[dict],
                  t0: float, complete: bool, bases: list[dict] | None = None) -> dict:
     """Compute the report from the finished runs and write it; returns ``results.json``'s content."""
     results = {"name": spec.name, "description": spec.description, "complete": complete, "bases": bases or [],
-               "learning_rates": rates, "search": search, "cells": cell_rows(spec, plans, runs),
+               "learning_rates": rates, "search": search, "analysis": dataclasses.asdict(spec.analysis),
+               "cells": cell_rows(spec, plans, runs),
                "contrasts": contrast_rows(spec, runs),
                "runs": [{k: v for k, v in r.items() if k not in ("problems", "key")} for r in runs],
                "seconds_this_sitting": time.perf_counter() - t0}

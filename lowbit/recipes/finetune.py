@@ -184,7 +184,7 @@ def finetune(cfg: RecipeConfig, resume: bool = False, callbacks: list | None = N
         _check_run_dir(out, cfg, resume)
     ckpt = _resume_checkpoint(out) if resume else None
     data_files = _check_inputs(cfg)
-    device = _pick_device(cfg)
+    device = pick_device(cfg)
     tokenizer, records, train_ds = _load_data(cfg)
     _start_run_dir(cfg, out)
     args = _training_args(cfg, out, device)
@@ -194,7 +194,7 @@ def finetune(cfg: RecipeConfig, resume: bool = False, callbacks: list | None = N
     model.config.use_cache = True  # generation needs the KV cache that training switched off
     if not trainer.is_world_process_zero():
         return {}
-    base_dir = _save_model(cfg, model, tokenizer, out)
+    base_dir = save_model(cfg, model, tokenizer, out)
     summary = _summary(cfg, out, report, result, ckpt, device, base_dir, data_files, records,
                        {"train_time_s": train_time, "init_time_s": init_time})
     _save_summary(cfg, out, summary)
@@ -216,7 +216,7 @@ def _check_inputs(cfg: RecipeConfig) -> list:
     return data_files
 
 
-def _pick_device(cfg: RecipeConfig) -> torch.device:
+def pick_device(cfg: RecipeConfig) -> torch.device:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     if not torch.cuda.is_available():
@@ -309,7 +309,7 @@ def _train(trainer, ckpt: Path | None, device: torch.device):
     return result, time.perf_counter() - t0
 
 
-def _save_model(cfg: RecipeConfig, model, tokenizer, out: Path) -> str:
+def save_model(cfg: RecipeConfig, model, tokenizer, out: Path) -> str:
     """The base (:func:`_save_base`) and the adapter (``adapter/``); -> the base's path."""
     from ..adapters import save_adapter
 
