@@ -4,6 +4,7 @@ of two methods trained on the same seeds (same data order, same adapter initiali
 With ``n`` runs the 95% interval is ``mean ± t(0.975, n-1) · s / sqrt(n)``: with 3 seeds ``t = 4.30``, so only
 large or very consistent differences resolve. Pairing removes the seed-to-seed variation both methods share
 (the data order), which is why matched comparisons use :func:`paired_ci` rather than two separate intervals.
+Intervals that also cover the draw of test problems (a seeds × problems table) are in :mod:`lowbit.eval.crossed`.
 """
 
 from __future__ import annotations
