@@ -37,6 +37,7 @@ __all__ = [
     "display_name",
     "eval_set",
     "kind_of",
+    "check_limit",
     "known_datasets",
     "load_records",
     "load_test_sets",
@@ -302,12 +303,19 @@ register_eval_set("singleeq", display="SingleEq", folder="SingleEq")
 ALL_TEST_SETS = tuple(n for n, s in _REGISTRY.items() if s.folder is not None)
 
 
+def check_limit(name: str, limit: int | None) -> None:
+    """Refuse reading more of a synthetic test set than the tiny model's training and validation data exclude (the
+    first ``SYNTHETIC_N`` problems): past them a test problem may equal a training problem."""
+    if name.startswith(SYNTHETIC_PREFIX) and not name.endswith(VALIDATION_SUFFIX) and limit is not None \
+            and limit > SYNTHETIC_N:
+        raise ValueError(f"dataset {name!r}: limit {limit} is beyond the {SYNTHETIC_N} test problems the training "
+                         f"and validation data exclude (problems past {SYNTHETIC_N} may equal training problems); "
+                         f"use limit <= {SYNTHETIC_N}")
+
+
 def _synthetic_loader(family: str) -> Loader:
     def load(limit: int | None, seed: int) -> list[dict]:
-        if limit is not None and limit > SYNTHETIC_N:  # training data excludes only the first SYNTHETIC_N stems
-            raise ValueError(f"limit {limit} is beyond the {SYNTHETIC_N} test problems the training and validation "
-                             f"data exclude (problems past {SYNTHETIC_N} may equal training problems); use "
-                             f"limit <= {SYNTHETIC_N}")
+        check_limit(SYNTHETIC_PREFIX + family, limit)
         return test_split(family, limit or SYNTHETIC_N, seed=seed)
 
     return load

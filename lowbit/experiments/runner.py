@@ -84,7 +84,10 @@ def plan(spec: ExperimentSpec) -> dict[str, CellPlan]:
         if cfg.eval is None:
             raise ValueError(f"cell {cell.name}: recipe {cell.recipe} has no eval section (eval=null), so the "
                              f"experiment cannot score it; give it one (budget.eval.sets=...)")
+        check_eval_sets(cfg.eval.datasets, (cfg.eval.limit, cfg.eval.loss_limit), cfg.eval.data_dir)
         plans[cell.name] = CellPlan(cell, overrides, cfg, shared_base(cfg), lr_group(spec, cell, cfg))
+    if spec.lr.search is not None:
+        check_eval_sets(spec.lr.search.sets, (spec.lr.search.limit,), next(iter(plans.values())).cfg.eval.data_dir)
     if spec.base_perplexity and {p.cfg.model.name for p in plans.values()} != {TINY}:
         raise ValueError(f"base_perplexity: true scores the embedded tiny model's held-out text, but the cells train "
                          f"{sorted({p.cfg.model.name for p in plans.values()})}; set base_perplexity: false")
@@ -99,6 +102,16 @@ def plan(spec: ExperimentSpec) -> dict[str, CellPlan]:
                              f"{base_identity(b)}), so the difference mixes base and method; put them on one base "
                              f"or mark the contrast different_bases: true")
     return plans
+
+
+def check_eval_sets(names, limits, data_dir) -> None:
+    """Every set resolves (files present) and no limit reads past what the training data excludes."""
+    from ..data.testsets import check_limit, resolve_datasets
+
+    resolve_datasets(list(names), data_dir)
+    for n in names:
+        for limit in limits:
+            check_limit(n, limit)
 
 
 def base_identity(p: CellPlan) -> str:
@@ -189,15 +202,16 @@ def learning_rates(spec: ExperimentSpec, plans: dict[str, CellPlan], ledger: Led
         if not grid:
             raise ValueError(f"lr.search.grid has no rates for adapter {p.cfg.adapter.adapter!r} (group {group})")
         scores = {lr: [_search_run(spec, p, group, lr, seeds[0], ledger, rows)] for lr in grid}
-        if s.tie is not None:  # rates within one seed's noise of the best: decided by the mean over all seeds
-            best = min(v[0] for v in scores.values())
-            for lr in [lr for lr, v in scores.items() if v[0] - best <= s.tie]:
+        best = min(v[0] for v in scores.values())
+        close = [lr for lr, v in scores.items() if s.tie is not None and v[0] - best <= s.tie]
+        if len(close) > 1:  # rates within one seed's noise of the best: decided by the mean over all seeds
+            for lr in close:
                 scores[lr] += [_search_run(spec, p, group, lr, seed, ledger, rows) for seed in seeds[1:]]
-            scores = {lr: v for lr, v in scores.items() if len(v) == len(seeds)}
         means = {lr: sum(v) / len(v) for lr, v in scores.items()}
-        rates[group] = min(means, key=means.get)
+        rates[group] = min(close or scores, key=means.get)
         log.info("learning rate %s: %g (validation loss %s)", group, rates[group],
-                 ", ".join(f"{k:g}: {v:.4f}" for k, v in means.items()))
+                 ", ".join(f"{k:g}: {v:.4f}" + (f" (mean of {len(scores[k])} seeds)" if len(scores[k]) > 1 else "")
+                           for k, v in means.items()))
     return rates, rows
 
 
@@ -216,14 +230,16 @@ def _search_run(spec: ExperimentSpec, p: CellPlan, group: str, lr: float, seed: 
 
 
 def preregister(spec: ExperimentSpec, out: Path) -> dict:
-    """Record the questions (contrasts and analysis) before the first final run in ``OUT/preregistration.json``;
-    a later sitting whose questions differ is refused (changing them after seeing results would bias them)."""
-    text = {"contrasts": [dataclasses.asdict(c) for c in spec.contrasts], "analysis": dataclasses.asdict(spec.analysis)}
+    """Record the questions (the primary contrasts and the analysis) before the first final run in
+    ``OUT/preregistration.json``; a later sitting whose questions differ is refused (changing them after seeing
+    results would bias them). Exploratory contrasts may be added at any time."""
+    text = {"contrasts": [dataclasses.asdict(c) for c in spec.contrasts if c.primary],
+            "analysis": dataclasses.asdict(spec.analysis)}
     path = out / "preregistration.json"
     if path.is_file():
         stored = read_json(path, f"restore {path} from its copy, or start the experiment in a new --out")
         if {k: stored[k] for k in text} != text:
-            raise ValueError(f"{spec.name}: the contrasts or analysis differ from those registered in {path} "
+            raise ValueError(f"{spec.name}: the primary contrasts or analysis differ from those registered in {path} "
                              f"(written {stored['written']}) before the first final run; results already seen "
                              f"must not change the questions. Restore them, or run the new questions in a new "
                              f"--out")

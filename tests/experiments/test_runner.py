@@ -79,11 +79,17 @@ def test_user_spec_resumes_after_a_kill_reports_the_contrast_and_retrains_only_c
     assert sorted(trained) == sorted(every - finished)  # only the unfinished runs train
     assert results["complete"] and [c["cell"] for c in results["cells"]] == ["qlora-r16", "qlora-r4"]
     (contrast,) = results["contrasts"]
-    assert contrast["seeds"] == [0, 1] and contrast["loss_avg"]["half"] is not None
-    boot = contrast["acc_bootstrap"]
-    assert boot["n_seeds"] == 2 and boot["n_problems"] == 6 and boot["lo"] <= boot["mean"] <= boot["hi"]
+    assert contrast["seeds"] == [0, 1] and contrast["response_loss"]["half"] is not None
+    acc = contrast["accuracy"]
+    assert acc["n_seeds"] == 2 and acc["n_problems"] == 6 and acc["lo"] <= acc["mean"] <= acc["hi"]
+    assert contrast["kind"] == "exploratory" and acc["verdict"] == "exploratory"  # not pre-registered: no verdict
     report = (out / "report.md").read_text()
-    assert "qlora-r16 | qlora-r4 | rank 16 vs rank 4" in report and "[" in report
+    assert "qlora-r16 − qlora-r4 | rank 16 vs rank 4" in report and "[" in report
+    # The primary questions were registered before the first final run: adding one now is refused.
+    late = _spec([])
+    late["contrasts"][0]["primary"] = True
+    with pytest.raises(ValueError, match="differ from those registered"):
+        run_experiment(load_spec(_write(tmp_path / "late.yaml", late)), out)
     # Every ledger entry holds per-problem results and the identities of its base and training set.
     entry = json.loads((out / "ledger" / "qlora-r4-s1.json").read_text())
     assert len(entry["problems"]["synthetic-svamp"]) == 3 and entry["training_set_sha256"]
