@@ -5,11 +5,14 @@ Importing :mod:`lowbit.data` is cheap: no torch, transformers or datasets import
 
 * ``records``: the Math10K record (``instruction``, ``input``, ``output``, ``answer``) and the one reader of
   LLM-Adapters JSON arrays (``math_10k.json``, ``<set>/test.json``), used by training and evaluation alike.
+* ``gsm8k``: OpenAI's GSM8K JSONL -> records (calculator annotations removed, "The answer is N.").
 * ``mawps``: MAWPS train format -> records, with rationales written from checked equations.
 * ``loaders``: training sources (GSM8K JSONL, MAWPS, LLM-Adapters JSON), mixing, test-set overlap checks, and
   the Math10K training set or, when named, its documented substitute.
 * ``testsets``: the evaluation-set registry (``register_eval_set``): the seven LLM-Adapters test sets and the
   synthetic families, the data directory (``default_data_dir``), ``resolve_datasets`` and ``load_records``.
+* ``validation``: the validation sets ``gsm8k-val`` and ``mawps-val``, carved from the training files, and the one
+  list of what training and calibration leave out for them (``held_out_keys``).
 * ``wordproblems``: sentence-building blocks of the synthetic word problems (people, items, events, ranges).
 * ``synthetic``: the four synthetic task families of the embedded tiny model, their splits and files.
 * ``prompts``: the prompt templates (ApiQ/Alpaca, LLM-Adapters).
@@ -19,11 +22,11 @@ Importing :mod:`lowbit.data` is cheap: no torch, transformers or datasets import
 The tiny model's pre-training corpus is not data of the task: it lives in :mod:`lowbit.models.tiny.corpus`.
 """
 
+from .gsm8k import load_gsm8k_jsonl
 from .loaders import (
     check_no_test_overlap,
     default_math_training_set,
     find_test_overlap,
-    load_gsm8k_jsonl,
     load_source,
     mix_sources,
     training_set_files,
@@ -59,6 +62,7 @@ from .testsets import (
     resolve_datasets,
     unregister_eval_set,
 )
+from .validation import VALIDATION_SETS, drop_held_out, held_out_keys, validation_split
 
 __all__ = [
     "ALL_TEST_SETS",
@@ -67,6 +71,7 @@ __all__ = [
     "PAPER_TEST_SETS",
     "PROMPTS",
     "TRAIN_MIX",
+    "VALIDATION_SETS",
     "DatasetSpec",
     "EvalSet",
     "Record",
@@ -74,6 +79,7 @@ __all__ = [
     "check_record",
     "default_data_dir",
     "default_math_training_set",
+    "drop_held_out",
     "display_name",
     "eval_set",
     "find_test_overlap",
@@ -81,6 +87,7 @@ __all__ = [
     "format_prompt",
     "generate_problem",
     "generate_split",
+    "held_out_keys",
     "kind_of",
     "known_datasets",
     "load_gsm8k_jsonl",
@@ -101,4 +108,5 @@ __all__ = [
     "train_split",
     "training_set_files",
     "unregister_eval_set",
+    "validation_split",
 ]

@@ -4,9 +4,10 @@ Sources are local files (``.txt``; ``.json``/``.jsonl`` records with a ``text`` 
 ``instruction``/``input``/``output``, or GSM8K ``question``/``answer``, whose text
 :func:`lowbit.data.records.record_text` takes) or, for users with network access, the names ``wikitext2`` and
 ``c4`` (loaded with ``datasets``); ``data:gsm8k_openai/train.jsonl`` names a file under the data directory
-(``$LOWBIT_DATA_DIR``). As in the GPTQ reference, calibration samples are
-random windows of ``seqlen`` tokens from the concatenated text; the last ``heldout_frac`` of the tokens is kept
-apart for perplexity and never used for calibration.
+(``$LOWBIT_DATA_DIR``). Records of a training file the validation sets are carved from (``gsm8k_openai/train.jsonl``,
+``mawps/trainset.json``) whose question is held out for validation are left out (:mod:`lowbit.data.validation`).
+As in the GPTQ reference, calibration samples are random windows of ``seqlen`` tokens from the concatenated text;
+the last ``heldout_frac`` of the tokens is kept apart for perplexity and never used for calibration.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .records import record_text
+from .validation import drop_held_out, training_file_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +48,25 @@ def resolve_source(source: str) -> str:
 
 
 def load_texts(source: str) -> list[str]:
-    """Documents from one source (file path, ``data:<path under the data directory>`` or hub name)."""
+    """Documents from one source (file path, ``data:<path under the data directory>`` or hub name); a training
+    file of the validation split (:func:`lowbit.data.validation.training_file_data_dir`) without its held-out
+    records."""
     source = resolve_source(source)
     p = Path(source)
     if p.is_file():
+        if p.suffix not in (".jsonl", ".json"):
+            return [t for t in p.read_text().split("\n\n") if t.strip()]
         if p.suffix == ".jsonl":
-            return [record_text(json.loads(line)) for line in p.read_text().splitlines() if line.strip()]
-        if p.suffix == ".json":
+            data = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        else:
             data = json.loads(p.read_text())
             data = data if isinstance(data, list) else data.get("data", [data])
-            return [record_text(r) for r in data]
-        return [t for t in p.read_text().split("\n\n") if t.strip()]
+        root = training_file_data_dir(p)
+        if root is not None:
+            kept = drop_held_out(data, root)
+            log.info("calibration source %s: left out %d records held out for validation", p, len(data) - len(kept))
+            data = kept
+        return [record_text(r) for r in data]
     if source in HUB_SOURCES:
         from datasets import load_dataset
 

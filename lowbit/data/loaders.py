@@ -1,14 +1,11 @@
-"""Training data of the Math10K setting: the GSM8K reader, one entry point per source, mixing, test-set overlap.
+"""Training data of the Math10K setting: one entry point per source, mixing, test-set overlap, the substitute.
 
 Formats read (all into Math10K records ``{"instruction", "input", "output", "answer"}``, see :mod:`.records`)
 ---------------------------------------------------------------------------------------------------------
 * **LLM-Adapters JSON** (``math_10k.json``): :func:`lowbit.data.records.load_llm_adapters_json`, the same reader
   as the evaluation sets' ``test.json`` files.
-* **OpenAI GSM8K JSONL** (``grade_school_math/data/train.jsonl``): one ``{"question", "answer"}`` object per line;
-  ``answer`` is a worked solution with calculator annotations ``<<48/2=24>>`` and a last line ``#### 72``.
-  :func:`load_gsm8k_jsonl` strips the annotations and turns the last line into the sentence
-  ``"The answer is 72."`` (commas removed from the number: ``#### 1,080`` -> ``"1080"``), so the output ends the
-  way Math10K rationales end and the evaluation's last-number rule reads the final answer.
+* **OpenAI GSM8K JSONL** (``grade_school_math/data/train.jsonl``): :func:`lowbit.data.gsm8k.load_gsm8k_jsonl`,
+  which strips the calculator annotations and ends each solution with ``"The answer is N."``.
 * **MAWPS train format** (``dataset/mawps/trainset.json``): :func:`lowbit.data.mawps.load_mawps_train`, which
   writes a rationale from each record's equation.
 
@@ -20,9 +17,11 @@ The substitute for the missing Math10K training set
 ---------------------------------------------------
 ``math_10k.json`` (GSM8K + MAWPS + 1,000 AQuA rationales, about 10K records) is not in the local data directory.
 :func:`default_math_training_set` reads it (``source="math10k"``) and fails when it is absent; the documented
-substitute **GSM8K train (7,473) + MAWPS train (1,878 usable)**, 9,324 records after the overlap filter below, is
-read only when named (``source="gsm8k-mawps"``), never as a fallback. It lacks Math10K's 1,000 AQuA-style
-multiple-choice examples, and has GSM8K's own terse rationales instead of Math10K's generated ones.
+substitute **GSM8K train (7,473) + MAWPS train (1,878 usable)** is read only when named (``source="gsm8k-mawps"``),
+never as a fallback: 8,705 records once the validation split is held out (300 GSM8K and 319 MAWPS records, whose
+questions are ``gsm8k-val`` and ``mawps-val``; :mod:`lowbit.data.validation`) and the overlap filter below has
+dropped 27. It lacks Math10K's 1,000 AQuA-style multiple-choice examples, and has GSM8K's own terse rationales
+instead of Math10K's generated ones.
 
 Test sets are never trained on: :func:`find_test_overlap` compares questions after lowercasing and removing
 everything but letters and digits (whitespace, punctuation and its spacing: MAWPS writes ``"cost ?"``, the
@@ -37,28 +36,27 @@ also defines ``PAPER_TEST_SETS`` and ``ALL_TEST_SETS``.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .gsm8k import load_gsm8k_jsonl
 from .mawps import load_mawps_train, mawps_records
 from .records import (
     FIELDS,
-    GSM8K_FIELDS,
     MAWPS_FIELDS,
     REQUIRED,
     Record,
-    check_field,
-    format_number,
     llm_adapters_records,
     load_llm_adapters_json,
+    normalize_question,
+    question_key,
     read_json_array,
 )
 from .testsets import PAPER_TEST_SETS, load_test_sets
+from .validation import GSM8K_TRAIN_RELPATH, MAWPS_TRAIN_RELPATH, VALIDATION_SETS, drop_held_out
 
 if TYPE_CHECKING:  # datasets is imported lazily: the readers are plain Python
     import datasets
@@ -79,65 +77,9 @@ __all__ = [
 
 #: Where LLM-Adapters keeps the training set, relative to the data directory.
 MATH10K_RELPATH = Path("ft-training_set") / "math_10k.json"
-GSM8K_TRAIN_RELPATH = Path("gsm8k_openai") / "train.jsonl"
-MAWPS_TRAIN_RELPATH = Path("mawps") / "trainset.json"
 #: The named Math10K-setting training sets: the real one, and the substitute read only when named.
 MATH10K, SUBSTITUTE = "math10k", "gsm8k-mawps"
 TRAINING_SETS = (MATH10K, SUBSTITUTE)
-
-
-def normalize_question(text: str) -> str:
-    """The key of a question for overlap checks: lowercase, letters and digits only (any script)."""
-    return re.sub(r"[\W_]+", "", text.lower())
-
-
-# -------------------------------------------------------------------------------------------------- GSM8K
-_CALC = re.compile(r"<<[^<>]*>>")  # calculator annotation: "48/2 = <<48/2=24>>24" -> "48/2 = 24"
-_GSM_FINAL = re.compile(r"####\s*(-?[\d,]*\.?\d+)\s*")
-
-
-def _gsm8k_record(question: str, solution: str) -> Record:
-    """GSM8K question + worked solution -> Math10K record; raises ``ValueError`` (without location) if malformed."""
-    *steps, last = solution.rstrip().split("\n")
-    m = _GSM_FINAL.fullmatch(last.strip())
-    if not m:
-        raise ValueError(f"the solution's last line {last!r:.60} is not '#### <number>'")
-    answer = format_number(m.group(1))  # "1,080" -> "1080"
-    rationale = _CALC.sub("", "\n".join(steps)).strip()
-    if "<<" in rationale or ">>" in rationale:
-        raise ValueError("unbalanced calculator annotation '<<...>>' in the solution")
-    final = f"The answer is {answer}."
-    return {"instruction": question.strip(), "input": "", "output": f"{rationale}\n{final}" if rationale else final,
-            "answer": answer}
-
-
-def load_gsm8k_jsonl(path: str | Path) -> list[Record]:
-    """Read OpenAI's GSM8K JSONL (``{"question", "answer"}`` per line) -> Math10K records.
-
-    ``output`` is the solution without ``<<...>>`` annotations, its ``#### N`` line replaced by
-    ``"The answer is N."``; ``answer`` is ``N`` without commas. Blank lines are skipped. Raises ``ValueError``
-    naming the file and the 1-based line for invalid JSON, a missing/non-string field or a solution without a
-    final ``#### <number>`` line, and for a file with no records.
-    """
-    path = Path(path)
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"line {lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: {where} is not valid JSON ({e})") from None
-            q, a = (check_field(path, where, obj, k) for k in GSM8K_FIELDS)
-            try:
-                out.append(_gsm8k_record(q, a))
-            except ValueError as e:
-                raise ValueError(f"{path}: {where}: {e}") from None
-    if not out:
-        raise ValueError(f"{path}: no records (the file is empty)")
-    return out
 
 
 # -------------------------------------------------------------------------------------- dispatch and mixing
@@ -216,18 +158,14 @@ def mix_sources(sources: Sequence[tuple[Sequence[Mapping[str, Any]], int | float
 
 
 # ---------------------------------------------------------------------------------------- test-set overlap
-def _key(r: Mapping[str, Any]) -> str:
-    return normalize_question(f"{r['instruction']} {r.get('input', '')}")
-
-
 def find_test_overlap(train_records: Iterable[Mapping[str, Any]],
                       test_records_by_name: Mapping[str, Iterable[Mapping[str, Any]]]) -> dict[str, list[int]]:
     """``{test set name: indices of training records whose question is in that set}`` (only sets that overlap).
     Questions are compared by :func:`normalize_question` of ``instruction`` + ``input``."""
-    train_keys = [_key(r) for r in train_records]
+    train_keys = [question_key(r) for r in train_records]
     overlap = {}
     for name, test in test_records_by_name.items():
-        keys = {_key(r) for r in test}
+        keys = {question_key(r) for r in test}
         hits = [i for i, k in enumerate(train_keys) if k in keys]
         if hits:
             overlap[name] = hits
@@ -277,7 +215,8 @@ def default_math_training_set(data_dir: str | Path, math10k_path: str | Path | N
     an evaluation set in ``test_sets`` (registered names such as ``"svamp"``, or their folders such as ``"SVAMP"``;
     reported by folder) are dropped (``on_overlap="drop"``, with a logged count), rejected (``"error"``) or kept
     with a warning (``"keep"``: to reproduce a published set exactly). Records with an empty ``output`` (nothing
-    to learn) are dropped with a logged count.
+    to learn) are dropped with a logged count. The substitute first leaves out every record whose question is in
+    a validation set (:func:`lowbit.data.validation.drop_held_out`; it needs the seven test files).
     """
     if on_overlap not in ("drop", "error", "keep"):
         raise ValueError(f"on_overlap must be 'drop', 'error' or 'keep', got {on_overlap!r}")
@@ -291,7 +230,9 @@ def default_math_training_set(data_dir: str | Path, math10k_path: str | Path | N
         log.warning("training on the substitute %s: GSM8K train (%d) + MAWPS train (%d) from %s. It has no AQuA "
                     "multiple-choice examples (Math10K has 1,000), so AQuA accuracy is not comparable with the "
                     "paper tables.", SUBSTITUTE, len(gsm), len(mawps), data_dir)
-        records = gsm + mawps
+        records = drop_held_out(gsm + mawps, data_dir)
+        log.info("held out %d training records for the validation sets %s", len(gsm) + len(mawps) - len(records),
+                 ", ".join(VALIDATION_SETS))
     try:
         tests = load_test_sets(data_dir, test_sets)
     except FileNotFoundError as e:

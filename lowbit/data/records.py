@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ __all__ = [
     "format_number",
     "llm_adapters_records",
     "load_llm_adapters_json",
+    "normalize_question",
+    "question_key",
     "read_json_array",
     "record_text",
 ]
@@ -44,6 +47,23 @@ GSM8K_FIELDS = ("question", "answer")
 MAWPS_FIELDS = ("original_text", "equation", "ans")
 
 Record = dict[str, str]
+
+
+def normalize_question(text: str) -> str:
+    """The key of a question for overlap checks: lowercase, letters and digits only (any script)."""
+    return re.sub(r"[\W_]+", "", text.lower())
+
+
+def question_key(rec: Mapping[str, Any]) -> str:
+    """:func:`normalize_question` of a record's question, whatever its format: a Math10K record's ``instruction``
+    and ``input``, a GSM8K line's ``question``, a MAWPS train record's ``original_text``; ``""`` for anything
+    else."""
+    if "instruction" in rec:
+        return normalize_question(f"{rec['instruction']} {rec.get('input', '')}")
+    for field in ("question", "original_text"):
+        if isinstance(rec.get(field), str):
+            return normalize_question(rec[field])
+    return ""
 
 
 def format_number(x: float | int | str, max_decimals: int = 4) -> str:

@@ -4,8 +4,10 @@ Every evaluation set is registered once with :func:`register_eval_set`: its name
 ``lowbit evaluate --datasets``), its column title, its answer kind (``"numeric"`` or ``"choice"``) and where its
 records come from -- a ``folder`` of the data directory holding ``test.json`` (LLM-Adapters layout, read by
 :func:`lowbit.data.records.load_llm_adapters_json`, the same reader as the training data), or a
-``loader(limit, seed) -> records`` for a set that needs no files. Adding a set is one module holding its loader
-plus one registration; the built-in sets are registered at the end of this file.
+``loader(limit, seed) -> records`` for a set that needs no files, or a ``reader(data_dir) -> records`` with the
+``files`` it reads there (the validation splits carved from the training files, :mod:`lowbit.data.validation`).
+Adding a set is one module holding its loader plus one registration; the test sets and the synthetic ones are
+registered at the end of this file.
 
 Real sets are read from a data directory laid out like LLM-Adapters' ``dataset/`` folder (``gsm8k/test.json``,
 ``SVAMP/test.json``, ``mawps/test.json``, ``AQuA/test.json``, ...; JSON arrays of ``{instruction, input, output,
@@ -61,12 +63,14 @@ TEST_REQUIRED = ("instruction", "answer")
 PAPER_TEST_SETS = ("gsm8k", "svamp", "mawps", "aqua")
 
 Loader = Callable[[int | None, int], list[dict]]
+Reader = Callable[[Path], list[dict]]
 References = Callable[[list[Record], Path], list[Record]]
 
 
 @dataclass(frozen=True)
 class EvalSet:
-    """One registered evaluation set: read from ``<data dir>/<folder>/test.json``, or made by ``loader``."""
+    """One registered evaluation set: read from ``<data dir>/<folder>/test.json``, made by ``loader``, or made by
+    ``reader`` from the ``files`` (relative paths) of the data directory."""
 
     name: str
     display: str
@@ -74,6 +78,8 @@ class EvalSet:
     folder: str | None = None
     loader: Loader | None = None
     references: References | None = None
+    reader: Reader | None = None
+    files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,40 +91,44 @@ class DatasetSpec:
     kind: str  # "numeric" or "choice"
     path: Path | None = None  # the test.json of a real set
     family: str | None = None  # the family of a synthetic set
+    data_dir: Path | None = None  # the data directory of a set made by a reader
 
 
 _REGISTRY: dict[str, EvalSet] = {}
 
 
 def register_eval_set(name: str, *, display: str | None = None, kind: str = "numeric", folder: str | None = None,
-                      loader: Loader | None = None, references: References | None = None, replace: bool = False):
+                      loader: Loader | None = None, references: References | None = None,
+                      reader: Reader | None = None, files: Sequence[str] = (), replace: bool = False):
     """Register the evaluation set ``name`` (lowercase, no commas or spaces) -> its :class:`EvalSet`.
 
     ``display``: the column title (default ``name``); ``kind``: ``"numeric"`` (the last number of a generation
     is compared with the label) or ``"choice"`` (an option letter A-E). Its records come either from
-    ``<data dir>/<folder>/test.json`` or from ``loader(limit, seed) -> records`` (``limit`` None: the set's default
-    size; ``seed``: ``--synthetic-seed``). With neither ``folder`` nor ``loader``, returns a decorator that
-    registers the function it decorates as the loader. ``references(records, test_file) -> records`` fills the
+    ``<data dir>/<folder>/test.json``, from ``loader(limit, seed) -> records`` (``limit`` None: the set's default
+    size; ``seed``: ``--synthetic-seed``) or from ``reader(data_dir) -> records``, which reads ``files`` (paths
+    relative to the data directory, checked by :func:`resolve_datasets`). With none of them, returns a decorator
+    that registers the function it decorates as the loader. ``references(records, test_file) -> records`` fills the
     reference responses (``output``) the held-out response loss scores, for a test file that ships none (MAWPS's
-    rationales come from its equations). Raises ``ValueError`` for a bad name or kind, for both
-    ``folder`` and ``loader``, or for a name already registered (unless ``replace``).
+    rationales come from its equations). Raises ``ValueError`` for a bad name or kind, for more than one of
+    ``folder``, ``loader`` and ``reader``, or for a name already registered (unless ``replace``).
     """
     if not name or name != name.strip().lower() or any(c in name for c in ", \t\n"):
         raise ValueError(f"evaluation-set name {name!r} must be non-empty, lowercase, without commas or spaces")
     if kind not in KINDS:
         raise ValueError(f"evaluation set {name!r}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    if folder is not None and loader is not None:
-        raise ValueError(f"evaluation set {name!r}: give a folder (test.json in the data directory) or a loader, "
-                         f"not both")
+    if sum(x is not None for x in (folder, loader, reader)) > 1:
+        raise ValueError(f"evaluation set {name!r}: give a folder (test.json in the data directory), a loader or a "
+                         f"reader (of files in the data directory), not both")
     if name in _REGISTRY and not replace:
         raise ValueError(f"evaluation set {name!r} is already registered (pass replace=True to redefine it)")
-    if folder is None and loader is None:
+    if folder is None and loader is None and reader is None:
         def decorator(fn: Loader) -> Loader:
             register_eval_set(name, display=display, kind=kind, loader=fn, references=references, replace=replace)
             return fn
 
         return decorator
-    entry = EvalSet(name, display or name, kind, folder=folder, loader=loader, references=references)
+    entry = EvalSet(name, display or name, kind, folder=folder, loader=loader, references=references,
+                    reader=reader, files=tuple(files))
     _REGISTRY[name] = entry
     return entry
 
@@ -164,7 +174,7 @@ def display_name(name: str) -> str:
 
 
 def _file_free() -> list[str]:
-    return [n for n, s in _REGISTRY.items() if s.folder is None]
+    return [n for n, s in _REGISTRY.items() if s.folder is None and s.reader is None]
 
 
 def _layout() -> str:
@@ -205,7 +215,7 @@ def resolve_datasets(names: list[str], data_dir: str | Path | None = None) -> li
     if unknown:
         raise ValueError(f"unknown dataset {unknown[0]!r}; choose from {', '.join(known_datasets())} "
                          f"(comma-separated)")
-    real = [n for n in names if _REGISTRY[n].folder is not None]
+    real = [n for n in names if n not in _file_free()]
     root = None
     if real:
         given = data_dir or default_data_dir()
@@ -229,6 +239,13 @@ def resolve_datasets(names: list[str], data_dir: str | Path | None = None) -> li
                                  f"{s.folder}/test.json (LLM-Adapters' dataset/{s.folder}/test.json) "
                                  f"— fix --data-dir/{DATA_DIR_ENV} or drop {n!r} from --datasets")
             specs.append(DatasetSpec(n, s.display, s.kind, path=path))
+        elif s.reader is not None:
+            missing = [f for f in s.files if not (root / f).is_file()]
+            if missing:
+                raise ValueError(f"dataset {n!r}: {root / missing[0]} not found; {n!r} is made from "
+                                 f"{', '.join(s.files)} in the data directory {str(root)!r} — fix "
+                                 f"--data-dir/{DATA_DIR_ENV} or drop {n!r} from --datasets")
+            specs.append(DatasetSpec(n, s.display, s.kind, data_dir=root))
         else:
             family = (n.removeprefix(SYNTHETIC_PREFIX).removesuffix(VALIDATION_SUFFIX)
                       if n.startswith(SYNTHETIC_PREFIX) else None)
@@ -248,13 +265,16 @@ def load_records(spec: DatasetSpec, limit: int | None = None, synthetic_seed: in
         if spec.path is not None:
             return load_llm_adapters_json(spec.path, required=TEST_REQUIRED)[:limit]
         s = _REGISTRY.get(spec.name)
+        if s is not None and s.reader is not None and spec.data_dir is not None:
+            return llm_adapters_records(s.reader(spec.data_dir)[:limit], Path(f"<{spec.name} reader>"),
+                                        required=TEST_REQUIRED)
         if s is None or s.loader is None:
             raise ValueError(f"not a registered set without files; choose from {', '.join(_file_free())}")
         records = s.loader(limit, synthetic_seed)
         if not isinstance(records, list):
             raise ValueError(f"its loader returned a {type(records).__name__}, expected a list of records")
         return llm_adapters_records(records[:limit], Path(f"<{spec.name} loader>"), required=TEST_REQUIRED)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"dataset {spec.name!r}: {e}") from None
 
 

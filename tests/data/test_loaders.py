@@ -332,7 +332,7 @@ def test_substitute_only_when_named_and_without_test_questions(tmp_path, caplog,
     assert "training on the substitute gsm8k-mawps" in caplog.text
     assert "dropped 27 training records whose question is in a test set (mawps: 27)" in caplog.text
     assert isinstance(ds, datasets.Dataset) and ds.column_names == list(FIELDS)
-    assert len(ds) == 7473 + 1878 - 27
+    assert len(ds) == 7473 + 1878 - 619 - 27  # the validation sets' 619 records held out (test_validation_split)
     records = ds.to_list()
     check_no_test_overlap(records, tests4)
     assert all(r["output"].endswith(f"The answer is {r['answer']}.") for r in records)

@@ -55,10 +55,12 @@ def test_builtin_table():
     assert known_datasets() == ["gsm8k", "svamp", "mawps", "aqua", "addsub", "multiarith", "singleeq",
                                 "synthetic-gsm8k", "synthetic-svamp", "synthetic-mawps", "synthetic-aqua",
                                 "synthetic-gsm8k-val", "synthetic-svamp-val", "synthetic-mawps-val",
-                                "synthetic-aqua-val"]
+                                "synthetic-aqua-val", "gsm8k-val", "mawps-val"]
     assert PAPER_TEST_SETS == ("gsm8k", "svamp", "mawps", "aqua") and ALL_TEST_SETS == tuple(known_datasets()[:7])
     assert [n.removeprefix("synthetic-") for n in known_datasets()[7:11]] == list(synthetic.FAMILIES)
-    assert [n.removesuffix("-val") for n in known_datasets()[11:]] == known_datasets()[7:11]
+    assert [n.removesuffix("-val") for n in known_datasets()[11:15]] == known_datasets()[7:11]
+    assert [eval_set(n).files[:2] for n in known_datasets()[15:]] == [("gsm8k_openai/train.jsonl",
+                                                                       "mawps/trainset.json")] * 2
     assert kind_of("aqua") == kind_of("AQuA") == kind_of("synthetic-aqua") == "choice"
     assert kind_of("gsm8k") == kind_of("synthetic-mawps") == kind_of("not-a-set") == "numeric"
     assert display_name("svamp") == "SVAMP" and display_name("synthetic-aqua") == "syn-AQuA"
@@ -74,6 +76,26 @@ def test_registered_set_is_resolved_and_loaded(toy_set, tmp_path):
     assert len(records) == 7 and records[0] == {"instruction": "toy 0 0", "input": "", "output": "", "answer": "A"}
     assert [r["instruction"] for r in load_records(spec, limit=3, synthetic_seed=2)] == ["toy 2 0", "toy 2 1",
                                                                                         "toy 2 2"]
+
+
+def test_set_made_by_a_reader_from_data_directory_files(tmp_path):
+    """A ``reader`` set (like gsm8k-val) reads the data directory given to resolve_datasets; its ``files`` are
+    checked there up front, naming the missing one."""
+    def read(data_dir: Path) -> list[dict]:
+        return json.loads((data_dir / "toy" / "pool.json").read_text())
+
+    register_eval_set("toy-read-val", display="Toy-val", reader=read, files=["toy/pool.json"])
+    try:
+        with pytest.raises(ValueError, match=r"dataset 'toy-read-val': .*toy/pool\.json not found; 'toy-read-val' "
+                                             r"is made from toy/pool\.json in the data directory"):
+            resolve_datasets(["toy-read-val"], tmp_path)
+        (tmp_path / "toy").mkdir()
+        (tmp_path / "toy" / "pool.json").write_text(json.dumps([_rec(i) for i in range(4)]))
+        (spec,) = resolve_datasets(["toy-read-val"], tmp_path)
+        assert spec == DatasetSpec("toy-read-val", "Toy-val", "numeric", data_dir=tmp_path)
+        assert load_records(spec, limit=3) == [_rec(i) for i in range(3)]
+    finally:
+        unregister_eval_set("toy-read-val")
 
 
 def test_unregistered_set_is_unknown():
@@ -104,6 +126,7 @@ def test_decorator_form_and_bad_loader_output():
     ({"name": "a,b", "folder": "x"}, "commas"),
     ({"name": "toy", "kind": "text", "folder": "x"}, "kind must be one of numeric, choice"),
     ({"name": "toy", "folder": "x", "loader": lambda limit, seed: []}, "not both"),
+    ({"name": "toy", "loader": lambda limit, seed: [], "reader": lambda data_dir: []}, "a loader or a reader"),
 ])
 def test_register_errors(kw, match):
     with pytest.raises(ValueError, match=match):
