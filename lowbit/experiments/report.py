@@ -12,8 +12,8 @@ from pathlib import Path
 
 from ..io import atomic_write_json, atomic_write_text
 from ..recipes.compare import compare_table, load_run, plot_runs
-from .plots import before_after_table, plot_before_after, plot_cells
 from .analysis import METRICS, cell_rows, contrast_rows
+from .plots import before_after_table, plot_before_after, plot_cells
 from .spec import ExperimentSpec
 
 

