@@ -235,6 +235,11 @@ def preregister(spec: ExperimentSpec, out: Path) -> dict:
                              f"must not change the questions. Restore them, or run the new questions in a new "
                              f"--out")
         return stored
+    finished = [f.stem for f in (out / "ledger").glob("*.json") if not f.stem.startswith("search-")]
+    if text["contrasts"] and finished:
+        raise ValueError(f"{spec.name}: {len(finished)} final runs exist in {out} (e.g. {finished[0]}) but no "
+                         f"{path.name}: primary contrasts can only be registered before the first final run. Run "
+                         f"them in a new --out, or mark them exploratory (primary: false)")
     stored = {**text, "written": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     atomic_write_json(path, stored, seal=True)
     return stored

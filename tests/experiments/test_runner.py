@@ -90,6 +90,11 @@ def test_user_spec_resumes_after_a_kill_reports_the_contrast_and_retrains_only_c
     late["contrasts"][0]["primary"] = True
     with pytest.raises(ValueError, match="differ from those registered"):
         run_experiment(load_spec(_write(tmp_path / "late.yaml", late)), out)
+    registered = (out / "preregistration.json").read_bytes()
+    (out / "preregistration.json").unlink()  # nor by deleting the registration once final runs exist
+    with pytest.raises(ValueError, match="can only be registered before the first final run"):
+        run_experiment(load_spec(tmp_path / "late.yaml"), out)
+    (out / "preregistration.json").write_bytes(registered)
     # Every ledger entry holds per-problem results and the identities of its base and training set.
     entry = json.loads((out / "ledger" / "qlora-r4-s1.json").read_text())
     assert len(entry["problems"]["synthetic-svamp"]) == 3 and entry["training_set_sha256"]

@@ -246,6 +246,9 @@ CATALOGUE = [
     Entry(DEMO, "runs/*/experiment_run.json", "`lowbit experiment` (was the run trained with these settings?)",
           "the run is trained again, with a warning", "the run is trained again, with a warning (sealed)",
           "the run is trained again"),
+    Entry(DEMO, "preregistration.json", "`lowbit experiment` (are the primary contrasts and analysis the ones "
+          "registered before the first final run?)", TRUNC + ", with the fix", CHK + " (sealed)",
+          "registered from the spec if no final run exists yet, else " + ERR),
     Entry(DEMO, "results.json", "not read back", "nothing reads it", "nothing reads it", "nothing reads it"),
     Entry(DEMO, "report.md", "not read back", "nothing reads it", "nothing reads it", "nothing reads it"),
     Entry(DEMO, "cells.png", "not read back", "nothing reads it", "nothing reads it", "nothing reads it"),
