@@ -350,8 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(ex.add_argument_group("export"), ExportRun, skip=("run_dir",), required=("out",))
     ex.set_defaults(func=cmd_export)
 
-    st = sub.add_parser("study", help="the resolving comparison on the tiny model: matched bases, learning rates "
-                        "from a validation split, several seeds, 95%% intervals (resumable; hours on 2 CPU cores)")
+    st = sub.add_parser("study", help="the pre-registered comparison on the tiny model: five methods on one 2-bit "
+                        "base, per-method learning rates from a validation split, 12 seeds, intervals over seeds "
+                        "and test problems, Holm (resumable; hours on 2 CPU cores)")
     st.add_argument("--out", default=None, help="its ledger, runs and report (default study_out; run again to resume)")
     st.add_argument("--quick", action="store_true", help="a toy budget on four cells (for tests)")
     st.set_defaults(func=cmd_study)
