@@ -30,13 +30,13 @@ def _p(v: float | None) -> str:
 
 
 def _contrast_table(rows: list[dict], adjusted: bool) -> list[str]:
-    head = "| a − b | question | seeds × problems |"
+    head = "| a − b | question | seeds × problems (" + " / ".join(t for *_, t in METRICS) + ") |"
     for _, _, _, _, title in METRICS:
         head += f" Δ {title} [95%] | p |" + (" p (Holm) | verdict |" if adjusted else "")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        first = r[METRICS[0][0]] or r[METRICS[1][0]] or {}
-        line = f"| {r['a']} − {r['b']} | {r['what']} | {len(r['seeds'])} × {first.get('n_problems', '–')} |"
+        sizes = " / ".join(str((r[n] or {}).get("n_problems", "–")) for n, *_ in METRICS)
+        line = f"| {r['a']} − {r['b']} | {r['what']} | {len(r['seeds'])} × {sizes} |"
         for name, _, _, _, _ in METRICS:
             ci, spec = r[name], ".4f" if name == "response_loss" else ".1f"
             line += f" {_ci(ci, spec)} | {_p((ci or {}).get('p'))} |"
