@@ -84,7 +84,7 @@ class Ledger:
         summary = evaluate_run(cfg, run_dir, info["base"])  # resumes from rows already generated
         entry = {"run": name, **meta, "key": key, "base_dir": info["base"], **run_results(run_dir, summary)}
         if before:
-            entry["before"] = self._before(name, p, info["base"], cfg)
+            entry["before"] = self._before(name, p, info["base"], cfg, overrides)
         atomic_write_json(self.path(name), entry, seal=True)
         for ckpt in run_dir.glob("checkpoint-*"):  # the adapter is saved on its own; checkpoints only cost disk
             shutil.rmtree(ckpt, ignore_errors=True)
@@ -102,7 +102,7 @@ class Ledger:
             log.warning("%s; training %s again", getattr(e, "reason", e), run_dir.name)
             return None
 
-    def _before(self, name: str, p, base: str, cfg) -> dict:
+    def _before(self, name: str, p, base: str, cfg, overrides: Callable[[Path], list[str]]) -> dict:
         """The run's base scored without the adapter, once per base (``OUT/before/<base>``); for an init that is
         not the data-free default also with the adapter as initialised (``initialised``), once per cell."""
         label = p.base.key if p.base is not None else ("fp-" + Path(base).name if cfg.quant is None
@@ -110,21 +110,22 @@ class Ledger:
         out = {"base": label, **_scores(run_evaluation(EvaluateRun(model=base, eval=cfg.eval, progress=False,
                                                                      out=str(self.out / "before" / label))))}
         if cfg.adapter.init != "default":
-            out["initialised"] = self._initialised(p, cfg)
+            out["initialised"] = self._initialised(p, cfg, overrides)
         return out
 
-    def _initialised(self, p, cfg) -> dict:
+    def _initialised(self, p, cfg, overrides: Callable[[Path], list[str]]) -> dict:
         """``cfg``'s adapter as initialised (no step trained), scored on its evaluation; cached under
-        ``OUT/before/init-<cell>`` by the cell's settings."""
+        ``OUT/before/init-<cell>`` by the cell's settings (``overrides`` builds the run's, as for training)."""
         where = self.out / "before" / f"init-{p.cell.name}"
         key = {**cfg.to_dict(), "output_dir": None, "train": None}  # training settings do not change the init
         stamp = RunDir(where, "initialised-adapter", stamp=STAMP)
-        if stamp.state(key) != DONE:
+        if stamp.state(key) == DONE:
+            base = stamp.read_stamp()["base"]
+        else:
             stamp.clear()
-            base = initialise(load_recipe(p.cell.recipe, [*p.overrides, f"output_dir={where}"] + (
-                [f"model.quantized={p.base_dir.resolve()}"] if p.base_dir is not None else [])), where)
+            seed = load_recipe(p.cell.recipe, p.overrides).train.seed  # the cell's, not the run's: one init per cell
+            base = initialise(load_recipe(p.cell.recipe, [*overrides(where), f"train.seed={seed}"]), where)
             stamp.finish(key, base=base)
-        base = stamp.read_stamp()["base"]
         return _scores(run_evaluation(EvaluateRun(model=base, eval=cfg.eval, adapter=str(where / "adapter"),
                                                   out=str(where / "eval"), progress=False)))
 

@@ -226,16 +226,23 @@ def pick_device(cfg: RecipeConfig) -> torch.device:
     return device
 
 
-def _load_data(cfg: RecipeConfig):
-    """Tokenizer, training records and the tokenized set; every data error surfaces here, before the model loads
-    (the eval sets' files too: a missing one must not surface only after training)."""
+def recipe_tokenizer(cfg: RecipeConfig):
+    """The tokenizer of the recipe's model (its quantized directory when given), padding with EOS where it has no
+    pad token."""
     from transformers import AutoTokenizer
-
-    from ..data.tokenize import tokenize_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.quantized or resolve_model(cfg.model.name)[0])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_data(cfg: RecipeConfig):
+    """Tokenizer, training records and the tokenized set; every data error surfaces here, before the model loads
+    (the eval sets' files too: a missing one must not surface only after training)."""
+    from ..data.tokenize import tokenize_dataset
+
+    tokenizer = recipe_tokenizer(cfg)
     records = load_training_records(cfg)
     train_ds = tokenize_dataset(records, tokenizer, cfg.data.max_length, variant=cfg.data.prompt,
                                 train_on_prompt=cfg.data.train_on_prompt)

@@ -12,8 +12,7 @@ import logging
 from pathlib import Path
 
 from .config import RecipeConfig
-from .finetune import build_model, pick_device, save_model
-from .loading import resolve_model
+from .finetune import build_model, pick_device, recipe_tokenizer, save_model
 
 log = logging.getLogger(__name__)
 
@@ -22,12 +21,9 @@ def initialise(cfg: RecipeConfig, out: str | Path) -> str:
     """Build ``cfg``'s model with its adapters initialised (no training) and save the adapter to ``out/adapter``
     (and a re-quantized base to ``out/base`` where the init changes it); -> the base's path, as a trained run's."""
     import torch
-    from transformers import AutoTokenizer
 
     out = Path(out)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.quantized or resolve_model(cfg.model.name)[0])
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = recipe_tokenizer(cfg)
     torch.manual_seed(cfg.train.seed)  # the data-free part of an init (LoRA's A) draws from it, as in training
     model, report = build_model(cfg, tokenizer, pick_device(cfg))
     log.info("initialised %s/%s: %s trainable parameters -> %s", cfg.adapter.adapter, cfg.adapter.init,
