@@ -25,7 +25,11 @@ FIELD_HELP = {
     "CalibrationConfig": {"sources": "calibration text: .txt/.json/.jsonl files (or wikitext2/c4 with network access)"},
     "QuantizeRun": {"model": "Hugging Face model directory, hub id or alias (tiny)",
                     "out": "output directory for the quantized model",
-                    "export_gptq": "also export a GPTQ-format checkpoint (loads with GPTQModel / transformers)"},
+                    "export_gptq": "also export a GPTQ-format checkpoint (loads with GPTQModel / transformers)",
+                    "stream": "read one decoder layer at a time from the safetensors files (same result, a fraction of "
+                              "the memory); --no-stream loads the whole float model",
+                    "calib_store": "float32, bfloat16 or float16: dtype the calibration activations are kept in "
+                                   "between layers (half precision halves that memory, rounding the layers' inputs)"},
     "EvaluateRun": {"model": "model directory or hub id, a lowbit quantized directory, or an alias (tiny)",
                     "adapter": "adapter directory (from fine-tuning or PEFT)",
                     "out": "results directory (default eval_out/<model>[+<adapter>])",

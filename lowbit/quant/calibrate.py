@@ -44,16 +44,18 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calibration: t
     return hidden, kwargs_list
 
 
-def _chunks(hidden: list[torch.Tensor], kwargs_list: list[dict], batch_size: int):
+def _chunks(hidden: list[torch.Tensor], kwargs_list: list[dict], batch_size: int, layer: nn.Module):
     """``(batch, kwargs, n_samples)`` calls covering every captured sample: equal-shape samples are concatenated
-    (unpadded windows of equal length share masks and rotary embeddings), others go one by one."""
+    (unpadded windows of equal length share masks and rotary embeddings), others go one by one; in the layer's
+    dtype (samples may be stored in a narrower one)."""
+    dtype = next(p.dtype for p in layer.parameters() if p.is_floating_point())
     for s in range(0, len(hidden), batch_size):
         chunk = hidden[s: s + batch_size]
         if any(h.shape != chunk[0].shape for h in chunk):
             for h, kw in zip(chunk, kwargs_list[s: s + batch_size]):
-                yield h, kw, 1
+                yield h.to(dtype), kw, 1
         else:
-            yield torch.cat(chunk), kwargs_list[s], len(chunk)
+            yield torch.cat(chunk).to(dtype), kwargs_list[s], len(chunk)
 
 
 def run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs_list: list[dict], batch_size: int = 8
@@ -61,7 +63,7 @@ def run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs_list: list[di
     """Run ``layer`` on every captured sample, ``batch_size`` samples per call; returns per-sample outputs."""
     outs = []
     with torch.no_grad():
-        for x, kw, k in _chunks(hidden, kwargs_list, batch_size):
+        for x, kw, k in _chunks(hidden, kwargs_list, batch_size, layer):
             o = layer(x, **kw)
             o = o[0] if isinstance(o, tuple) else o
             outs += list(o.split(o.shape[0] // k))
@@ -126,7 +128,7 @@ def _hessian_pass(layer, linears, hidden, kwargs_list, batch_size, keep: bool):
                for name, lin in linears.items()]
     try:
         with torch.no_grad():
-            for x, kw, k in _chunks(hidden, kwargs_list, batch_size):
+            for x, kw, k in _chunks(hidden, kwargs_list, batch_size, layer):
                 seen.clear()
                 try:
                     o = layer(x, **kw)

@@ -28,6 +28,7 @@ from .arch import arch_spec, set_submodule, target_groups
 from .config import QuantConfig
 from .gptq import output_error
 from .qlinear import QuantLinear
+from .streaming import finish_streaming
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,16 @@ def quantize_linear(linear: nn.Linear, cfg: QuantConfig, H: torch.Tensor | None)
     return QuantLinear.from_quantized(qw, bias=bias), stats
 
 
+#: Above this many bytes of kept tensors (the last group's inputs and outputs for every calibration sample) the
+#: residual shortcut is off and the quantized layer runs once more instead: 128 x 2048 tokens of LLaMA-2-7B would
+#: keep ≈ 20 GB; SmolLM2-135M at 32 x 512 keeps ≈ 0.18 GB.
+SHORTCUT_MAX_BYTES = 1 << 30
+
+
 def quantize_model(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | None = None,
                    progress: bool = True, on_linear: OnLinear | None = None,
-                   precomputed: dict[str, QuantLinear] | None = None) -> list[dict]:
+                   precomputed: dict[str, QuantLinear] | None = None, store_dtype: torch.dtype | None = None,
+                   shortcut_max_bytes: int = SHORTCUT_MAX_BYTES) -> list[dict]:
     """Quantize ``model``'s decoder linears in place, replacing them with :class:`QuantLinear`.
 
     Args:
@@ -68,6 +76,12 @@ def quantize_model(model: nn.Module, config: QuantConfig, calibration: torch.Ten
         adapter initialisations (CLoQ, calibrated DiaBlo) share the one calibration pass.
     precomputed: ``{full module name: QuantLinear}`` already quantized with ``config`` (a cached base): those
         linears are taken as they are instead of being quantized again; ``H`` is still collected for them.
+    store_dtype: keep the calibration activations between layers in this dtype (e.g. ``torch.bfloat16``: half the
+        memory of float32; each layer still computes in its own dtype, so only the inputs are rounded).
+    shortcut_max_bytes: the residual shortcut's memory bound (:data:`SHORTCUT_MAX_BYTES`); ``0`` turns it off.
+
+    A model from :func:`~lowbit.quant.streaming.load_streaming` has its decoder layers on the meta device: each is
+    read from the checkpoint when its turn comes (``model.lowbit_layer_loader``).
     """
     from tqdm.auto import tqdm
 
@@ -88,16 +102,21 @@ def quantize_model(model: nn.Module, config: QuantConfig, calibration: torch.Ten
     hidden = kwargs_list = None
     if calibration is not None:
         hidden, kwargs_list = cal.capture_layer_inputs(model, layers, calibration)
+        hidden = _store(hidden, store_dtype)
+    loader = getattr(model, "lowbit_layer_loader", None)
 
     bar = tqdm(range(len(layers)), desc=f"quantize {config.method} {config.bits}-bit", disable=not progress)
     for i in bar:
         layer = layers[i]
+        if loader is not None:
+            loader(i, layer)
         calls, replaced = None, {}
         for gi, group in enumerate(groups):
             linears = {name: layer.get_submodule(name) for name in group}
             Hs = {name: None for name in group}
             if hidden is not None:
-                if gi == len(groups) - 1 and set(group) <= set(spec.residual):
+                if (gi == len(groups) - 1 and set(group) <= set(spec.residual)
+                        and _kept_bytes(hidden, linears) <= shortcut_max_bytes):
                     Hs, calls = cal.collect_hessians_and_outputs(layer, linears, hidden, kwargs_list)
                 else:
                     Hs = cal.collect_hessians(layer, linears, hidden, kwargs_list)
@@ -127,13 +146,26 @@ def quantize_model(model: nn.Module, config: QuantConfig, calibration: torch.Ten
                          stats["rel_weight_error"], stats["time_s"])
             del Hs
         if calls is not None:  # the last group's outputs enter by a residual sum: correct the pass's outputs
-            hidden = cal.replace_outputs(calls, {name: replaced[name] for name in groups[-1]})
+            hidden = _store(cal.replace_outputs(calls, {name: replaced[name] for name in groups[-1]}), store_dtype)
             del calls
         elif hidden is not None:
-            hidden = cal.run_layer(layer, hidden, kwargs_list)
+            hidden = _store(cal.run_layer(layer, hidden, kwargs_list), store_dtype)
+    if loader is not None:
+        finish_streaming(model)
     model.train(was_training)
     model.lowbit_quant_config = config  # how the base was quantized, for messages (adapter base checks)
     return report
+
+
+def _store(hidden: list[torch.Tensor], dtype: torch.dtype | None) -> list[torch.Tensor]:
+    return hidden if dtype is None else [h.to(dtype) for h in hidden]
+
+
+def _kept_bytes(hidden: list[torch.Tensor], linears: dict[str, nn.Module]) -> int:
+    """Bytes the residual shortcut keeps: per sample the layer output and each linear's input and output, float32."""
+    tokens = sum(h[..., 0].numel() for h in hidden)
+    width = hidden[0].shape[-1] + sum(lin.in_features + lin.out_features for lin in linears.values())
+    return tokens * width * 4
 
 
 def _check_h(i: int, name: str, H: torch.Tensor | None) -> None:
@@ -151,7 +183,7 @@ def _check_dims(layers: nn.ModuleList, groups: list[list[str]], cfg: QuantConfig
             lin = layer.get_submodule(name)
             if not isinstance(lin, nn.Linear):
                 raise ValueError(f"layer {i} {name} is {type(lin).__name__}, not nn.Linear (already quantized?)")
-            if not torch.isfinite(lin.weight).all():
+            if not lin.weight.is_meta and not torch.isfinite(lin.weight).all():  # streamed: checked on loading
                 raise ValueError(f"layer {i} {name} holds NaN/Inf weights; the checkpoint is corrupt — reload or "
                                  f"fix it before quantizing")
 

@@ -32,7 +32,14 @@ import torch
 from ..io import DamagedFileError, atomic_write_json, atomic_write_text
 from ..rundir import DAMAGED, NEW, OTHER, STAMP, UNSTAMPED, RunDir, RunDirError
 from .config import RecipeConfig, dump_recipe
-from .loading import base_fingerprint, bits_and_method, check_architecture, read_model_config, resolve_model
+from .loading import (
+    base_fingerprint,
+    bits_and_method,
+    check_architecture,
+    load_float_model,
+    read_model_config,
+    resolve_model,
+)
 from .trainer import (
     check_checkpoint,
     discard_incomplete_checkpoints,
@@ -50,8 +57,6 @@ log = logging.getLogger(__name__)
 
 def build_model(cfg: RecipeConfig, tokenizer, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """Base model (quantized as configured) with adapters initialised; returns (model, adapter report)."""
-    from transformers import AutoModelForCausalLM
-
     from ..adapters import INITS, apply_adapters
     from ..quant import QuantConfig, load_quantized, read_quant_meta
     from .quantize import calibration_windows
@@ -71,13 +76,14 @@ def build_model(cfg: RecipeConfig, tokenizer, device: torch.device) -> tuple[tor
             # The closed forms need W and H: the float model runs the calibration pass, the cached packed
             # layers are reused as they are.
             quant, quantized_base = stored, qbase
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype))
-            model.to(device)
+            model = load_float_model(model_path, cfg.model.dtype, device)
         else:
             model, quant = qbase, None
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype))
-        model.to(device)
+        # Quantized in the calibration loop: read one decoder layer at a time (the inits that quantize the base
+        # themselves, and float fine-tuning, need the whole model).
+        stream = quant is not None and not init.quantizes_base
+        model = load_float_model(model_path, cfg.model.dtype, device, stream=stream)
     needs_calib = acfg.needs_calibration or (quant is not None and quant.needs_calibration)
     calib = calibration_windows(cfg.calibration, tokenizer)[0] if needs_calib else None
     report = apply_adapters(model, acfg, calib, quant=quant, quantized_base=quantized_base)

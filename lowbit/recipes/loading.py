@@ -37,6 +37,25 @@ def resolve_model(model: str) -> tuple[str, bool]:
     return model, False  # a hub id: from_pretrained reports whether it exists
 
 
+def load_float_model(path: str, dtype: str, device, stream: bool = True):
+    """The float causal LM at ``path`` (from :func:`resolve_model`) in eval mode. ``stream``: when ``path`` is a
+    directory of safetensors files, only embeddings, norm and head are read now and each decoder layer is read when
+    quantization reaches it (:mod:`lowbit.quant.streaming`); otherwise the whole model is loaded."""
+    import logging
+
+    import torch
+
+    from ..quant.streaming import INDEX, SINGLE, load_streaming
+
+    if stream and any((Path(path) / f).is_file() for f in (INDEX, SINGLE)):
+        return load_streaming(path, getattr(torch, dtype), device)
+    if stream:
+        logging.getLogger(__name__).info("%s holds no safetensors files: loading the whole model", path)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+
+
 def read_model_config(model: str):
     """The Hugging Face config of a model name (:func:`resolve_model`), from ``config.json`` alone: no weights are
     read. Raises ``ValueError`` naming the model."""

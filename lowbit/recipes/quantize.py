@@ -34,7 +34,10 @@ class QuantizeRun:
     """One ``lowbit quantize`` run. model: directory, hub id or alias. out: output directory. dtype: load dtype of the
     float model. device: default cuda when available. ppl_windows: held-out windows scored for perplexity (0: skip).
     overwrite: replace an output directory (and export directory) holding another model. export_gptq: also write a
-    GPTQ-format checkpoint to this directory."""
+    GPTQ-format checkpoint to this directory. stream: read one decoder layer at a time from the model's safetensors
+    files (the same result as loading the whole float model, in a fraction of the memory; a checkpoint without
+    safetensors files is loaded whole). calib_store: dtype the calibration activations are kept in between layers
+    (bfloat16/float16 halve that memory; the layers' inputs are then rounded to it)."""
 
     model: str
     out: str
@@ -45,10 +48,14 @@ class QuantizeRun:
     ppl_windows: int = 16
     overwrite: bool = False
     export_gptq: str | None = None
+    stream: bool = True
+    calib_store: str = "float32"
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.calib_store not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"calib_store must be float32, bfloat16 or float16, got {self.calib_store!r}")
         if self.quant.needs_calibration and not self.calibration.sources:
             raise ValueError(f"method {self.quant.method!r} needs calibration data; pass --calib FILE "
                              f"(.txt/.json/.jsonl) with at least --seqlen {self.calibration.seqlen} tokens of text")
@@ -193,19 +200,21 @@ def _load_calibration(run: QuantizeRun, path: str):
 
 def _quantize(run: QuantizeRun, path: str, windows, held) -> tuple[torch.nn.Module, dict, list[dict]]:
     """The expensive part: load, score, quantize, score again. -> (model, summary, per-layer report)."""
-    from transformers import AutoModelForCausalLM
-
     from ..eval.perplexity import perplexity
     from ..quant import quantize_model
+    from ..quant.streaming import streamed_perplexity
+    from .loading import load_float_model
 
     device = run.device or ("cuda" if torch.cuda.is_available() else "cpu")
     seqlen = run.calibration.seqlen
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, run.dtype)).to(device).eval()
+    model = load_float_model(path, run.dtype, device, stream=run.stream)
     ppl_before = ppl_after = None
     if held is not None and run.ppl_windows > 0 and len(held) >= 2:
-        ppl_before = perplexity(model, held, seqlen, run.ppl_windows)
-    report = quantize_model(model, run.quant, windows)
+        score = streamed_perplexity if getattr(model, "lowbit_layer_loader", None) else perplexity
+        ppl_before = score(model, held, seqlen, run.ppl_windows)
+    report = quantize_model(model, run.quant, windows, store_dtype=getattr(torch, run.calib_store)
+                            if run.calib_store != "float32" else None)
     if ppl_before is not None:
         ppl_after = perplexity(model, held, seqlen, run.ppl_windows)
     summary = {"model": run.model, "quantization": run.quant.to_dict(), "ppl_before": ppl_before,
