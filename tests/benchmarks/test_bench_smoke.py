@@ -3,8 +3,9 @@ writes its JSON (machine, torch, threads, load average, medians and spreads) and
 
 The scripts run as subprocesses exactly as ``make bench`` runs them (``python benchmarks/<script>.py``), on one
 thread so that other jobs on a small shared machine cannot stall them. The fast ones together take well under a
-minute on a 2-core CPU; the tiny-model training benchmark (one subprocess per configuration), GPTQModel's
-quantizer and the GPTQ export round trip (GPTQModel is a slow import) are marked slow.
+minute on a 2-core CPU, the scale benchmark's quick run (eleven subprocesses) about one more; the tiny-model
+training benchmark (one subprocess per configuration), GPTQModel's quantizer and the GPTQ export round trip
+(GPTQModel is a slow import) are marked slow.
 """
 
 from __future__ import annotations
@@ -170,6 +171,43 @@ def test_magr(tmp_path):
     assert lo <= row["ratio"] <= hi and row["repeats"] == len(row["ratios"]) >= 2
     assert row["verdict"] == ("met" if hi <= 0.25 else "missed" if lo > 0.25 else "unresolved")
     _check_verdicts(res)
+
+
+def test_scale(tmp_path):
+    """The scale benchmark's pipeline at width 256, one layer (about a minute): the checkpoint is generated, then
+    quantized (GPTQ, MagR+GPTQ), given CLoQ and calibrated DiaBlo adapters and trained one step, each phase in its
+    own process with a measured peak and a predicted one (no timing assertions)."""
+    res = run_script("scale", tmp_path)
+    rows = res["rows"]
+    assert [r["phase"] for r in rows] == ["generate"] + ["quantize"] * 2 + ["init"] * 2 + ["train"] * 4
+    for r in rows:
+        assert r["error"] is None, r
+        assert r["peak_rss_bytes"] > 0 and r["predicted"]["total_bytes"] > 0 and r["layers"] == 1
+    assert res["baseline"]["peak_rss_bytes"] > 0 and res["imports"]["peak_rss_bytes"] > 0
+    assert all(f["model_32_gib"] > 0 and f["fit_32_gib"] is None for f in res["fits"])  # one layer count: no fit
+    assert {(d["layers"], d["batch"]) for d in res["diablo_over_lora"]} == {(1, 1), (1, 4)}
+
+
+def test_scale_memory_model():
+    """The analytical model counts the DiaBlo paper's trainable parameters of LLaMA-2-7B (q, k, v, up, down) and
+    grows linearly in the layers where the packed base does; the line fit recovers a line."""
+    sys.path.insert(0, str(BENCH))
+    import _scale_memory as mm
+    from bench_scale import line_fit
+
+    from lowbit.models.random_llama import LlamaShape
+
+    targets = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+    assert mm.adapter_params(LlamaShape(), "diablo", targets, num_blocks=64) == 70_254_592
+    assert mm.adapter_params(LlamaShape(), "lora", targets, rank=64) == 112_197_632
+    kw = dict(adapter="diablo", targets=targets, batch=1, seqlen=512, bits=2, group=64)
+    p = [mm.predict_train(LlamaShape(layers=n), 0, **kw)["total_bytes"] for n in (2, 4, 8)]
+    assert p[0] < p[1] < p[2] and abs((p[2] - p[1]) - 2 * (p[1] - p[0])) < 1e-6 * p[2]
+    streamed = mm.predict_quantize(LlamaShape(), 0, method="gptq", bits=2, group=64, nsamples=16, seqlen=512,
+                                   stream=True)
+    whole = mm.predict_quantize(LlamaShape(), 0, method="gptq", bits=2, group=64, nsamples=16, seqlen=512)
+    assert streamed["total_bytes"] < whole["total_bytes"] / 2 and whole["peak_stage"] == "load"
+    assert line_fit([2, 4, 8], [3.0, 5.0, 9.0]) == (1.0, 1.0) and line_fit([2, 2], [1.0, 2.0]) is None
 
 
 def test_paired_ratio_interval_and_verdicts():

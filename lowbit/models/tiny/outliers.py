@@ -28,12 +28,20 @@ import torch
 from torch import nn
 
 
-def _channels(n: int, fraction: float, factor: float, gen: torch.Generator) -> torch.Tensor:
-    """``(n,)`` float64 scales: ``factor`` on ``round(fraction · n)`` (at least one) random channels, else 1."""
+def outlier_scales(n: int, fraction: float, factor: float, gen: torch.Generator) -> torch.Tensor:
+    """``(n,)`` float64 scales: ``factor`` on ``round(fraction · n)`` (at least one) random channels, else 1.
+    Draws one ``randperm(n)`` from ``gen`` (also used by :mod:`lowbit.models.random_llama`)."""
     c = torch.ones(n, dtype=torch.float64)
     k = max(1, round(fraction * n))
     c[torch.randperm(n, generator=gen)[:k]] = factor
     return c
+
+
+def expand_kv_scales(c_v: torch.Tensor, head_dim: int, n_rep: int) -> torch.Tensor:
+    """``(kv_heads · head_dim,)`` scales of ``v``'s rows -> ``(kv_heads · n_rep · head_dim,)`` scales of ``o``'s input
+    columns: ``o``'s column of attention head ``a``, dim ``d`` reads ``v`` row ``(a // n_rep) · head_dim + d``
+    (grouped-query attention repeats each key/value head ``n_rep`` times)."""
+    return c_v.view(-1, 1, head_dim).expand(-1, n_rep, head_dim).reshape(-1)
 
 
 @torch.no_grad()
@@ -68,28 +76,27 @@ def add_outlier_channels(model: nn.Module, fraction: float = 0.02, factor: float
         for name in ("input_layernorm", "post_attention_layernorm"):
             if not hasattr(getattr(layer, name), "weight"):
                 raise ValueError(f"layer.{name} has no gain to absorb the channel scales")
-        c_attn = _channels(attn.q_proj.in_features, fraction, factor, gen)
+        c_attn = outlier_scales(attn.q_proj.in_features, fraction, factor, gen)
         for p in (attn.q_proj, attn.k_proj, attn.v_proj):
             _scale(p, c_attn, 1)
         g = layer.input_layernorm.weight
         g.copy_((g.double() / c_attn).to(g.dtype))
 
-        c_mlp = _channels(mlp.up_proj.in_features, fraction, factor, gen)
+        c_mlp = outlier_scales(mlp.up_proj.in_features, fraction, factor, gen)
         for p in (mlp.gate_proj, mlp.up_proj):
             _scale(p, c_mlp, 1)
         g = layer.post_attention_layernorm.weight
         g.copy_((g.double() / c_mlp).to(g.dtype))
 
-        # o's input column of attention head a, dim d reads v row (a // n_rep) * head_dim + d (grouped queries).
-        c_v = _channels(attn.v_proj.out_features, fraction, factor, gen)
+        c_v = outlier_scales(attn.v_proj.out_features, fraction, factor, gen)
         head_dim = attn.head_dim
         n_heads = attn.o_proj.in_features // head_dim
         n_rep = n_heads // (attn.v_proj.out_features // head_dim)
-        c_o = c_v.view(-1, 1, head_dim).expand(-1, n_rep, head_dim).reshape(-1)
+        c_o = expand_kv_scales(c_v, head_dim, n_rep)
         _scale(attn.v_proj, 1.0 / c_v, 0)
         _scale(attn.o_proj, c_o, 1)
 
-        c_down = _channels(mlp.down_proj.in_features, fraction, factor, gen)
+        c_down = outlier_scales(mlp.down_proj.in_features, fraction, factor, gen)
         _scale(mlp.up_proj, 1.0 / c_down, 0)
         _scale(mlp.down_proj, c_down, 1)
         record["layers"].append({k: torch.nonzero(c != 1).flatten().tolist()
