@@ -35,6 +35,7 @@ import math
 import _common  # noqa: F401  (puts this checkout first on sys.path, before an installed lowbit)
 
 from lowbit.models.random_llama import LlamaShape
+from lowbit.quant.model import SHORTCUT_MAX_BYTES
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -92,8 +93,10 @@ def _workspace(s: LlamaShape, algo: str) -> int:
 
 def _calib_terms(s: LlamaShape, n: int, seq: int, store_bytes: int) -> dict[str, float]:
     h, m = s.hidden, s.intermediate
+    kept = n * seq * (m + 2 * h) * 4
     return {"layer inputs + outputs": 2 * n * seq * h * store_bytes,
-            "down_proj group: kept layer outputs, down inputs/outputs": n * seq * (m + 2 * h) * 4,
+            # the residual shortcut, off above lowbit.quant.model.SHORTCUT_MAX_BYTES (the layer runs again)
+            "down_proj group: kept layer outputs, down inputs/outputs": kept if kept <= SHORTCUT_MAX_BYTES else 0,
             "forward of one batch of samples": min(n, CALIB_BATCH) * seq * (4 * m + 6 * h) * 4}
 
 
@@ -138,19 +141,24 @@ def predict_quantize(s: LlamaShape, baseline: float, *, method: str, bits: int, 
 
 
 def predict_init(s: LlamaShape, baseline: float, *, init: str, bits: int, group: int, nsamples: int, seqlen: int,
-                 adapter_params: int, load_bytes: int = 4, ckpt_bytes: int = 2, base_embed_bytes: int = 4) -> dict:
+                 adapter_params: int, load_bytes: int = 4, ckpt_bytes: int = 2, base_embed_bytes: int = 4,
+                 stream: bool = True) -> dict:
     """A calibrated adapter init on a cached quantized base (``lowbit.recipes.finetune.build_model``): the packed
-    base is loaded, then the whole float model (the closed forms need ``W``), then one calibration pass."""
+    base is loaded, then the float model (streamed: embeddings and head now, one decoder layer at a time; else
+    whole), whose calibration pass takes the cached packed layers (copied into it) and initialises the adapters."""
     L, P = s.layers, layer_weights(s)
-    qbase = L * packed_layer_bytes(s, bits, group) + other_params(s) * base_embed_bytes
-    fmodel = (L * P + other_params(s)) * load_bytes
-    stages = {"load": {"packed base": qbase, "float model": fmodel,
-                       "checkpoint pages mapped": (L * P + other_params(s)) * ckpt_bytes},
-              "initialise a layer": {"packed base": qbase, "float model": fmodel,
+    packed = L * packed_layer_bytes(s, bits, group)
+    qbase = packed + other_params(s) * base_embed_bytes
+    fmodel = ((1 if stream else L) * P + other_params(s)) * load_bytes
+    stages = {"initialise a layer": {"packed base": qbase, "float model" + (" (one layer)" if stream else ""): fmodel,
+                                     "packed layers copied into the float model": packed,
                                      "H matrices (largest group)": _largest_group_h(s),
                                      f"{init} workspace (largest linear)": _workspace(s, init),
                                      "adapter parameters": 4 * adapter_params,
                                      **_calib_terms(s, nsamples, seqlen, 4)}}
+    if not stream:
+        stages["load"] = {"packed base": qbase, "float model": fmodel,
+                          "checkpoint pages mapped": (L * P + other_params(s)) * ckpt_bytes}
     return _result(stages, baseline)
 
 

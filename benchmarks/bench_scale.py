@@ -155,7 +155,8 @@ def init_rows(shape: LlamaShape, model: Path, bases: dict, ctx: dict) -> list[di
         variant = f"{label} ({'r' if adapter == 'lora' else 'N'}={args.rank if adapter == 'lora' else args.num_blocks})"
         n_ad = mm.adapter_params(shape, adapter, args.targets, args.rank, args.num_blocks)
         pred = predicted(mm.predict_init, shape, ctx["baseline"], init=init, bits=BITS, group=GROUP,
-                         nsamples=args.nsamples, seqlen=args.seqlen, adapter_params=n_ad)
+                         nsamples=args.nsamples, seqlen=args.seqlen, adapter_params=n_ad,
+                         stream=ctx["memory"]["stream"])
         if method is None:
             rows.append({"phase": "init", "variant": variant, "error": "no quantized base", "peak_rss_bytes": None,
                          "wall_s": None, "predicted": pred})

@@ -74,7 +74,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, config: QuantConfig, t
                    source: str | None = None, extra: dict | None = None, files: dict[str, str] | None = None) -> Path:
     """Write ``model`` (with ``QuantLinear`` modules) to ``out_dir`` atomically; returns the path. ``files``: more
     text files (name -> content, e.g. a report) written into the same directory, in the same atomic step."""
-    from safetensors.torch import save_file
+    from .safetensors_io import save_file_streamed
 
     qmods = quantized_modules(model)
     if not qmods:
@@ -96,7 +96,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, config: QuantConfig, t
     }
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_file_streamed(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         if hf_config is not None:
             hf_config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)

@@ -64,9 +64,10 @@ class Checkpoint:
         file = self.where[name]
         if file not in self._open:
             self._open[file] = safe_open(str(self.path / file), framework="pt")
-        return self._open[file].get_tensor(name).to(dtype)
+        return self._open[file].get_tensor(name).to(dtype, copy=True)  # never a view of the memory map
 
     def close(self) -> None:
+        """Release the open files (their memory maps): the tensors read are copies and stay valid."""
         self._open.clear()
 
 
@@ -94,6 +95,7 @@ class LayerLoader:
                 raise ValueError(f"{full} holds NaN/Inf weights; the checkpoint is corrupt — reload or fix it before "
                                  f"quantizing")
             _set(layer, name, t)
+        self.ckpt.close()  # file pages mapped while reading would otherwise count in RSS until the end
 
     @staticmethod
     def unload(layer: nn.Module) -> None:
@@ -122,6 +124,7 @@ def load_streaming(path: str | Path, dtype: torch.dtype = torch.float32, device:
         if name not in ckpt and tied and model.get_output_embeddings() is not None and name.endswith("lm_head.weight"):
             continue  # tied: the input embeddings are read and shared below
         _set(model, name, ckpt.read(name, dtype).to(device))
+    ckpt.close()
     if tied:
         model.tie_weights()
     for name, b in model.named_buffers():
