@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import math
 import shutil
-import struct
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ..io import atomic_dir, atomic_write_json, check_new_dir
+from ..safetensors_io import header
 from .tiny.outliers import expand_kv_scales, outlier_scales
 
 log = logging.getLogger(__name__)
@@ -163,20 +162,6 @@ def plan_shards(plan: list[tuple[str, tuple[int, ...]]], itemsize: int, shard_by
     return shards
 
 
-def _header(entries: list[tuple[str, tuple[int, ...]]], code: str, itemsize: int) -> bytes:
-    """A safetensors header (8-byte little-endian length + JSON, space-padded to 8 bytes) for tensors stored back
-    to back in ``entries`` order."""
-    meta: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, s in entries:
-        n = math.prod(s) * itemsize
-        meta[name] = {"dtype": code, "shape": list(s), "data_offsets": [offset, offset + n]}
-        offset += n
-    text = json.dumps(meta, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text
-
-
 def _write_shards(tmp: Path, shape: LlamaShape, dtype: str, shard_gb: float, tensors) -> dict:
     """Stream ``tensors`` (name, tensor) into planned shards under ``tmp``; -> the index's ``weight_map``."""
     torch_dtype, code = DTYPES[dtype]
@@ -196,7 +181,8 @@ def _write_shards(tmp: Path, shape: LlamaShape, dtype: str, shard_gb: float, ten
                     f.close()
                     log.info("wrote %s", files[current])
                 f, current = open(tmp / files[s], "wb"), s
-                f.write(_header([plan[j] for j in shards[s]], code, itemsize))
+                entries = [(n, code, list(sh), math.prod(sh) * itemsize) for n, sh in (plan[j] for j in shards[s])]
+                f.write(header(entries, {"format": "pt"}))
             f.write(t.contiguous().view(torch.uint8).numpy().data)  # the tensor's bytes, no copy
             weight_map[name] = files[s]
             del t

@@ -74,7 +74,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, config: QuantConfig, t
                    source: str | None = None, extra: dict | None = None, files: dict[str, str] | None = None) -> Path:
     """Write ``model`` (with ``QuantLinear`` modules) to ``out_dir`` atomically; returns the path. ``files``: more
     text files (name -> content, e.g. a report) written into the same directory, in the same atomic step."""
-    from .safetensors_io import save_file_streamed
+    from ..safetensors_io import save_file_streamed
 
     qmods = quantized_modules(model)
     if not qmods:

@@ -32,14 +32,7 @@ import torch
 from ..io import DamagedFileError, atomic_write_json, atomic_write_text
 from ..rundir import DAMAGED, NEW, OTHER, STAMP, UNSTAMPED, RunDir, RunDirError
 from .config import RecipeConfig, dump_recipe
-from .loading import (
-    base_fingerprint,
-    bits_and_method,
-    check_architecture,
-    load_float_model,
-    read_model_config,
-    resolve_model,
-)
+from .loading import base_fingerprint, bits_and_method, check_architecture, read_model_config, resolve_model
 from .trainer import (
     check_checkpoint,
     discard_incomplete_checkpoints,
@@ -59,6 +52,7 @@ def build_model(cfg: RecipeConfig, tokenizer, device: torch.device) -> tuple[tor
     """Base model (quantized as configured) with adapters initialised; returns (model, adapter report)."""
     from ..adapters import INITS, apply_adapters
     from ..quant import QuantConfig, load_quantized, read_quant_meta
+    from .loading import load_float_model
     from .quantize import calibration_windows
 
     acfg, quant, quantized_base = cfg.adapter, cfg.quant, None

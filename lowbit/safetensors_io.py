@@ -20,26 +20,33 @@ DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torc
           torch.bool: "BOOL"}
 
 
+def header(entries: list[tuple[str, str, list[int], int]], metadata: dict[str, str] | None = None) -> bytes:
+    """The file's first bytes for tensors stored back to back in ``entries`` order, each ``(name, dtype code such as
+    "F16", shape, byte size)``: the 8-byte little-endian length, then the JSON, space-padded so data is 8-aligned."""
+    meta: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, code, shape, size in entries:
+        meta[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(meta, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
 def save_file_streamed(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
                        ) -> None:
     """Write ``tensors`` to ``path`` in the safetensors format, holding at most one tensor's bytes in memory beyond
     the tensors themselves. Tensors must not share memory (as with ``save_file``); names are written sorted."""
     if sys.byteorder != "little":
         raise RuntimeError("save_file_streamed writes little-endian data; this machine is big-endian")
-    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
-    offset, names = 0, sorted(tensors)
+    names = sorted(tensors)
     for name in names:
-        t = tensors[name]
-        if t.dtype not in DTYPES:
-            raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+        if tensors[name].dtype not in DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype {tensors[name].dtype}, which safetensors cannot store")
+    head = header([(n, DTYPES[t.dtype], list(t.shape), t.numel() * t.element_size())
+                   for n, t in ((n, tensors[n]) for n in names)], metadata)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
+        f.write(head)
         for name in names:
             t = tensors[name].detach().contiguous().cpu()
             if t.numel():

@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lowbit.quant.safetensors_io import save_file_streamed
+from lowbit.safetensors_io import save_file_streamed
 
 
 def test_round_trip_every_dtype(tmp_path):
