@@ -145,13 +145,12 @@ def predict_init(s: LlamaShape, baseline: float, *, init: str, bits: int, group:
                  stream: bool = True) -> dict:
     """A calibrated adapter init on a cached quantized base (``lowbit.recipes.finetune.build_model``): the packed
     base is loaded, then the float model (streamed: embeddings and head now, one decoder layer at a time; else
-    whole), whose calibration pass takes the cached packed layers (copied into it) and initialises the adapters."""
+    whole), whose calibration pass takes the cached packed layers (shared with it) and initialises the adapters."""
     L, P = s.layers, layer_weights(s)
     packed = L * packed_layer_bytes(s, bits, group)
     qbase = packed + other_params(s) * base_embed_bytes
     fmodel = ((1 if stream else L) * P + other_params(s)) * load_bytes
     stages = {"initialise a layer": {"packed base": qbase, "float model" + (" (one layer)" if stream else ""): fmodel,
-                                     "packed layers copied into the float model": packed,
                                      "H matrices (largest group)": _largest_group_h(s),
                                      f"{init} workspace (largest linear)": _workspace(s, init),
                                      "adapter parameters": 4 * adapter_params,

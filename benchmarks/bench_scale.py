@@ -68,6 +68,8 @@ def parse_args():
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--num-blocks", type=int, default=64)
     ap.add_argument("--targets", nargs="+", default=TARGETS)
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="merge earlier runs' scale.json files (predictions recomputed) instead of running")
     ap.add_argument("--child-timeout", type=float, default=None, help="seconds per phase (default 6 h; --quick 300)")
     args = ap.parse_args()
     if args.quick:
@@ -277,8 +279,33 @@ def diablo_over_lora(rows: list[dict]) -> list[dict]:
     return out
 
 
+def merge(paths: list[str]) -> dict:
+    """One result from several runs' JSON (the same width; e.g. layer counts or phases run in separate sittings):
+    their rows together, every prediction recomputed with the current memory model, fits over all rows."""
+    import json
+
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    if len({json.dumps(r["width"], sort_keys=True) for r in runs}) != 1:
+        raise SystemExit(f"--merge: the runs have different widths: {[r['width'] for r in runs]}")
+    rows = []
+    for run in runs:
+        for r in run["rows"]:
+            p = repredict(r, LlamaShape(layers=r["layers"], **run["width"]), r["baseline_bytes"])
+            rows.append({**r, "predicted": {**p, "settings": r["predicted"]["settings"]},
+                         "predicted_gib": p["total_bytes"] / mm.GiB, "source": Path(paths[runs.index(run)]).name})
+    first = runs[0]
+    return {**first, "merged_from": [Path(p).name for p in paths], "layers": sorted({r["layers"] for r in rows}),
+            "methods": sorted({m for r in runs for m in r["methods"]}), "rows": rows,
+            "fits": fits(rows, first["width"]), "diablo_over_lora": diablo_over_lora(rows),
+            "calibration": [r["calibration"] for r in runs], "machines": [r["machine"] for r in runs]}
+
+
 def main() -> None:
     args = parse_args()
+    if args.merge:
+        result = merge(args.merge)
+        write_results(args.out_dir, "scale", result, render(result, result["machine"]))
+        return
     dev = setup(args)
     info = machine_info(dev)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_scale-"))

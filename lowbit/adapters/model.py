@@ -14,7 +14,6 @@ validates everything that depends on the model before any expensive work, and ru
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 
@@ -86,9 +85,9 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, calibration: torch.T
             ``apiq-bw``) and by calibrated quantizers (GPTQ, MagR).
         quant: how to quantize the base (``None``: keep the model's linears as they are).
         quantized_base: the same model already quantized with ``quant`` (e.g. loaded from a cache with
-            ``load_quantized``); its packed layers are reused instead of quantizing again, while ``H`` for the
-            calibrated inits is still collected from ``model``'s full-precision pass. Not used by inits that
-            quantize the base themselves (``loftq``, ``apiq-bw``).
+            ``load_quantized``); its packed layers are reused (shared, not copied) instead of quantizing again,
+            while ``H`` for the calibrated inits is still collected from ``model``'s full-precision pass. Not used
+            by inits that quantize the base themselves (``loftq``, ``apiq-bw``).
     Returns:
         A report: ``trainable``, ``base_params``, ``percent``, ``modules`` (count), ``quant_report``.
     Everything except the adapter parameters is frozen.
@@ -150,7 +149,8 @@ def _quantize_and_wrap(model: nn.Module, names: list[str], config: AdapterConfig
     pre = None
     if quantized_base is not None:
         device = next(model.parameters()).device
-        pre = {n: copy.deepcopy(m).to(device) for n, m in quantized_modules(quantized_base).items()}
+        # Shared, not copied: packed layers are frozen, and a copy would hold the packed model twice.
+        pre = {n: m.to(device) for n, m in quantized_modules(quantized_base).items()}
         if not pre:
             raise ValueError("quantized_base holds no QuantLinear layers")
     return quantize_model(model, quant, calibration, progress=progress, on_linear=on_linear, precomputed=pre)
