@@ -35,7 +35,7 @@ import math
 import _common  # noqa: F401  (puts this checkout first on sys.path, before an installed lowbit)
 
 from lowbit.models.random_llama import LlamaShape
-from lowbit.quant.model import SHORTCUT_MAX_BYTES
+from lowbit.quant.model import CALL_TOKENS, SHORTCUT_MAX_BYTES
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -58,7 +58,7 @@ WORKSPACE = {
 # One layer's recomputation under checkpointing, per token: hidden-sized tensors (norm outputs, q, k, v, attention
 # output, o, residual sums) and intermediate-sized ones (gate, up, silu(gate), product), each with its gradient.
 TRAIN_H_PER_TOKEN, TRAIN_M_PER_TOKEN = 2 * 10, 2 * 4
-CALIB_BATCH = 8  # samples per layer call in the calibration pass (lowbit.quant.calibrate)
+CALIB_BATCH = 8  # samples per layer call in the calibration pass, at most CALL_TOKENS tokens (lowbit.quant.model)
 
 
 def _linears(s: LlamaShape) -> dict[str, tuple[int, int]]:
@@ -97,7 +97,8 @@ def _calib_terms(s: LlamaShape, n: int, seq: int, store_bytes: int) -> dict[str,
     return {"layer inputs + outputs": 2 * n * seq * h * store_bytes,
             # the residual shortcut, off above lowbit.quant.model.SHORTCUT_MAX_BYTES (the layer runs again)
             "down_proj group: kept layer outputs, down inputs/outputs": kept if kept <= SHORTCUT_MAX_BYTES else 0,
-            "forward of one batch of samples": min(n, CALIB_BATCH) * seq * (4 * m + 6 * h) * 4}
+            "forward of one batch of samples": min(n, max(1, min(CALIB_BATCH, CALL_TOKENS // seq))) * seq
+            * (4 * m + 6 * h) * 4}
 
 
 def _result(stages: dict[str, dict[str, float]], baseline: float) -> dict:

@@ -54,6 +54,7 @@ def quantize_linear(linear: nn.Linear, cfg: QuantConfig, H: torch.Tensor | None)
 #: residual shortcut is off and the quantized layer runs once more instead: 128 x 2048 tokens of LLaMA-2-7B would
 #: keep ≈ 20 GB; SmolLM2-135M at 32 x 512 keeps ≈ 0.18 GB.
 SHORTCUT_MAX_BYTES = 1 << 30
+CALL_TOKENS = 4096
 
 
 def quantize_model(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | None = None,
@@ -104,6 +105,9 @@ def quantize_model(model: nn.Module, config: QuantConfig, calibration: torch.Ten
         hidden, kwargs_list = cal.capture_layer_inputs(model, layers, calibration)
         hidden = _store(hidden, store_dtype)
     loader = getattr(model, "lowbit_layer_loader", None)
+    # Samples per layer call: 8 up to 512 tokens each, fewer for longer ones (a call's activations scale with its
+    # tokens: 8 x 2048 tokens of LLaMA-2-7B would be ≈ 4 GB at once).
+    bs = max(1, min(8, CALL_TOKENS // calibration.shape[1])) if calibration is not None else 8
 
     bar = tqdm(range(len(layers)), desc=f"quantize {config.method} {config.bits}-bit", disable=not progress)
     for i in bar:
@@ -117,9 +121,9 @@ def quantize_model(model: nn.Module, config: QuantConfig, calibration: torch.Ten
             if hidden is not None:
                 if (gi == len(groups) - 1 and set(group) <= set(spec.residual)
                         and _kept_bytes(hidden, linears) <= shortcut_max_bytes):
-                    Hs, calls = cal.collect_hessians_and_outputs(layer, linears, hidden, kwargs_list)
+                    Hs, calls = cal.collect_hessians_and_outputs(layer, linears, hidden, kwargs_list, bs)
                 else:
-                    Hs = cal.collect_hessians(layer, linears, hidden, kwargs_list)
+                    Hs = cal.collect_hessians(layer, linears, hidden, kwargs_list, bs)
             for name, lin in linears.items():
                 full = f"{spec.layers}.{i}.{name}"
                 if precomputed is not None and full in precomputed:
@@ -149,7 +153,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, calibration: torch.Ten
             hidden = _store(cal.replace_outputs(calls, {name: replaced[name] for name in groups[-1]}), store_dtype)
             del calls
         elif hidden is not None:
-            hidden = _store(cal.run_layer(layer, hidden, kwargs_list), store_dtype)
+            hidden = _store(cal.run_layer(layer, hidden, kwargs_list, bs), store_dtype)
     if loader is not None:
         finish_streaming(model)
     model.train(was_training)
