@@ -49,6 +49,8 @@ WORKSPACE = {
     # magr first: H's float32 copy, its float64 copy and eigvalsh's workspace, H / λmax; W0, What, the step's V and
     # its padded copy. Then GPTQ on MagR's output (one more out · in).
     "magr-gptq": [(4 + 8 + 8 + 4, 5 * 4), (5 * 4, 3 * 4), (8, 3 * 4 + 3 * 8)],
+    # rtn_quantize: W's float copy, the rounded codes and the dequantised weight for the reported error.
+    "rtn": [(0, 3 * 4)],
     # cloq_init: (1) gram_root: damped H, its float64 eigendecomposition, R and R^+; (2) E, R E^T, U and V^T of its
     # SVD (float64, ≤ out · in each) beside R and R^+.
     "cloq": [(5 * 8, 0), (2 * 8, 4 * 8)],
