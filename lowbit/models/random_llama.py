@@ -32,12 +32,13 @@ from pathlib import Path
 import torch
 
 from ..io import atomic_dir, atomic_write_json, check_new_dir
+from ..safetensors_io import DTYPES as SAFETENSORS_DTYPES
 from ..safetensors_io import header
 from .tiny.outliers import expand_kv_scales, outlier_scales
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float16": (torch.float16, "F16"), "bfloat16": (torch.bfloat16, "BF16"), "float32": (torch.float32, "F32")}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
@@ -164,7 +165,8 @@ def plan_shards(plan: list[tuple[str, tuple[int, ...]]], itemsize: int, shard_by
 
 def _write_shards(tmp: Path, shape: LlamaShape, dtype: str, shard_gb: float, tensors) -> dict:
     """Stream ``tensors`` (name, tensor) into planned shards under ``tmp``; -> the index's ``weight_map``."""
-    torch_dtype, code = DTYPES[dtype]
+    torch_dtype = DTYPES[dtype]
+    code = SAFETENSORS_DTYPES[torch_dtype]
     itemsize = torch_dtype.itemsize
     plan = shape.tensor_plan()
     shards = plan_shards(plan, itemsize, shard_gb * 1e9)
@@ -248,9 +250,9 @@ def write_random_llama(out: str | Path, *, layers: int = 32, hidden: int = 4096,
     with atomic_dir(out) as tmp:
         _copy_tokenizer(tmp, vocab)
         _write_config(tmp, shape, dtype)
-        tensors = checkpoint_tensors(shape, DTYPES[dtype][0], seed, outlier_fraction, outlier_factor, progress)
+        tensors = checkpoint_tensors(shape, DTYPES[dtype], seed, outlier_fraction, outlier_factor, progress)
         weight_map = _write_shards(tmp, shape, dtype, shard_gb, tensors)
-        total = sum(math.prod(s) for _, s in shape.tensor_plan()) * DTYPES[dtype][0].itemsize
+        total = sum(math.prod(s) for _, s in shape.tensor_plan()) * DTYPES[dtype].itemsize
         atomic_write_json(tmp / "model.safetensors.index.json",
                           {"metadata": {"total_size": total}, "weight_map": weight_map})
         atomic_write_json(tmp / "random_llama.json", settings)

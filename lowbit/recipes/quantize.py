@@ -202,7 +202,7 @@ def _quantize(run: QuantizeRun, path: str, windows, held) -> tuple[torch.nn.Modu
     """The expensive part: load, score, quantize, score again. -> (model, summary, per-layer report)."""
     from ..eval.perplexity import perplexity
     from ..quant import quantize_model
-    from ..quant.streaming import streamed_perplexity
+    from ..quant.streaming import is_streaming, streamed_perplexity
     from .loading import load_float_model
 
     device = run.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -211,7 +211,7 @@ def _quantize(run: QuantizeRun, path: str, windows, held) -> tuple[torch.nn.Modu
     model = load_float_model(path, run.dtype, device, stream=run.stream)
     ppl_before = ppl_after = None
     if held is not None and run.ppl_windows > 0 and len(held) >= 2:
-        score = streamed_perplexity if getattr(model, "lowbit_layer_loader", None) else perplexity
+        score = streamed_perplexity if is_streaming(model) else perplexity
         ppl_before = score(model, held, seqlen, run.ppl_windows)
     report = quantize_model(model, run.quant, windows, store_dtype=getattr(torch, run.calib_store)
                             if run.calib_store != "float32" else None)
