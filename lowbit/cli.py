@@ -7,94 +7,25 @@ Heavy libraries are imported lazily by the drivers; errors a user can fix surfac
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
-import typing
 from pathlib import Path
+
+from .cli_flags import (  # noqa: F401  (CHOICES, FIELD_HELP, OPTION_DEST: re-exported for front ends and tests)
+    CHOICES,
+    FIELD_HELP,
+    OPTION_DEST,
+    add_config_args,
+    add_quant_option_args,
+    config_from_args,
+    quant_options_from_args,
+)
 
 log = logging.getLogger("lowbit")
 
-# Help for flags whose field name alone says too little; keys must be fields of the config (tested).
-FIELD_HELP = {
-    "QuantConfig": {
-        "method": "rtn, gptq, magr-gptq, magr-rtn or nf", "bits": "2, 3, 4 or 8 (nf: 2 or 4)",
-        "group_size": "inputs per scale; -1 = per output channel", "sym": "symmetric grid (default asymmetric)",
-        "clip_search": "MSE range search for scales (helps at 2 bits)", "targets": "linear names, e.g. q_proj,k_proj",
-    },
-    "CalibrationConfig": {"sources": "calibration text: .txt/.json/.jsonl files (or wikitext2/c4 with network access)"},
-    "QuantizeRun": {"model": "Hugging Face model directory, hub id or alias (tiny)",
-                    "out": "output directory for the quantized model",
-                    "export_gptq": "also export a GPTQ-format checkpoint (loads with GPTQModel / transformers)",
-                    "stream": "read one decoder layer at a time from the safetensors files (same result, a fraction of "
-                              "the memory); --no-stream loads the whole float model",
-                    "calib_store": "float32, bfloat16 or float16: dtype the calibration activations are kept in "
-                                   "between layers (half precision halves that memory, rounding the layers' inputs)"},
-    "EvaluateRun": {"model": "model directory or hub id, a lowbit quantized directory, or an alias (tiny)",
-                    "adapter": "adapter directory (from fine-tuning or PEFT)",
-                    "out": "results directory (default eval_out/<model>[+<adapter>])",
-                    "force_adapter": "attach --adapter even when it was trained on another base (default: refused)"},
-    "EvalConfig": {"datasets": "gsm8k, svamp, mawps, aqua (also addsub, multiarith, singleeq) read from --data-dir; "
-                               "synthetic-gsm8k, synthetic-svamp, synthetic-mawps, synthetic-aqua need no files",
-                   "data_dir": "folder holding gsm8k/test.json, SVAMP/test.json, ... (default: $LOWBIT_DATA_DIR)",
-                   "variant": "apiq (ApiQ prompt, greedy, 512 tokens) or llm-adapters (4 beams, 256 tokens)",
-                   "choice_rule": "AQuA letter: llm-adapters (first capital A-E) or strict ('answer is (X)')",
-                   "accuracy": "generate and score answers (--no-accuracy: response loss only; needs --response-loss)"},
-}
-
-
-def _default(f: dataclasses.Field):
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return dataclasses.MISSING
-
-
-def add_config_args(parser, cls, skip: tuple[str, ...] = (), rename: dict[str, str] | None = None,
-                    required: tuple[str, ...] = ()) -> None:
-    """One ``--field-name`` flag per field of dataclass ``cls`` (nested dataclasses and ``skip`` excepted). Absent
-    flags stay absent from the namespace, so the dataclass's own defaults apply."""
-    from .recipes.config import field_types
-
-    rename = rename or {}
-    helps = FIELD_HELP.get(cls.__name__, {})
-    kinds = field_types(cls)
-    for f in dataclasses.fields(cls):
-        nested, _, args = kinds[f.name]
-        name = f.name
-        if name in skip or nested is not None:
-            continue
-        flag = "--" + rename.get(name, name).replace("_", "-")
-        default = _default(f)
-        text = helps.get(name, "")
-        if default is not dataclasses.MISSING and name not in required:
-            text = f"{text} (default: {default})".strip() if default not in (None, False) else text
-        kw = {"dest": name, "default": argparse.SUPPRESS, "help": text or None}
-        if default is dataclasses.MISSING or name in required:
-            kw["required"] = True
-        if args == (bool,):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif typing.get_origin(args[0]) is list:
-            parser.add_argument(flag, nargs="+", metavar=name.upper(), **kw)
-        else:
-            parser.add_argument(flag, type=args[0] if args[0] in (int, float) else str, **kw)
-
-
-def config_from_args(cls, args: argparse.Namespace, **extra):
-    """Build dataclass ``cls`` from the flags present in ``args`` (lists may also be comma-separated)."""
-    from .recipes.config import field_types
-
-    kinds = field_types(cls)
-    kw = {}
-    for f in dataclasses.fields(cls):
-        if f.name in extra or not hasattr(args, f.name):
-            continue
-        v = getattr(args, f.name)
-        if isinstance(v, list) and typing.get_origin(kinds[f.name][2][0]) is list:
-            v = [p.strip() for item in v for p in str(item).split(",") if p.strip()]
-        kw[f.name] = v
-    return cls(**kw, **extra)
+# Third-party loggers whose start-up warnings a user cannot act on (optional kernels that did not load, deprecations
+# inside torch); -v shows them.
+QUIET = ("httpx", "urllib3", "filelock", "torchao", "torch.utils._pytree", "kernels", "bitsandbytes")
 
 
 def _fail(e: Exception):
@@ -108,43 +39,11 @@ def _fmt(v: float | None) -> str:
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "filelock", "torchao"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for noisy in QUIET:
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
 # ------------------------------------------------------------------------------------------------ subcommands
-
-OPTION_DEST = "option_"  # option flags' namespace prefix: an option name never shadows a run or config field
-
-
-def add_quant_option_args(group) -> None:
-    """One flag per registered quantizer option (``--magr-iters``, ``--act-order/--no-act-order``), its help from
-    the option field's ``metadata["help"]`` and the methods that take it; absent flags keep the method's defaults."""
-    from .recipes.config import QuantConfig, field_types
-
-    for name, (f, cls, methods) in QuantConfig.option_fields().items():
-        kind = field_types(cls)[name][2][0]
-        default = "" if f.default in (None, False) else f" (default: {f.default})"
-        kw = {"dest": OPTION_DEST + name, "default": argparse.SUPPRESS,
-              "help": f"{f.metadata.get('help', '')} [{', '.join(methods)}]{default}"}
-        if kind is bool:
-            group.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
-        else:
-            group.add_argument("--" + name.replace("_", "-"), type=kind if kind in (int, float) else str,
-                               metavar=name.upper(), **kw)
-
-
-def quant_options_from_args(args: argparse.Namespace, method: str) -> dict:
-    """The ``options`` mapping of the option flags present; a flag ``method`` has no use for is an error."""
-    from .recipes.config import QuantConfig
-
-    known = QuantConfig.option_fields()
-    for name in (n for n in known if hasattr(args, OPTION_DEST + n) and method not in known[n][2]):
-        takes = ", ".join("--" + n.replace("_", "-") for n in sorted(n for n in known if method in known[n][2]))
-        raise ValueError(f"--{name.replace('_', '-')} is an option of --method {' / '.join(known[name][2])}; "
-                         f"--method {method} has no use for it (its options: {takes or 'none'})")
-    return {n: getattr(args, OPTION_DEST + n) for n in known if hasattr(args, OPTION_DEST + n)}
-
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .recipes.config import CalibrationConfig, QuantConfig
@@ -208,11 +107,26 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
     if summary:
-        print(f"{summary['method']} ({summary['bits']}-bit): {summary['steps']} steps, mean loss "
-              f"{summary['mean_train_loss']:.4f}, last logged loss {_fmt(summary['last_logged_loss'])}, "
-              f"{summary['trainable_params']:,} trainable parameters, {summary['train_time_s']:.1f}s -> "
-              f"{cfg.output_dir}")
+        print(finetune_report(summary, cfg.output_dir))
     return 0
+
+
+def finetune_report(summary: dict, out: str) -> str:
+    """The end-of-run summary of ``lowbit finetune``: the last logged loss (the run's mean beside it), the
+    accuracy per test set and their average when the run evaluated, and where the files are."""
+    from .recipes.evaluate import format_summary
+
+    s = summary
+    resumed = f", resumed from {s['resumed_from']}" if s.get("resumed_from") else ""
+    lines = [f"{s['method']} ({s['bits']}-bit): {s['steps']} steps in {s['train_time_s']:.1f}s{resumed}, "
+             f"{s['trainable_params']:,} trainable parameters",
+             f"training loss: last logged {_fmt(s['last_logged_loss'])} (mean over the run {s['mean_train_loss']:.4f})"]
+    if s.get("eval"):
+        lines += ["evaluation:", format_summary(s["eval"])]
+    out = Path(out)
+    files = [f for f in ("adapter", "base", "loss.png", "log.jsonl", "run.json", "summary.json") if (out / f).exists()]
+    lines.append(f"run directory: {out}  ({', '.join(files)})")
+    return "\n".join(lines)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -306,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="lowbit", description="Quantize LLaMA-class models and fine-tune "
                                      "adapters on the low-bit base.")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the start-up warnings of third-party libraries")
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model to packed low-bit storage")
@@ -339,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the whole comparison on the embedded tiny model (quantize, init, train, "
                        "evaluate, compare)")
     d.add_argument("--out", default=None, help="output directory (default: demo_out; real_out with --real)")
-    d.add_argument("--quick", action="store_true", help="the toy budget (for tests): the built-in spec demo-quick")
+    d.add_argument("--quick", action="store_true", help="the same methods on a toy budget (a few steps each, for a "
+                   "smoke test): the built-in spec demo-quick (real-suite-quick with --real)")
     d.add_argument("--model", default=None, help="with --quantization-only: model directory (default: tiny)")
     d.add_argument("--quantization-only", action="store_true",
                    help="only the quantization table (perplexity, output error per method and bit width)")
@@ -373,22 +289,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     pa = sub.add_parser("params", help="trainable-parameter counts of DiaBlo and LoRA (LLaMA-2-7B by default)")
     pa.add_argument("--model", default=None, help="model directory, hub id or alias whose config to use")
-    pa.add_argument("--rank", type=int, default=64)
-    pa.add_argument("--num-blocks", type=int, default=64)
+    pa.add_argument("--rank", type=int, default=64, help="LoRA rank (default: 64)")
+    pa.add_argument("--num-blocks", type=int, default=64, help="DiaBlo blocks per linear (default: 64)")
     pa.set_defaults(func=cmd_params)
 
     pt = sub.add_parser("pretrain-tiny", help="pre-train lowbit's embedded tiny arithmetic LLaMA from scratch")
-    pt.add_argument("--out", required=True)
-    pt.add_argument("--overwrite", action="store_true")
+    pt.add_argument("--out", required=True, help="directory for the pre-trained model")
+    pt.add_argument("--overwrite", action="store_true", help="replace an existing model in --out (once the new one "
+                    "is complete)")
     add_config_args(pt.add_argument_group("pre-training (PretrainConfig)"), PretrainConfig)
     pt.set_defaults(func=cmd_pretrain_tiny)
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line. ``key=value`` overrides of ``finetune`` and ``experiment`` may stand anywhere on the
+    line, before or after the flags (``lowbit finetune R --resume output_dir=X``)."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and getattr(args, "overrides", None) is not None:
+        extra = [a for a in rest if "=" in a and not a.startswith("-")]
+        args.overrides += extra
+        rest = [a for a in rest if a not in extra]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     _setup_logging(args.verbose)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        # Every result lowbit writes is swapped in atomically, so what was complete before Ctrl-C is still there.
+        resume = {"finetune": " with --resume", "quantize": ""}.get(args.command, " (finished parts are reused)")
+        print(f"\nlowbit {args.command}: interrupted. Complete results on disk are kept (lowbit swaps every file in "
+              f"whole); run the same command again{resume} to go on.", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

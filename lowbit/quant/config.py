@@ -195,6 +195,11 @@ class QuantConfig:
             raise ValueError("targets is empty; name at least one linear (e.g. ['q_proj']) or leave it unset (all)")
 
     @staticmethod
+    def methods() -> dict[str, tuple[int, ...]]:
+        """The registered quantizers and the bit widths each takes, for front ends that list them."""
+        return {name: q.bits for name, q in sorted(QUANTIZERS.items())}
+
+    @staticmethod
     def option_fields() -> dict[str, tuple[dataclasses.Field, type, list[str]]]:
         """Every registered quantizer option once, for front ends that list them: name -> (its field, an options
         class holding it, the methods that take it)."""
