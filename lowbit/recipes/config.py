@@ -92,7 +92,8 @@ class DataConfig:
 class TrainConfig:
     """Optimisation (Hugging Face ``TrainingArguments`` names where they exist). precision: ``auto`` (bf16
     autocast on CUDA with bf16 support, else fp32), ``fp32``, ``bf16`` or ``fp16``. optim: ``adamw_torch`` or
-    ``paged_adamw_8bit`` / ``adamw_8bit`` (bitsandbytes)."""
+    ``paged_adamw_8bit`` / ``adamw_8bit`` (bitsandbytes). max_steps: a positive number of optimizer steps, or ``-1``
+    (train for ``epochs``)."""
 
     epochs: float = 3.0
     max_steps: int = -1
@@ -121,17 +122,38 @@ class TrainConfig:
             raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.optim not in ("adamw_torch", "paged_adamw_8bit", "adamw_8bit"):
             raise ValueError(f"train.optim must be adamw_torch, paged_adamw_8bit or adamw_8bit, got {self.optim!r}")
-        if self.batch_size <= 0 or self.grad_accum <= 0 or self.lr <= 0:
-            raise ValueError(f"train.batch_size, grad_accum and lr must be positive, got {self.batch_size}, "
-                             f"{self.grad_accum}, {self.lr}")
-        if self.max_steps <= 0 and self.epochs <= 0:
-            raise ValueError("set train.epochs > 0 or train.max_steps > 0")
+        self._check_numbers()
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.save_total_limit < 2:
             # a new checkpoint is complete only after rotation; keep the previous complete one until then
             raise ValueError(f"train.save_total_limit must be >= 2 so a complete checkpoint always survives, got "
                              f"{self.save_total_limit}")
+
+    def _check_numbers(self) -> None:
+        """Counts and rates that would otherwise be passed on to the Trainer: a nonsense value there fails (or is
+        silently reinterpreted) only after the expensive quantization, so it is refused here."""
+        if self.max_steps == 0 or self.max_steps < -1:
+            # The Trainer reads any max_steps <= 0 as "train for num_train_epochs": -5 would silently mean epochs.
+            raise ValueError(f"train.max_steps must be a positive number of optimizer steps, or -1 to train for "
+                             f"train.epochs ({self.epochs:g}) epochs; got {self.max_steps}")
+        if self.max_steps == -1 and self.epochs <= 0:
+            raise ValueError(f"train.epochs must be > 0 when train.max_steps is -1 (train for epochs); got "
+                             f"epochs={self.epochs:g}: set train.epochs > 0 or train.max_steps to a positive count")
+        if self.epochs < 0:
+            raise ValueError(f"train.epochs must be >= 0, got {self.epochs:g}")
+        for name in ("batch_size", "grad_accum", "lr", "logging_steps", "save_steps"):
+            value = getattr(self, name)
+            if value <= 0:
+                raise ValueError(f"train.{name} must be positive, got {value}")
+        for name in ("weight_decay", "warmup_steps", "max_grad_norm", "seed"):
+            value = getattr(self, name)
+            if value < 0:
+                # max_grad_norm 0 switches clipping off, as in the Trainer; numpy refuses a negative seed
+                raise ValueError(f"train.{name} must be >= 0, got {value}")
+        if self.threads is not None and self.threads <= 0:
+            raise ValueError(f"train.threads must be a positive number of CPU threads, or null (torch's default); "
+                             f"got {self.threads}")
 
 
 @dataclass

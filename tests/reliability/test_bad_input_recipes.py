@@ -157,6 +157,28 @@ def test_base_fingerprint_of_a_quantized_directory_hashes_once(tmp_path, monkeyp
     assert model_dir_fingerprint(str(d))["weights_sha256"] != a["weights_sha256"]
 
 
+# -------------------------------------------------------------------------------------- 2. training settings
+@bad_input("recipe override {override}")
+@pytest.mark.parametrize("override, want", [
+    ("train.max_steps=-5", r"train.max_steps must be a positive number of optimizer steps, or -1 to train for "
+                           r"train.epochs \(1\) epochs; got -5"),
+    ("train.max_steps=0", r"train.max_steps .* or -1 .*got 0"),
+    ("train.batch_size=0", r"train.batch_size must be positive, got 0"),
+    ("train.lr=-0.001", r"train.lr must be positive, got -0.001"),
+    ("train.save_steps=0", r"train.save_steps must be positive"),
+    ("train.warmup_steps=-1", r"train.warmup_steps must be >= 0"),
+    ("train.threads=0", r"train.threads must be a positive number"),
+    ("adapter.alpha=0", r"alpha must be a positive number, got 0")])
+def test_nonsense_training_numbers_are_refused_before_the_model(tmp_path, no_model_loading, override, want):
+    """A value the Trainer would reinterpret (max_steps -5 means "train for epochs") or fail on only after the
+    quantization is refused when the recipe is read."""
+    with pytest.raises(ValueError, match=want):
+        load_recipe("tiny-diablo-2bit", [override])
+    msg = _cli_error(["finetune", "tiny-diablo-2bit", override, f"output_dir={tmp_path / 'run'}"])
+    assert override.split("=")[1] in msg and not (tmp_path / "run").exists()
+    assert load_recipe("tiny-diablo-2bit", ["train.max_steps=-1", "train.epochs=1"]).train.max_steps == -1
+
+
 # ---------------------------------------------------------------------------------------------- 3. recipes
 @bad_input("a recipe path that does not exist")
 def test_recipe_path_never_falls_back_to_the_builtin_of_that_name(tmp_path, monkeypatch):
