@@ -223,6 +223,49 @@ def test_override_that_is_not_yaml_is_a_value_error():
         load_recipe("tiny-lora-fp", ["train.lr=[1"])
 
 
+# ------------------------------------------------------------------------------------------ model paths
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Any download from the model hub fails the test (recorded too: transformers turns the error into its own)."""
+    import huggingface_hub
+    import huggingface_hub.file_download
+    import transformers.utils.hub
+
+    asked = []
+
+    def refuse(*a, **k):
+        asked.append(a[:1])
+        raise AssertionError(f"the model hub was asked for {a[:1]}")
+
+    for mod in (huggingface_hub, huggingface_hub.file_download, transformers.utils.hub):
+        for name in ("hf_hub_download", "snapshot_download", "get_hf_file_metadata"):
+            if hasattr(mod, name):
+                monkeypatch.setattr(mod, name, refuse)
+    yield
+    assert asked == [], f"the model hub was asked for {asked}"
+
+
+@bad_input("a mistyped local --model / model.name path")
+def test_a_mistyped_model_path_is_reported_without_asking_the_hub(tmp_path, monkeypatch, no_model_loading, no_hub):
+    """``runs/tyr`` beside ``runs/`` (holding ``try``), ``./models/x`` and ``runs/tyr/`` are paths, never hub ids:
+    the error names the closest existing entries, at once; ``org/name`` that exists nowhere stays a hub id."""
+    from lowbit.recipes.loading import local_only, resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "try").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"no such model directory: runs/tyr \(runs/ has no 'tyr'; closest: "
+                                                r"runs/try\).*not looked up on the hub: runs/ is a local directory"):
+        resolve_model("runs/tyr")
+    msg = _cli_error(["finetune", "tiny-lora-fp", "model.name=runs/tyr/", "output_dir=run"])
+    assert "no such model directory: runs/tyr/" in msg and "runs/try" in msg and not (tmp_path / "run").exists()
+    msg = _cli_error(["quantize", "--model", "./models/llama-2-7b", "--method", "rtn", "--bits", "4", "--out", "q"])
+    assert "no such model directory: ./models/llama-2-7b (the current directory has no 'models'" in msg
+    assert "no such model directory: runs/tyr" in _cli_error(["params", "--model", "runs/tyr"])
+    assert resolve_model("meta-llama/Llama-2-7b-hf") == ("meta-llama/Llama-2-7b-hf", False)
+    # a local directory is read with local_files_only: transformers never asks the hub about it
+    assert local_only(str(tmp_path)) == {"local_files_only": True} and local_only("meta-llama/Llama-2-7b-hf") == {}
+
+
 # ------------------------------------------------------------------------------------------ 4. architecture
 def _gpt2_config_dir(tmp_path: Path) -> Path:
     d = tmp_path / "gpt2"
