@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from lowbit.cli import main
+from lowbit.data import load_gsm8k_jsonl
 from lowbit.recipes.config import CONFIG_DIR, dump_recipe, load_recipe
 
 # Registers a test's expected errors for docs/BAD_INPUTS.md (tests/reliability/conftest.py).
@@ -91,6 +92,24 @@ def test_math10k_without_path_needs_the_file_in_the_data_dir(tmp_path, monkeypat
     monkeypatch.delenv("LOWBIT_DATA_DIR", raising=False)
     with pytest.raises(FileNotFoundError, match="neither a named training set"):
         training_files(DataConfig(source=str(tmp_path / "nope.json")))
+
+
+@bad_input("a binary calibration file / training file")
+def test_binary_calibration_and_training_files_are_named(tmp_path, no_model_loading):
+    """Not UTF-8 (here: binary bytes in a .txt/.json): the error names the file, the byte and its offset, and what
+    the file must be, instead of Python's bare "'utf-8' codec can't decode byte 0xd1"."""
+    binary = b"calibration text\n\n\xd1\x00\x07\x00 more"
+    (tmp_path / "calib.txt").write_bytes(binary)
+    (tmp_path / "train.json").write_bytes(b"[" + binary)
+    msg = _cli_error(["quantize", "--model", "tiny", "--calib", str(tmp_path / "calib.txt"), "--method", "gptq",
+                      "--bits", "4", "--out", str(tmp_path / "q")])
+    assert f"calibration source {tmp_path / 'calib.txt'} is binary data, not text: byte 0xd1 at offset 18" in msg
+    assert "calibration files are UTF-8 text: .txt" in msg and ".json/.jsonl" in msg and not (tmp_path / "q").exists()
+    msg = _cli_error(["finetune", "tiny-lora-fp", f"data.source={tmp_path / 'train.json'}", f"output_dir={tmp_path}/r"])
+    assert f"data file {tmp_path / 'train.json'} is binary data, not text: byte 0xd1 at offset 19" in msg
+    (tmp_path / "latin1.jsonl").write_bytes('{"question": "Caf\u00e9?"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"GSM8K file .*latin1.jsonl is not UTF-8 text: byte 0xe9 at offset 17"):
+        load_gsm8k_jsonl(tmp_path / "latin1.jsonl")
 
 
 @bad_input("data.path set where data.source would ignore it")
