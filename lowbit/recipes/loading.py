@@ -286,15 +286,26 @@ def load_model(model: str, adapter: str | None = None, device: str | None = None
     if quantized:
         info.update(quantized_info(path))
     if adapter is not None:
-        from ..adapters import load_adapter
-
-        try:
-            m = load_adapter(m, adapter, force=force_adapter)
-        except (ValueError, FileNotFoundError) as e:
-            raise ValueError(f"adapter {adapter!r} cannot be attached to model {model!r}: {e}. Pass as --model the "
-                             f"base model (or quantized base) the adapter was trained on") from None
+        m = _attach_adapter(m, model, adapter, force_adapter)
     m.eval()
     return m, tok, info
+
+
+def _attach_adapter(m, model: str, adapter: str, force: bool):
+    """``load_adapter`` with advice that fits the failure: another base is fixed by ``--model``; damaged or edited
+    adapter files (their own message says how) and anything else are not."""
+    from ..adapters import BaseMismatchError, load_adapter
+    from ..io import DamagedFileError
+
+    try:
+        return load_adapter(m, adapter, force=force)
+    except DamagedFileError as e:
+        raise ValueError(f"adapter {adapter!r} cannot be loaded: {e}") from None
+    except BaseMismatchError as e:
+        raise ValueError(f"adapter {adapter!r} cannot be attached to model {model!r}: {e}. Pass as --model the "
+                         f"base model (or quantized base) the adapter was trained on") from None
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"adapter {adapter!r} cannot be attached to model {model!r}: {e}") from None
 
 
 def base_fingerprint(cfg) -> dict:

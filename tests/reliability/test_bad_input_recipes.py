@@ -311,6 +311,35 @@ def test_finetune_refuses_an_unsupported_architecture_before_loading(tmp_path, n
         assert not (tmp_path / recipe).exists()
 
 
+# ---------------------------------------------------------------------------------------------- adapters
+@bad_input("`lowbit evaluate --adapter` whose JSON was edited / trained on another base")
+def test_adapter_errors_give_the_advice_that_fits_the_damage(tmp_path):
+    """An edited adapter file (its seal or checksum disagrees) is the adapter's own damage: restore or re-train it,
+    never "pass the base it was trained on"; an adapter of another base gets that advice."""
+    import torch
+
+    from lowbit.adapters import AdapterConfig, apply_adapters, base_fingerprint, save_adapter
+    from lowbit.recipes.loading import load_base
+
+    model = load_base("tiny")[0]
+    apply_adapters(model, AdapterConfig(rank=2, targets=["q_proj"]), progress=False)
+    fp = base_fingerprint(model)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.add_(1.0)
+    save_adapter(model, tmp_path / "other-base", fingerprint=base_fingerprint(model))  # trained on another base
+    save_adapter(model, tmp_path / "edited", fingerprint=fp)
+    meta = json.loads((tmp_path / "edited" / "lowbit_adapter.json").read_text())
+    meta["adapter"]["rank"] = 4  # a hand edit: still valid JSON, the seal disagrees
+    (tmp_path / "edited" / "lowbit_adapter.json").write_text(json.dumps(meta))
+    ev = ["evaluate", "--model", "tiny", "--datasets", "synthetic-mawps", "--limit", "1", "--out", str(tmp_path / "o")]
+    msg = _cli_error([*ev, "--adapter", str(tmp_path / "edited")])
+    assert "checksum mismatch" in msg and "lowbit_adapter.json" in msg and "trained on" not in msg
+    assert "the adapter's files were changed after it was saved" in msg and "restore them from a copy" in msg
+    msg = _cli_error([*ev, "--adapter", str(tmp_path / "other-base")])
+    assert "was trained on a different base" in msg and "Pass as --model the base model" in msg
+    assert not (tmp_path / "o").exists()
+
+
 # ------------------------------------------------------------------------------------------------ 7. resume
 def _snapshot(d: Path) -> dict:
     return {str(p.relative_to(d)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(d.rglob("*"))
