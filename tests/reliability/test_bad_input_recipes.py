@@ -176,6 +176,17 @@ def test_base_fingerprint_of_a_quantized_directory_hashes_once(tmp_path, monkeyp
     assert model_dir_fingerprint(str(d))["weights_sha256"] != a["weights_sha256"]
 
 
+@bad_input("training prompts longer than data.max_length")
+def test_long_prompts_name_the_recipe_key_that_fits_them(tmp_path, no_model_loading):
+    """The error counts the prompts that fill data.max_length and names the value that fits them all, as the recipe
+    key a user can set (``on_long_prompt`` is not one: it is for API callers)."""
+    msg = _cli_error(["finetune", "tiny-lora-fp", "data.max_length=150", "data.num_examples=64",
+                      f"output_dir={tmp_path / 'run'}"])
+    need = int(msg.split("data.max_length=")[1].split(")")[0])
+    assert f"of 64 records have a prompt of >= 150 tokens (the longest {need - 1})" in msg and need > 150
+    assert "on_long_prompt='skip'" in msg and "API callers" in msg and not (tmp_path / "run").exists()
+
+
 # -------------------------------------------------------------------------------------- 2. training settings
 @bad_input("recipe override {override}")
 @pytest.mark.parametrize("override, want", [
