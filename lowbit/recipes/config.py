@@ -10,6 +10,7 @@ is reachable from a recipe. Unknown keys at any depth are errors that list the v
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import types
 import typing
@@ -293,8 +294,32 @@ def find_recipe(recipe: str | Path) -> Path:
         raise FileNotFoundError(f"recipe file {text} not found{' (it is a directory)' if p.is_dir() else ''}{hint}")
     if (CONFIG_DIR / f"{text}.yaml").is_file():
         return CONFIG_DIR / f"{text}.yaml"
-    raise FileNotFoundError(f"no built-in recipe named {text!r}; built-in recipes: {builtin} (a recipe file is "
-                            f"given by its path, e.g. ./{text}.yaml)")
+    raise FileNotFoundError(f"no built-in recipe named {text!r}" + unknown_name_hint(
+        text, builtin, f"the files of lowbit/recipes/configs/; a recipe file is given by its path, e.g. ./{text}.yaml"))
+
+
+def unknown_name_hint(name: str, names: list[str], listing: str) -> str:
+    """"did you mean" the closest of ``names``, then ``names`` themselves, grouped by their first word when there
+    are many, and ``listing`` (where to see them in full): the CLI prints an error as one line, and all 48 recipe
+    names on it would bury the suggestion."""
+    close = [repr(c) for c in difflib.get_close_matches(name, names, n=3, cutoff=0.6)]
+    mean = f"; did you mean {', '.join(close[:-1]) + ' or ' if len(close) > 1 else ''}{close[-1]}?" if close else ""
+    return f"{mean} (built-in: {_grouped(names)}; {listing})"
+
+
+def _grouped(names: list[str], few: int = 12) -> str:
+    """``names`` in one line: all of them when few, else ``16 tiny-*``-style counts per first word."""
+    if len(names) <= few:
+        return ", ".join(names)
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(n.split("-")[0], []).append(n)
+    parts = []
+    for members in groups.values():
+        prefix = os.path.commonprefix(members)
+        prefix = prefix[: prefix.rfind("-") + 1]  # whole words: llama2-7b-, not llama2-7b-d when all start so
+        parts.append(f"{len(members)} {prefix}*" if len(members) > 1 and prefix else ", ".join(members))
+    return ", ".join(parts)
 
 
 def read_recipe(path: Path) -> dict:

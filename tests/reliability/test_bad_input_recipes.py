@@ -220,15 +220,19 @@ def test_recipe_path_never_falls_back_to_the_builtin_of_that_name(tmp_path, monk
     assert "configs/tiny-diablo-2bit.yaml not found" in msg
 
 
-@bad_input("an unknown built-in recipe name")
+@bad_input("an unknown built-in recipe name / experiment spec name")
 def test_recipe_name_is_never_a_file_and_unknown_names_list_the_builtins(tmp_path, monkeypatch):
+    """The closest names first, then the built-in ones grouped by prefix: one short line, not 48 names."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "myrecipe").write_text("method: mine\n")  # a file without extension is not a name
-    with pytest.raises(FileNotFoundError, match=r"no built-in recipe named 'myrecipe'.*\./myrecipe\.yaml"):
+    with pytest.raises(FileNotFoundError, match=r"no built-in recipe named 'myrecipe' \(built-in: .*\./myrecipe\.yaml"):
         load_recipe("myrecipe")
-    msg = _cli_error(["finetune", "tiny-diablo-3bit"])
-    assert "no built-in recipe named 'tiny-diablo-3bit'" in msg and "'tiny-diablo-2bit'" in msg
+    msg = _cli_error(["finetune", "tiny-diablo-2bt"])
+    assert msg.startswith("error: no built-in recipe named 'tiny-diablo-2bt'; did you mean 'tiny-diablo-2bit', ")
+    assert "16 llama2-7b-*, 16 smollm2-*, 16 tiny-*" in msg and "smollm2-lora-fp" not in msg and len(msg) < 400
     assert load_recipe("./myrecipe").method == "mine"  # as a path it is a file
+    msg = _cli_error(["experiment", "stdy"])
+    assert "no built-in experiment spec named 'stdy'; did you mean 'study'? (built-in: demo, demo-quick" in msg
 
 
 @bad_input("recipe YAML {text!r}")
