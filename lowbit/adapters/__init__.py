@@ -25,12 +25,19 @@ from .loftq import loftq_init
 from .lora import LoRALinear
 from .model import adapter_modules, apply_adapters, count_parameters, expected_trainable, without_adapters
 from .registry import ADAPTERS, INITS, register_adapter, register_base_init, register_init
-from .storage import load_adapter, read_adapter_config, read_adapter_meta, save_adapter, set_adapter_weights
+from .storage import (
+    BaseMismatchError,
+    load_adapter,
+    read_adapter_config,
+    read_adapter_meta,
+    save_adapter,
+    set_adapter_weights,
+)
 
 __all__ = [
     "AdapterConfig", "AdapterLayer", "ADAPTERS", "INITS", "register_adapter", "register_init", "register_base_init",
     "apply_adapters", "adapter_modules", "count_parameters", "expected_trainable", "without_adapters", "save_adapter",
     "load_adapter", "read_adapter_config", "set_adapter_weights", "DiaBloLinear", "LoRALinear", "cloq_init",
     "loftq_init", "diablo_calibrated_init", "apiq_bw", "base_fingerprint", "base_difference", "describe_base",
-    "read_adapter_meta",
+    "read_adapter_meta", "BaseMismatchError",
 ]

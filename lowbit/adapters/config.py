@@ -55,6 +55,9 @@ class AdapterConfig:
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
         if not isinstance(self.num_blocks, int) or self.num_blocks <= 0:
             raise ValueError(f"num_blocks must be a positive integer, got {self.num_blocks!r}")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            # LoRA scales its branch by alpha/rank: 0 switches the adapter off, a negative value flips its sign
+            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if isinstance(self.targets, str):

@@ -11,8 +11,10 @@ atomically.
 
 ``load_adapter`` refuses a model whose base differs from that fingerprint unless ``force=True``; an adapter without
 one (written by PEFT or by a lowbit older than the fingerprint) loads with a logged warning that its base cannot be
-checked. Corrupt or truncated files raise ``ValueError`` naming the file ("checksum mismatch: FILE is corrupt" where
-only the checksum notices), a missing one ``FileNotFoundError``.
+checked. Corrupt or truncated files raise :class:`~lowbit.io.DamagedFileError` (a ``ValueError``) naming the file
+("checksum mismatch: FILE is corrupt" where only the checksum notices) and saying the files were changed after
+saving; a missing one ``FileNotFoundError``; another base :class:`BaseMismatchError`. The two fixes differ (restore
+or re-train the adapter; load it onto its own base), so callers tell them apart by type.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from ..io import (
+    DamagedFileError,
     atomic_dir,
     atomic_write_json,
     check_finite,
@@ -44,6 +47,15 @@ log = logging.getLogger(__name__)
 
 PEFT_PREFIX = "base_model.model."
 WEIGHTS = "adapter_model.safetensors"
+RERUN = "re-run the fine-tuning that wrote it"
+#: The fix for an adapter whose files no longer match what save_adapter wrote (the seal or a recorded checksum).
+CHANGED = ("the adapter's files were changed after it was saved (edited by hand, truncated or damaged on disk); "
+           "restore them from a copy, or re-train the adapter (re-run the fine-tuning that wrote it)")
+
+
+class BaseMismatchError(ValueError):
+    """The model is not the base the adapter was trained on (other modules, shapes or base fingerprint): the fix is
+    loading it onto that base, unlike for a damaged adapter file (:class:`~lowbit.io.DamagedFileError`)."""
 
 
 def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -92,7 +104,7 @@ def read_adapter_meta(adapter_dir: str | Path) -> dict | None:
     path = Path(adapter_dir) / "lowbit_adapter.json"
     if not path.is_file():
         return None
-    meta = read_json(path, "re-run the fine-tuning that wrote it")
+    meta = read_json(path, RERUN)
     if not isinstance(meta, dict) or not isinstance(meta.get("adapter"), dict):
         raise ValueError(f"{path} has no 'adapter' object; the file is corrupt, re-run the fine-tuning that wrote it")
     return meta
@@ -116,12 +128,21 @@ def read_adapter_config(adapter_dir: str | Path) -> AdapterConfig:
     return AdapterConfig(adapter=name, **cls.config_from_peft(peft))
 
 
+def _read_weights(d: Path, meta: dict | None) -> dict[str, torch.Tensor]:
+    state = load_safetensors(d / WEIGHTS, what=RERUN)
+    if meta is not None:  # then the checksums (none in older directories): what the reader cannot notice
+        verify_files(d, meta.get("files") or {}, RERUN)
+    return state
+
+
+def _check_weights_finite(d: Path, state: dict[str, torch.Tensor]) -> None:
+    # after the checksums: NaN in files that still match them was saved so, by a run that diverged
+    check_finite(state, d / WEIGHTS, f"{RERUN}, from a checkpoint before it diverged")
+
+
 def _load_weights(d: Path) -> dict[str, torch.Tensor]:
-    state = load_safetensors(d / WEIGHTS, what="re-run the fine-tuning that wrote it")
-    check_finite(state, d / WEIGHTS, "re-run the fine-tuning that wrote it, from a checkpoint before it diverged")
-    meta = read_adapter_meta(d)
-    if meta is not None:  # then the checksums (none in older directories): what the checks above cannot notice
-        verify_files(d, meta.get("files") or {}, "re-run the fine-tuning that wrote it")
+    state = _read_weights(d, read_adapter_meta(d))
+    _check_weights_finite(d, state)
     return state
 
 
@@ -140,8 +161,8 @@ def _check_base(model: nn.Module, d: Path, meta: dict | None, force: bool) -> No
     if force:
         log.warning("%s; attaching it anyway (force=True)", msg)
         return
-    raise ValueError(f"{msg}. Load it onto the base it was trained on{where}, or pass force=True to load_adapter "
-                     f"(--force-adapter on the command line) to attach it anyway")
+    raise BaseMismatchError(f"{msg}. Load it onto the base it was trained on{where}, or pass force=True to "
+                            f"load_adapter (--force-adapter on the command line) to attach it anyway")
 
 
 def _stored_modules(state: dict[str, torch.Tensor], suffixes: tuple[str, ...]) -> set[str]:
@@ -157,25 +178,31 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
                  ) -> nn.Module:
     """Attach the adapter saved in ``adapter_dir`` to ``model`` (float or quantized base) and return ``model``.
 
-    Raises ``ValueError`` before changing the model when the adapter's modules or shapes do not match it, when its
-    files are corrupt, or when ``model`` is not the base the adapter was trained on (its recorded fingerprint,
-    :mod:`lowbit.adapters.fingerprint`); ``force=True`` attaches it anyway, with a logged warning.
+    Raises, before changing the model, :class:`BaseMismatchError` when the adapter's modules or shapes do not match
+    it or ``model`` is not the base the adapter was trained on (its recorded fingerprint,
+    :mod:`lowbit.adapters.fingerprint`; ``force=True`` attaches it anyway, with a logged warning), and
+    :class:`~lowbit.io.DamagedFileError` when its files are corrupt or were changed after saving.
     """
     d = Path(adapter_dir)
-    config = read_adapter_config(d)
-    meta = read_adapter_meta(d)
+    try:
+        config = read_adapter_config(d)
+        meta = read_adapter_meta(d)
+        state = _read_weights(d, meta)
+    except DamagedFileError as e:  # the seal or a checksum: the files, not the base, are what changed
+        raise DamagedFileError(e.path, e.reason, CHANGED) from None
+    _check_weights_finite(d, state)
     cls = ADAPTERS[config.adapter]
-    state = _load_weights(d)
     names = resolve_targets(model, config.targets)
     present = _stored_modules(state, tuple(cls.stored_params))
     missing_in_model = sorted(present - set(names))
     if missing_in_model:
-        raise ValueError(f"adapter {d} was saved for modules this model lacks, e.g. {missing_in_model[:3]} "
-                         f"(model has {len(names)} target modules); it belongs to a different base model")
+        raise BaseMismatchError(f"adapter {d} was saved for modules this model lacks, e.g. "
+                                f"{missing_in_model[:3]} (model has {len(names)} target modules); it belongs to a "
+                                f"different base model")
     missing_in_adapter = sorted(set(names) - present)
     if missing_in_adapter:
-        raise ValueError(f"adapter {d} has no weights for {missing_in_adapter[:3]}...; it belongs to a different "
-                         f"base model (fewer layers?)")
+        raise BaseMismatchError(f"adapter {d} has no weights for {missing_in_adapter[:3]}...; it belongs to a "
+                                f"different base model (fewer layers?)")
     check_targets(model, names, config)
     for name in names:
         inp, out = base_shape(model.get_submodule(name))
@@ -183,8 +210,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
         keys = [f"{PEFT_PREFIX}{name}.{k}" for k in cls.stored_params]
         got = tuple(tuple(state[k].shape) if k in state else None for k in keys)
         if want != got:
-            raise ValueError(f"adapter {d} does not match the model at {name}: stored shapes {got}, the model's "
-                             f"{out}x{inp} layer needs {want}; it belongs to a different base")
+            raise BaseMismatchError(f"adapter {d} does not match the model at {name}: stored shapes {got}, the "
+                                    f"model's {out}x{inp} layer needs {want}; it belongs to a different base")
     _check_base(model, d, meta, force)
     for name in names:
         w = make_adapter(model.get_submodule(name), config)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .records import record_text
+from .records import read_utf8, record_text
 from .validation import drop_held_out, training_file_data_dir
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,10 @@ HUB_SOURCES = ("wikitext2", "c4")
 
 
 DATA_PREFIX = "data:"
+#: What a calibration file must be, for the errors about one that is not.
+CALIBRATION_FIX = ("calibration files are UTF-8 text: .txt (documents separated by blank lines), or .json/.jsonl "
+                   "records with a text field; convert it or pass another file with --calib (a recipe's "
+                   "calibration.sources)")
 
 
 def resolve_source(source: str) -> str:
@@ -54,13 +58,10 @@ def load_texts(source: str) -> list[str]:
     source = resolve_source(source)
     p = Path(source)
     if p.is_file():
+        text = read_utf8(p, "calibration source", CALIBRATION_FIX)
         if p.suffix not in (".jsonl", ".json"):
-            return [t for t in p.read_text().split("\n\n") if t.strip()]
-        if p.suffix == ".jsonl":
-            data = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-        else:
-            data = json.loads(p.read_text())
-            data = data if isinstance(data, list) else data.get("data", [data])
+            return [t for t in text.split("\n\n") if t.strip()]
+        data = _json_records(p, text)
         root = training_file_data_dir(p)
         if root is not None:
             kept = drop_held_out(data, root)
@@ -78,6 +79,26 @@ def load_texts(source: str) -> list[str]:
         return [t for t in ds["text"] if t.strip()]
     raise FileNotFoundError(f"calibration source {source!r} is neither an existing file nor one of {HUB_SOURCES}; "
                             f"pass a .txt/.json/.jsonl file with --calib")
+
+
+def _json_records(p: Path, text: str) -> list:
+    """The records of a calibration .json (an array, ``{"data": [...]}`` or one object) or .jsonl file; invalid
+    JSON is a ``ValueError`` naming the file (and the line of a .jsonl)."""
+    if p.suffix == ".jsonl":
+        data = []
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                try:
+                    data.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"calibration source {p}: line {lineno} is not valid JSON ({e}); "
+                                     f"{CALIBRATION_FIX}") from None
+        return data
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"calibration source {p} is not valid JSON ({e}); {CALIBRATION_FIX}") from None
+    return data if isinstance(data, list) else data.get("data", [data]) if isinstance(data, dict) else [data]
 
 
 def tokenize_sources(tokenizer, sources: list[str]) -> torch.Tensor:

@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from .records import GSM8K_FIELDS, Record, check_field, format_number
+from .records import GSM8K_FIELDS, Record, check_field, format_number, read_utf8
 
 __all__ = ["gsm8k_record", "load_gsm8k_jsonl"]
 
@@ -45,20 +45,19 @@ def load_gsm8k_jsonl(path: str | Path) -> list[Record]:
     """
     path = Path(path)
     out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"line {lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: {where} is not valid JSON ({e})") from None
-            q, a = (check_field(path, where, obj, k) for k in GSM8K_FIELDS)
-            try:
-                out.append(gsm8k_record(q, a))
-            except ValueError as e:
-                raise ValueError(f"{path}: {where}: {e}") from None
+    for lineno, line in enumerate(read_utf8(path, "GSM8K file").split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"line {lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: {where} is not valid JSON ({e})") from None
+        q, a = (check_field(path, where, obj, k) for k in GSM8K_FIELDS)
+        try:
+            out.append(gsm8k_record(q, a))
+        except ValueError as e:
+            raise ValueError(f"{path}: {where}: {e}") from None
     if not out:
         raise ValueError(f"{path}: no records (the file is empty)")
     return out

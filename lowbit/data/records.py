@@ -32,6 +32,7 @@ __all__ = [
     "normalize_question",
     "question_key",
     "read_json_array",
+    "read_utf8",
     "record_text",
 ]
 
@@ -78,10 +79,28 @@ def format_number(x: float | int | str, max_decimals: int = 4) -> str:
     return f"{r:.{max_decimals}f}".rstrip("0").rstrip(".")
 
 
+#: The fix for a training or evaluation file that is not UTF-8 text.
+DATA_FILE_FIX = ("data files are UTF-8 text (LLM-Adapters .json, GSM8K .jsonl): re-save it as UTF-8 or pass the right "
+                 "file")
+
+
+def read_utf8(path: Path, what: str, fix: str = DATA_FILE_FIX) -> str:
+    """The text of ``path`` decoded as UTF-8. A file that is not (binary data, another encoding) is a
+    ``ValueError`` naming ``what`` and the file, the first undecodable byte and its offset, and ``fix``: Python's own
+    error names neither the file nor what to do."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        kind = "binary data, not text" if b"\0" in data[:8192] else "not UTF-8 text"
+        raise ValueError(f"{what} {path} is {kind}: byte 0x{data[e.start]:02x} at offset {e.start} is not valid "
+                         f"UTF-8; {fix}") from None
+
+
 def read_json_array(path: Path) -> list:
     """The non-empty JSON array in ``path``; raises ``ValueError`` naming the file otherwise."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_utf8(path, "data file"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e}); expected a JSON array of records") from None
     if not isinstance(data, list):

@@ -37,7 +37,12 @@ IGNORE_INDEX = -100  # the label torch's cross-entropy (and HF models) ignore
 
 
 class LongPromptError(ValueError):
-    """The prompt alone fills ``max_length``: no response token would be trained on."""
+    """The prompt alone fills ``max_length``: no response token would be trained on. ``prompt_tokens``: the
+    prompt's length ([BOS] included); ``max_length + 1`` or more fits it with one response token."""
+
+    def __init__(self, message: str, prompt_tokens: int) -> None:
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -64,8 +69,8 @@ def _assemble(record: Mapping[str, Any], prompt_ids: list[int], full_ids: list[i
         prompt_ids = [tokenizer.bos_token_id] + prompt_ids
     if len(prompt_ids) >= max_length:
         raise LongPromptError(f"record {record['instruction'][:60]!r}...: the prompt has {len(prompt_ids)} tokens, "
-                              f"max_length is {max_length}; no room for the response (raise max_length, or pass "
-                              f"on_long_prompt='skip' to tokenize_dataset)")
+                              f"max_length is {max_length}; no room for the response (raise max_length)",
+                              len(prompt_ids))
     response_ids = (response_ids + [tokenizer.eos_token_id])[: max_length - len(prompt_ids)]
     input_ids = prompt_ids + response_ids
     labels = list(input_ids) if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids) + response_ids
@@ -103,10 +108,12 @@ def tokenize_dataset(dataset_or_records: datasets.Dataset | Iterable[Mapping[str
     """Tokenise every record as :func:`tokenize_example` does -> ``datasets.Dataset`` with columns ``input_ids``,
     ``attention_mask``, ``labels`` (variable-length int lists; pad with :class:`CausalLMCollator`).
 
-    ``on_long_prompt``: ``"error"`` raises for the first record whose prompt fills ``max_length`` (with its
-    index); ``"skip"`` drops such records with a logged count. Raises ``ValueError`` for an empty input, or when
-    every record was skipped. Truncated responses are counted in the log. Texts go to the tokenizer
-    ``batch_size`` at a time (a fast tokenizer encodes a batch about twice as fast as one text at a time).
+    ``on_long_prompt``: ``"error"`` raises when a record's prompt fills ``max_length``, naming the first such record,
+    how many there are and the ``max_length`` that fits them all (after tokenising every record, so one fix suffices;
+    the advice names the recipe key ``data.max_length``, this function's usual caller); ``"skip"`` drops such records
+    with a logged count. Raises ``ValueError`` for an empty input, or when every record was skipped. Truncated
+    responses are counted in the log. Texts go to the tokenizer ``batch_size`` at a time (a fast tokenizer encodes a
+    batch about twice as fast as one text at a time).
     """
     import datasets
 
@@ -120,6 +127,7 @@ def tokenize_dataset(dataset_or_records: datasets.Dataset | Iterable[Mapping[str
         add_bos = adds_bos(tokenizer)  # once, not per record
     columns: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
     skipped = truncated = 0
+    long: list[tuple[int, int]] = []  # (record index, prompt tokens) of the prompts that fill max_length
     for start in range(0, len(records), batch_size):
         chunk = records[start: start + batch_size]
         prompts = [format_prompt(r["instruction"], r.get("input", ""), variant) for r in chunk]
@@ -131,13 +139,15 @@ def tokenize_dataset(dataset_or_records: datasets.Dataset | Iterable[Mapping[str
                                add_bos)
             except LongPromptError as e:
                 if on_long_prompt == "error":
-                    raise LongPromptError(f"record {start + j}: {e}") from None
+                    long.append((start + j, e.prompt_tokens))
                 skipped += 1
                 continue
             truncated += ex["input_ids"][-1] != tokenizer.eos_token_id
             for k, v in ex.items():
                 columns[k].append(v)
     n = len(records)
+    if long:
+        raise _long_prompts(records, long, max_length)
     if skipped:
         log.warning("skipped %d of %d records whose prompt alone has >= max_length=%d tokens", skipped, n, max_length)
     if skipped == n:
@@ -145,6 +155,19 @@ def tokenize_dataset(dataset_or_records: datasets.Dataset | Iterable[Mapping[str
     if truncated:
         log.info("truncated the response of %d of %d records to max_length=%d", truncated, n - skipped, max_length)
     return datasets.Dataset.from_dict(columns)
+
+
+def _long_prompts(records: list, long: list[tuple[int, int]], max_length: int) -> LongPromptError:
+    """One error for every record whose prompt fills ``max_length``: the first, the count and the length that
+    fits them all. The advice names what a recipe can set (``data.max_length``); skipping is for API callers."""
+    first, tokens = long[0]
+    need = max(t for _, t in long) + 1
+    return LongPromptError(f"record {first}: the prompt ({records[first]['instruction'][:60]!r}...) has {tokens} "
+                           f"tokens, max_length is {max_length}: no room for the response; {len(long)} of "
+                           f"{len(records)} records have a prompt of >= {max_length} tokens (the longest {need - 1}): "
+                           f"set max_length to at least {need} (in a recipe: data.max_length={need}) or remove those "
+                           f"records from the training file (API callers may pass on_long_prompt='skip' to "
+                           f"tokenize_dataset to drop them)", need - 1)
 
 
 class CausalLMCollator:

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..recipes.config import apply_overrides, build_config, read_recipe
+from ..recipes.config import apply_overrides, build_config, read_recipe, unknown_name_hint
 
 SPEC_DIR = Path(__file__).parent / "specs"
 SCOPES = ("cell", "method", "family")
@@ -230,12 +230,15 @@ def find_spec(spec: str | Path) -> Path:
     if "/" in text or os.sep in text or Path(text).suffix in (".yaml", ".yml"):
         p = Path(text).expanduser()
         if not p.is_file():
-            raise FileNotFoundError(f"experiment spec {text} not found; built-in specs: {builtin_specs()}")
+            raise FileNotFoundError(f"experiment spec {text} not found" + unknown_name_hint(
+                p.stem, builtin_specs(), "`lowbit experiment --list` describes them; a built-in spec is named without "
+                                         "a path"))
         return p
     if (SPEC_DIR / f"{text}.yaml").is_file():
         return SPEC_DIR / f"{text}.yaml"
-    raise FileNotFoundError(f"no built-in experiment spec named {text!r}; built-in: {builtin_specs()} (a spec file "
-                            f"is given by its path, e.g. ./{text}.yaml)")
+    raise FileNotFoundError(f"no built-in experiment spec named {text!r}" + unknown_name_hint(
+        text, builtin_specs(), f"`lowbit experiment --list` describes them; a spec file is given by its path, e.g. "
+                               f"./{text}.yaml"))
 
 
 def load_spec(spec: str | Path, overrides: list[str] | None = None) -> ExperimentSpec:

@@ -51,7 +51,7 @@ def load_gptq_checkpoint(path: str | Path, device: str = "cpu", dtype: torch.dty
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)  # a directory: no hub
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)

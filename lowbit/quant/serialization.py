@@ -174,7 +174,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu",
     fix = f"`lowbit quantize --out {path}`"
     read_json(path / "config.json", fix)  # a corrupt config surfaces here, named, not as a transformers error
     try:
-        hf_config = AutoConfig.from_pretrained(path)
+        hf_config = AutoConfig.from_pretrained(path, local_files_only=True)  # a directory: no hub
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{path / 'config.json'} cannot be read as a model config ({e}); re-create it ({fix})") \
             from None

@@ -113,7 +113,7 @@ def load_streaming(path: str | Path, dtype: torch.dtype = torch.float32, device:
 
     device = torch.device(device)
     ckpt = Checkpoint(path)
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)  # a directory: no hub
     with init_empty_weights(include_buffers=False):  # buffers (rotary inv_freq) are computed for real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     prefix = arch_spec(model).layers

@@ -10,6 +10,7 @@ is reachable from a recipe. Unknown keys at any depth are errors that list the v
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import types
 import typing
@@ -92,7 +93,8 @@ class DataConfig:
 class TrainConfig:
     """Optimisation (Hugging Face ``TrainingArguments`` names where they exist). precision: ``auto`` (bf16
     autocast on CUDA with bf16 support, else fp32), ``fp32``, ``bf16`` or ``fp16``. optim: ``adamw_torch`` or
-    ``paged_adamw_8bit`` / ``adamw_8bit`` (bitsandbytes)."""
+    ``paged_adamw_8bit`` / ``adamw_8bit`` (bitsandbytes). max_steps: a positive number of optimizer steps, or ``-1``
+    (train for ``epochs``)."""
 
     epochs: float = 3.0
     max_steps: int = -1
@@ -121,17 +123,38 @@ class TrainConfig:
             raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.optim not in ("adamw_torch", "paged_adamw_8bit", "adamw_8bit"):
             raise ValueError(f"train.optim must be adamw_torch, paged_adamw_8bit or adamw_8bit, got {self.optim!r}")
-        if self.batch_size <= 0 or self.grad_accum <= 0 or self.lr <= 0:
-            raise ValueError(f"train.batch_size, grad_accum and lr must be positive, got {self.batch_size}, "
-                             f"{self.grad_accum}, {self.lr}")
-        if self.max_steps <= 0 and self.epochs <= 0:
-            raise ValueError("set train.epochs > 0 or train.max_steps > 0")
+        self._check_numbers()
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.save_total_limit < 2:
             # a new checkpoint is complete only after rotation; keep the previous complete one until then
             raise ValueError(f"train.save_total_limit must be >= 2 so a complete checkpoint always survives, got "
                              f"{self.save_total_limit}")
+
+    def _check_numbers(self) -> None:
+        """Counts and rates that would otherwise be passed on to the Trainer: a nonsense value there fails (or is
+        silently reinterpreted) only after the expensive quantization, so it is refused here."""
+        if self.max_steps == 0 or self.max_steps < -1:
+            # The Trainer reads any max_steps <= 0 as "train for num_train_epochs": -5 would silently mean epochs.
+            raise ValueError(f"train.max_steps must be a positive number of optimizer steps, or -1 to train for "
+                             f"train.epochs ({self.epochs:g}) epochs; got {self.max_steps}")
+        if self.max_steps == -1 and self.epochs <= 0:
+            raise ValueError(f"train.epochs must be > 0 when train.max_steps is -1 (train for epochs); got "
+                             f"epochs={self.epochs:g}: set train.epochs > 0 or train.max_steps to a positive count")
+        if self.epochs < 0:
+            raise ValueError(f"train.epochs must be >= 0, got {self.epochs:g}")
+        for name in ("batch_size", "grad_accum", "lr", "logging_steps", "save_steps"):
+            value = getattr(self, name)
+            if value <= 0:
+                raise ValueError(f"train.{name} must be positive, got {value}")
+        for name in ("weight_decay", "warmup_steps", "max_grad_norm", "seed"):
+            value = getattr(self, name)
+            if value < 0:
+                # max_grad_norm 0 switches clipping off, as in the Trainer; numpy refuses a negative seed
+                raise ValueError(f"train.{name} must be >= 0, got {value}")
+        if self.threads is not None and self.threads <= 0:
+            raise ValueError(f"train.threads must be a positive number of CPU threads, or null (torch's default); "
+                             f"got {self.threads}")
 
 
 @dataclass
@@ -271,8 +294,32 @@ def find_recipe(recipe: str | Path) -> Path:
         raise FileNotFoundError(f"recipe file {text} not found{' (it is a directory)' if p.is_dir() else ''}{hint}")
     if (CONFIG_DIR / f"{text}.yaml").is_file():
         return CONFIG_DIR / f"{text}.yaml"
-    raise FileNotFoundError(f"no built-in recipe named {text!r}; built-in recipes: {builtin} (a recipe file is "
-                            f"given by its path, e.g. ./{text}.yaml)")
+    raise FileNotFoundError(f"no built-in recipe named {text!r}" + unknown_name_hint(
+        text, builtin, f"the files of lowbit/recipes/configs/; a recipe file is given by its path, e.g. ./{text}.yaml"))
+
+
+def unknown_name_hint(name: str, names: list[str], listing: str) -> str:
+    """"did you mean" the closest of ``names``, then ``names`` themselves, grouped by their first word when there
+    are many, and ``listing`` (where to see them in full): the CLI prints an error as one line, and all 48 recipe
+    names on it would bury the suggestion."""
+    close = [repr(c) for c in difflib.get_close_matches(name, names, n=3, cutoff=0.6)]
+    mean = f"; did you mean {', '.join(close[:-1]) + ' or ' if len(close) > 1 else ''}{close[-1]}?" if close else ""
+    return f"{mean} (built-in: {_grouped(names)}; {listing})"
+
+
+def _grouped(names: list[str], few: int = 12) -> str:
+    """``names`` in one line: all of them when few, else ``16 tiny-*``-style counts per first word."""
+    if len(names) <= few:
+        return ", ".join(names)
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(n.split("-")[0], []).append(n)
+    parts = []
+    for members in groups.values():
+        prefix = os.path.commonprefix(members)
+        prefix = prefix[: prefix.rfind("-") + 1]  # whole words: llama2-7b-, not llama2-7b-d when all start so
+        parts.append(f"{len(members)} {prefix}*" if len(members) > 1 and prefix else ", ".join(members))
+    return ", ".join(parts)
 
 
 def read_recipe(path: Path) -> dict:

@@ -22,7 +22,11 @@ def weights_fingerprint(path: str | None) -> str | None:
         return None
     suffixes, h = (".safetensors", ".bin", ".pt", ".pth"), hashlib.sha256()
     metas = [Path(path) / m for m in ("quant_config.json", "lowbit_adapter.json") if (Path(path) / m).is_file()]
-    recorded = (read_json(metas[0]).get("files") or {}) if metas else {}
+    try:
+        recorded = (read_json(metas[0]).get("files") or {}) if metas else {}
+    except DamagedFileError:
+        # Loading reports the damage next, with the fix that fits the file; nothing is written before it.
+        recorded = {}
     if recorded:
         h.update("".join(f"{n}:{d.get('sha256')};" for n, d in sorted(recorded.items()) if n.endswith(suffixes)
                          and isinstance(d, dict)).encode())

@@ -4,14 +4,17 @@ Hugging Face directory or hub id, or a lowbit quantized directory — optionally
 
 from __future__ import annotations
 
+import difflib
+import os
 from pathlib import Path
 
 from ..models import MODEL_ALIASES, alias_dir
 
 
 def resolve_model(model: str) -> tuple[str, bool]:
-    """A model name -> (local path or hub id, whether it is a lowbit quantized directory). Raises ``ValueError``
-    naming the value and what is accepted."""
+    """A model name -> (local path or hub id, whether it is a lowbit quantized directory). Raises
+    ``FileNotFoundError`` for a path that does not exist (:func:`is_path_like`: never sent to the hub) and
+    ``ValueError`` naming the value and what is accepted."""
     from ..io import recover_dir
 
     accepted = (f"a Hugging Face model directory or hub id, a lowbit quantized directory (from `lowbit quantize "
@@ -32,9 +35,60 @@ def resolve_model(model: str) -> tuple[str, bool]:
         return str(p.resolve()), False
     if model in MODEL_ALIASES:
         return str(alias_dir(model)), False
-    if p.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise ValueError(f"model {model!r} is not a model directory; pass {accepted}")
+    if not p.exists() and is_path_like(model):
+        raise FileNotFoundError(f"no such model directory: {model} ({_nearest_entries(p)}); pass an existing model "
+                                f"directory, an alias ({', '.join(sorted(MODEL_ALIASES))}) or a hub id org/name"
+                                f"{_not_a_hub_id(model)}")
+    if p.exists() or model.count("/") != 1:
+        close = difflib.get_close_matches(model, list(MODEL_ALIASES), n=2)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise ValueError(f"model {model!r} is not a model directory{hint}; pass {accepted}")
     return model, False  # a hub id: from_pretrained reports whether it exists
+
+
+def is_path_like(model: str) -> bool:
+    """Whether a model name can only mean a local path, so that a missing one is reported at once instead of being
+    looked up on the hub (minutes of retries, then "check your internet connection"): it starts with ``/``, ``.``
+    or ``~``, ends with ``/``, holds more than one ``/``, or its first component is a local directory (``runs/x``
+    beside ``runs/``). A hub id is ``org/name``."""
+    if model.startswith(("/", ".", "~")) or model.endswith("/") or model.count("/") > 1:
+        return True
+    if os.sep != "/" and os.sep in model:
+        return True
+    return "/" in model and Path(model.split("/")[0]).is_dir()
+
+
+def _not_a_hub_id(model: str) -> str:
+    first = model.split("/")[0]
+    if model.count("/") == 1 and not model.endswith("/") and Path(first).is_dir():
+        return f" (it is not looked up on the hub: {first}/ is a local directory)"
+    return ""
+
+
+def _nearest_entries(p: Path) -> str:
+    """Where a missing path stops existing, and the entries there closest to the missing name."""
+    parent = p.parent
+    while parent != parent.parent and not parent.is_dir():
+        p, parent = parent, parent.parent
+    where = "the current directory" if str(parent) == "." else f"{parent}{'' if str(parent).endswith('/') else '/'}"
+    try:
+        names = sorted(x.name for x in parent.iterdir() if not x.name.startswith("."))
+    except OSError:
+        return f"{where} has no {p.name!r}"
+    close = difflib.get_close_matches(p.name, names, n=3, cutoff=0.5)
+    if close:
+        shown = [str(parent / n) if str(parent) != "." else n for n in close]
+        return f"{where} has no {p.name!r}; closest: {', '.join(shown)}"
+    if not names:
+        return f"{where} has no {p.name!r}; it is empty"
+    listed = ", ".join(names[:6]) + (f", ... ({len(names)} entries)" if len(names) > 6 else "")
+    return f"{where} has no {p.name!r}; it holds {listed}"
+
+
+def local_only(path: str) -> dict:
+    """``from_pretrained`` keyword arguments for ``path``: a local directory is read without asking the hub
+    (``local_files_only``), so no network timeout can follow a local model; a hub id gets none."""
+    return {"local_files_only": True} if Path(path).is_dir() else {}
 
 
 def load_float_model(path: str, dtype: str, device, stream: bool = True):
@@ -53,7 +107,8 @@ def load_float_model(path: str, dtype: str, device, stream: bool = True):
         logging.getLogger(__name__).info("%s holds no safetensors files: loading the whole model", path)
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **local_only(path)).to(
+        device).eval()
 
 
 def read_model_config(model: str):
@@ -63,9 +118,24 @@ def read_model_config(model: str):
 
     path = resolve_model(model)[0]
     try:
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path, **local_only(path))
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read a model config from {model!r}: {e}") from None
+        one_line = str(e).replace("\n", " ")  # transformers' hub messages span lines; the CLI prints one
+        raise ValueError(f"cannot read a model config from {model!r}: {one_line}{_hub_hint(model, path)}") from None
+
+
+def _hub_hint(model: str, path: str) -> str:
+    """For a name that was looked up on the hub: say so, and name a local directory it may have meant."""
+    if Path(path).is_dir():
+        return ""
+    first = model.split("/")[0]
+    try:
+        dirs = [x.name for x in Path().iterdir() if x.is_dir() and not x.name.startswith(".")]
+    except OSError:
+        dirs = []
+    close = difflib.get_close_matches(first, dirs, n=1, cutoff=0.75)
+    local = f"; did you mean the local directory {close[0]}/{model[len(first) + 1:]}?" if close else ""
+    return f" ({model} is no local directory, so it was looked up on the hub as a model id{local})"
 
 
 def check_architecture(hf_config, model: str) -> None:
@@ -171,7 +241,7 @@ def load_tokenizer(path: str, quantized: bool = False):
                              f"`lowbit quantize` (it saves the tokenizer)")
         src = resolve_model(src)[0]
     try:
-        return AutoTokenizer.from_pretrained(src)
+        return AutoTokenizer.from_pretrained(src, **local_only(src))
     except Exception as e:  # tokenizers raises its own types on a damaged file
         raise ValueError(f"cannot load the tokenizer of {src} ({type(e).__name__}: {str(e)[:300]}); its tokenizer "
                          f"files are missing or damaged") from None
@@ -197,7 +267,7 @@ def load_base(model: str, device: str = "cpu", dtype: str = "float32"):
         from safetensors import SafetensorError
 
         try:
-            m = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+            m = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **local_only(path))
         except (OSError, SafetensorError) as e:
             raise ValueError(f"cannot load model {model!r}: {e}") from None
         m = m.to(device)
@@ -216,15 +286,26 @@ def load_model(model: str, adapter: str | None = None, device: str | None = None
     if quantized:
         info.update(quantized_info(path))
     if adapter is not None:
-        from ..adapters import load_adapter
-
-        try:
-            m = load_adapter(m, adapter, force=force_adapter)
-        except (ValueError, FileNotFoundError) as e:
-            raise ValueError(f"adapter {adapter!r} cannot be attached to model {model!r}: {e}. Pass as --model the "
-                             f"base model (or quantized base) the adapter was trained on") from None
+        m = _attach_adapter(m, model, adapter, force_adapter)
     m.eval()
     return m, tok, info
+
+
+def _attach_adapter(m, model: str, adapter: str, force: bool):
+    """``load_adapter`` with advice that fits the failure: another base is fixed by ``--model``; damaged or edited
+    adapter files (their own message says how) and anything else are not."""
+    from ..adapters import BaseMismatchError, load_adapter
+    from ..io import DamagedFileError
+
+    try:
+        return load_adapter(m, adapter, force=force)
+    except DamagedFileError as e:
+        raise ValueError(f"adapter {adapter!r} cannot be loaded: {e}") from None
+    except BaseMismatchError as e:
+        raise ValueError(f"adapter {adapter!r} cannot be attached to model {model!r}: {e}. Pass as --model the "
+                         f"base model (or quantized base) the adapter was trained on") from None
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"adapter {adapter!r} cannot be attached to model {model!r}: {e}") from None
 
 
 def base_fingerprint(cfg) -> dict:

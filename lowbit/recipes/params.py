@@ -42,14 +42,12 @@ def params_report(model: str | None = None, rank: int = 64, num_blocks: int = 64
     """``lowbit params``: the markdown table of :func:`param_table` on ``model``'s config (an alias, directory or hub
     id; ``None``: LLaMA-2-7B)."""
     if model:
-        from transformers import AutoConfig
-
-        from .loading import resolve_model
+        from .loading import read_model_config
 
         try:
-            hf_config, label = AutoConfig.from_pretrained(resolve_model(model)[0]), model
-        except OSError as e:
-            raise ValueError(f"cannot read a model config from {model!r}: {e}") from None
+            hf_config, label = read_model_config(model), model
+        except FileNotFoundError as e:  # `lowbit params` reports ValueError as its one-line error
+            raise ValueError(str(e)) from None
     else:
         hf_config, label = llama2_7b_config(), "LLaMA-2-7B"
     lines = [f"trainable parameters on {label} (built on the meta device)\n",

@@ -229,7 +229,7 @@ def test_no_data_dir(tmp_path, monkeypatch, no_generation):
 
 def test_bad_model_and_adapter_paths(tmp_path, no_generation):
     msg = _error(None, ["evaluate", "--model", str(tmp_path / "nope"), "--datasets", "synthetic-mawps"])
-    assert "nope" in msg and "not a model directory" in msg
+    assert "no such model directory" in msg and "nope" in msg
     msg = _error(None, ["evaluate", "--model", "tiny", "--adapter", str(tmp_path / "noadapter"),
                         "--datasets", "synthetic-mawps", "--out", str(tmp_path / "o")])
     assert "noadapter" in msg and "not a directory" in msg

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from lowbit.cli import main
+from lowbit.data import load_gsm8k_jsonl
 from lowbit.recipes.config import CONFIG_DIR, dump_recipe, load_recipe
 
 # Registers a test's expected errors for docs/BAD_INPUTS.md (tests/reliability/conftest.py).
@@ -93,6 +94,24 @@ def test_math10k_without_path_needs_the_file_in_the_data_dir(tmp_path, monkeypat
         training_files(DataConfig(source=str(tmp_path / "nope.json")))
 
 
+@bad_input("a binary calibration file / training file")
+def test_binary_calibration_and_training_files_are_named(tmp_path, no_model_loading):
+    """Not UTF-8 (here: binary bytes in a .txt/.json): the error names the file, the byte and its offset, and what
+    the file must be, instead of Python's bare "'utf-8' codec can't decode byte 0xd1"."""
+    binary = b"calibration text\n\n\xd1\x00\x07\x00 more"
+    (tmp_path / "calib.txt").write_bytes(binary)
+    (tmp_path / "train.json").write_bytes(b"[" + binary)
+    msg = _cli_error(["quantize", "--model", "tiny", "--calib", str(tmp_path / "calib.txt"), "--method", "gptq",
+                      "--bits", "4", "--out", str(tmp_path / "q")])
+    assert f"calibration source {tmp_path / 'calib.txt'} is binary data, not text: byte 0xd1 at offset 18" in msg
+    assert "calibration files are UTF-8 text: .txt" in msg and ".json/.jsonl" in msg and not (tmp_path / "q").exists()
+    msg = _cli_error(["finetune", "tiny-lora-fp", f"data.source={tmp_path / 'train.json'}", f"output_dir={tmp_path}/r"])
+    assert f"data file {tmp_path / 'train.json'} is binary data, not text: byte 0xd1 at offset 19" in msg
+    (tmp_path / "latin1.jsonl").write_bytes('{"question": "Caf\u00e9?"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"GSM8K file .*latin1.jsonl is not UTF-8 text: byte 0xe9 at offset 17"):
+        load_gsm8k_jsonl(tmp_path / "latin1.jsonl")
+
+
 @bad_input("data.path set where data.source would ignore it")
 def test_data_path_is_refused_where_it_would_be_ignored():
     with pytest.raises(ValueError, match=r"data.path \('math_10k.json'\) is read only with data.source=math10k"):
@@ -157,6 +176,39 @@ def test_base_fingerprint_of_a_quantized_directory_hashes_once(tmp_path, monkeyp
     assert model_dir_fingerprint(str(d))["weights_sha256"] != a["weights_sha256"]
 
 
+@bad_input("training prompts longer than data.max_length")
+def test_long_prompts_name_the_recipe_key_that_fits_them(tmp_path, no_model_loading):
+    """The error counts the prompts that fill data.max_length and names the value that fits them all, as the recipe
+    key a user can set (``on_long_prompt`` is not one: it is for API callers)."""
+    msg = _cli_error(["finetune", "tiny-lora-fp", "data.max_length=150", "data.num_examples=64",
+                      f"output_dir={tmp_path / 'run'}"])
+    need = int(msg.split("data.max_length=")[1].split(")")[0])
+    assert f"of 64 records have a prompt of >= 150 tokens (the longest {need - 1})" in msg and need > 150
+    assert "on_long_prompt='skip'" in msg and "API callers" in msg and not (tmp_path / "run").exists()
+
+
+# -------------------------------------------------------------------------------------- 2. training settings
+@bad_input("recipe override {override}")
+@pytest.mark.parametrize("override, want", [
+    ("train.max_steps=-5", r"train.max_steps must be a positive number of optimizer steps, or -1 to train for "
+                           r"train.epochs \(1\) epochs; got -5"),
+    ("train.max_steps=0", r"train.max_steps .* or -1 .*got 0"),
+    ("train.batch_size=0", r"train.batch_size must be positive, got 0"),
+    ("train.lr=-0.001", r"train.lr must be positive, got -0.001"),
+    ("train.save_steps=0", r"train.save_steps must be positive"),
+    ("train.warmup_steps=-1", r"train.warmup_steps must be >= 0"),
+    ("train.threads=0", r"train.threads must be a positive number"),
+    ("adapter.alpha=0", r"alpha must be a positive number, got 0")])
+def test_nonsense_training_numbers_are_refused_before_the_model(tmp_path, no_model_loading, override, want):
+    """A value the Trainer would reinterpret (max_steps -5 means "train for epochs") or fail on only after the
+    quantization is refused when the recipe is read."""
+    with pytest.raises(ValueError, match=want):
+        load_recipe("tiny-diablo-2bit", [override])
+    msg = _cli_error(["finetune", "tiny-diablo-2bit", override, f"output_dir={tmp_path / 'run'}"])
+    assert override.split("=")[1] in msg and not (tmp_path / "run").exists()
+    assert load_recipe("tiny-diablo-2bit", ["train.max_steps=-1", "train.epochs=1"]).train.max_steps == -1
+
+
 # ---------------------------------------------------------------------------------------------- 3. recipes
 @bad_input("a recipe path that does not exist")
 def test_recipe_path_never_falls_back_to_the_builtin_of_that_name(tmp_path, monkeypatch):
@@ -168,15 +220,19 @@ def test_recipe_path_never_falls_back_to_the_builtin_of_that_name(tmp_path, monk
     assert "configs/tiny-diablo-2bit.yaml not found" in msg
 
 
-@bad_input("an unknown built-in recipe name")
+@bad_input("an unknown built-in recipe name / experiment spec name")
 def test_recipe_name_is_never_a_file_and_unknown_names_list_the_builtins(tmp_path, monkeypatch):
+    """The closest names first, then the built-in ones grouped by prefix: one short line, not 48 names."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "myrecipe").write_text("method: mine\n")  # a file without extension is not a name
-    with pytest.raises(FileNotFoundError, match=r"no built-in recipe named 'myrecipe'.*\./myrecipe\.yaml"):
+    with pytest.raises(FileNotFoundError, match=r"no built-in recipe named 'myrecipe' \(built-in: .*\./myrecipe\.yaml"):
         load_recipe("myrecipe")
-    msg = _cli_error(["finetune", "tiny-diablo-3bit"])
-    assert "no built-in recipe named 'tiny-diablo-3bit'" in msg and "'tiny-diablo-2bit'" in msg
+    msg = _cli_error(["finetune", "tiny-diablo-2bt"])
+    assert msg.startswith("error: no built-in recipe named 'tiny-diablo-2bt'; did you mean 'tiny-diablo-2bit', ")
+    assert "16 llama2-7b-*, 16 smollm2-*, 16 tiny-*" in msg and "smollm2-lora-fp" not in msg and len(msg) < 400
     assert load_recipe("./myrecipe").method == "mine"  # as a path it is a file
+    msg = _cli_error(["experiment", "stdy"])
+    assert "no built-in experiment spec named 'stdy'; did you mean 'study'? (built-in: demo, demo-quick" in msg
 
 
 @bad_input("recipe YAML {text!r}")
@@ -199,6 +255,49 @@ def test_empty_non_mapping_and_broken_yaml_are_errors(tmp_path, text, want):
 def test_override_that_is_not_yaml_is_a_value_error():
     with pytest.raises(ValueError, match=r"override 'train.lr=\[1': the value is not valid YAML \(expected"):
         load_recipe("tiny-lora-fp", ["train.lr=[1"])
+
+
+# ------------------------------------------------------------------------------------------ model paths
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Any download from the model hub fails the test (recorded too: transformers turns the error into its own)."""
+    import huggingface_hub
+    import huggingface_hub.file_download
+    import transformers.utils.hub
+
+    asked = []
+
+    def refuse(*a, **k):
+        asked.append(a[:1])
+        raise AssertionError(f"the model hub was asked for {a[:1]}")
+
+    for mod in (huggingface_hub, huggingface_hub.file_download, transformers.utils.hub):
+        for name in ("hf_hub_download", "snapshot_download", "get_hf_file_metadata"):
+            if hasattr(mod, name):
+                monkeypatch.setattr(mod, name, refuse)
+    yield
+    assert asked == [], f"the model hub was asked for {asked}"
+
+
+@bad_input("a mistyped local --model / model.name path")
+def test_a_mistyped_model_path_is_reported_without_asking_the_hub(tmp_path, monkeypatch, no_model_loading, no_hub):
+    """``runs/tyr`` beside ``runs/`` (holding ``try``), ``./models/x`` and ``runs/tyr/`` are paths, never hub ids:
+    the error names the closest existing entries, at once; ``org/name`` that exists nowhere stays a hub id."""
+    from lowbit.recipes.loading import local_only, resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "try").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"no such model directory: runs/tyr \(runs/ has no 'tyr'; closest: "
+                                                r"runs/try\).*not looked up on the hub: runs/ is a local directory"):
+        resolve_model("runs/tyr")
+    msg = _cli_error(["finetune", "tiny-lora-fp", "model.name=runs/tyr/", "output_dir=run"])
+    assert "no such model directory: runs/tyr/" in msg and "runs/try" in msg and not (tmp_path / "run").exists()
+    msg = _cli_error(["quantize", "--model", "./models/llama-2-7b", "--method", "rtn", "--bits", "4", "--out", "q"])
+    assert "no such model directory: ./models/llama-2-7b (the current directory has no 'models'" in msg
+    assert "no such model directory: runs/tyr" in _cli_error(["params", "--model", "runs/tyr"])
+    assert resolve_model("meta-llama/Llama-2-7b-hf") == ("meta-llama/Llama-2-7b-hf", False)
+    # a local directory is read with local_files_only: transformers never asks the hub about it
+    assert local_only(str(tmp_path)) == {"local_files_only": True} and local_only("meta-llama/Llama-2-7b-hf") == {}
 
 
 # ------------------------------------------------------------------------------------------ 4. architecture
@@ -225,6 +324,35 @@ def test_finetune_refuses_an_unsupported_architecture_before_loading(tmp_path, n
         msg = _cli_error(["finetune", recipe, f"model.name={d}", f"output_dir={tmp_path / recipe}"])
         assert "'gpt2'" in msg and "supported model types" in msg
         assert not (tmp_path / recipe).exists()
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+@bad_input("`lowbit evaluate --adapter` whose JSON was edited / trained on another base")
+def test_adapter_errors_give_the_advice_that_fits_the_damage(tmp_path):
+    """An edited adapter file (its seal or checksum disagrees) is the adapter's own damage: restore or re-train it,
+    never "pass the base it was trained on"; an adapter of another base gets that advice."""
+    import torch
+
+    from lowbit.adapters import AdapterConfig, apply_adapters, base_fingerprint, save_adapter
+    from lowbit.recipes.loading import load_base
+
+    model = load_base("tiny")[0]
+    apply_adapters(model, AdapterConfig(rank=2, targets=["q_proj"]), progress=False)
+    fp = base_fingerprint(model)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.add_(1.0)
+    save_adapter(model, tmp_path / "other-base", fingerprint=base_fingerprint(model))  # trained on another base
+    save_adapter(model, tmp_path / "edited", fingerprint=fp)
+    meta = json.loads((tmp_path / "edited" / "lowbit_adapter.json").read_text())
+    meta["adapter"]["rank"] = 4  # a hand edit: still valid JSON, the seal disagrees
+    (tmp_path / "edited" / "lowbit_adapter.json").write_text(json.dumps(meta))
+    ev = ["evaluate", "--model", "tiny", "--datasets", "synthetic-mawps", "--limit", "1", "--out", str(tmp_path / "o")]
+    msg = _cli_error([*ev, "--adapter", str(tmp_path / "edited")])
+    assert "checksum mismatch" in msg and "lowbit_adapter.json" in msg and "trained on" not in msg
+    assert "the adapter's files were changed after it was saved" in msg and "restore them from a copy" in msg
+    msg = _cli_error([*ev, "--adapter", str(tmp_path / "other-base")])
+    assert "was trained on a different base" in msg and "Pass as --model the base model" in msg
+    assert not (tmp_path / "o").exists()
 
 
 # ------------------------------------------------------------------------------------------------ 7. resume
