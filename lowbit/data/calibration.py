@@ -81,6 +81,14 @@ def load_texts(source: str) -> list[str]:
                             f"pass a .txt/.json/.jsonl file with --calib")
 
 
+def check_sources(sources: list[str]) -> None:
+    """Read every local calibration file now (a few MB of text), so that a missing or undecodable one is reported
+    before expensive work rather than after it; hub names and ``tiny`` are left to the reader."""
+    for source in sources:
+        if source != "tiny" and source not in HUB_SOURCES:
+            load_texts(source)
+
+
 def _json_records(p: Path, text: str) -> list:
     """The records of a calibration .json (an array, ``{"data": [...]}`` or one object) or .jsonl file; invalid
     JSON is a ``ValueError`` naming the file (and the line of a .jsonl)."""

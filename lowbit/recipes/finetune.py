@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.calibration import check_sources
 from ..io import DamagedFileError, atomic_write_json, atomic_write_text
 from ..rundir import DAMAGED, NEW, OTHER, STAMP, UNSTAMPED, RunDir, RunDirError
 from .config import RecipeConfig, dump_recipe
@@ -207,6 +208,7 @@ def _check_inputs(cfg: RecipeConfig) -> list:
     """Cheap checks before anything is written or loaded: the training files, the quantized base's small files,
     the architecture (from config.json alone). Returns the training files."""
     data_files = training_files(cfg.data)
+    check_sources(cfg.calibration.sources)  # a bad calibration file must not surface after the model loads
     loaded = cfg.model.quantized or cfg.model.name
     if cfg.model.quantized:  # its config and tokenizer are read next: their checksums first (the weights on load)
         from ..quant import verify_quantized

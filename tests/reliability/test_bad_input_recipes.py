@@ -107,6 +107,9 @@ def test_binary_calibration_and_training_files_are_named(tmp_path, no_model_load
     assert "calibration files are UTF-8 text: .txt" in msg and ".json/.jsonl" in msg and not (tmp_path / "q").exists()
     msg = _cli_error(["finetune", "tiny-lora-fp", f"data.source={tmp_path / 'train.json'}", f"output_dir={tmp_path}/r"])
     assert f"data file {tmp_path / 'train.json'} is binary data, not text: byte 0xd1 at offset 19" in msg
+    msg = _cli_error(["finetune", "tiny-gptq-lora-2bit", f"calibration.sources=[{tmp_path / 'calib.txt'}]",
+                      f"output_dir={tmp_path}/r2"])  # read before the model loads (no_model_loading)
+    assert f"calibration source {tmp_path / 'calib.txt'} is binary data" in msg
     (tmp_path / "latin1.jsonl").write_bytes('{"question": "Caf\u00e9?"}\n'.encode("latin-1"))
     with pytest.raises(ValueError, match=r"GSM8K file .*latin1.jsonl is not UTF-8 text: byte 0xe9 at offset 17"):
         load_gsm8k_jsonl(tmp_path / "latin1.jsonl")
