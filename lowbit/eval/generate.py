@@ -76,7 +76,9 @@ class StepProgress(StoppingCriteria):
             done = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
         n_done = 0
         if self.count_finished:
-            hit = done | torch.isin(input_ids[:, -1], self.eos.to(input_ids.device))  # the newest token
+            if self.eos.device != input_ids.device:
+                self.eos = self.eos.to(input_ids.device)
+            hit = done | torch.isin(input_ids[:, -1], self.eos)  # the newest token
             self.finished = hit if self.finished is None else self.finished | hit
             n_done = int(self.finished.sum())
         self.on_step(input_ids.shape[1] - self.prompt_len, self.limit, n_done)
