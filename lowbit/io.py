@@ -1,7 +1,7 @@
-"""Atomic file and directory writes (nothing half-written is ever left under a final name), file hashes, the
-checked readers of the files lowbit writes (safetensors, JSON), which name a truncated or corrupt file instead of
-surfacing a library error, and checksums for damage those formats cannot notice: sealed JSON objects and SHA-256
-file manifests."""
+"""Atomic file and directory writes (nothing half-written is ever left under a final name, and each file gets the
+mode ``open()`` would give it), file hashes, the checked readers of the files lowbit writes (safetensors, JSON), which
+name a truncated or corrupt file instead of surfacing a library error, and checksums for damage those formats cannot
+notice: sealed JSON objects and SHA-256 file manifests."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -24,9 +25,22 @@ if TYPE_CHECKING:
 
 
 def _umask() -> int:
+    """The process's umask. Linux reports it in /proc (reading it there changes nothing, so a thread creating a file
+    meanwhile is unaffected); elsewhere it is set and restored."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def normal_mode(mode: int, is_dir: bool = False, umask: int | None = None) -> int:
+    """The permission bits ``open()`` / ``mkdir()`` would have given: ``0o666 & ~umask`` for a file (``0o777`` for a
+    directory or a file with an execute bit), whatever a library's private temporary file had (mkstemp: 0600)."""
+    umask = _umask() if umask is None else umask
+    return (0o777 if is_dir or mode & 0o111 else 0o666) & ~umask
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -43,19 +57,32 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
-    """fsync every file and directory under ``root`` (files first, then their directory)."""
+def _finish_tree(root: Path) -> None:
+    """Give every file and directory under ``root`` its :func:`normal_mode` and fsync it (files first, then their
+    directory). Libraries that write atomically themselves (``safetensors.torch.save_file``) leave their files 0600,
+    unlike every other file of the directory."""
+    umask = _umask()
     for d, _, files in os.walk(root):
         for f in files:
             p = os.path.join(d, f)
             if os.path.islink(p):
                 continue
+            _chmod_normal(p, umask)
             fd = os.open(p, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        if d != str(root):  # the root's mode is set when it is created (atomic_dir)
+            _chmod_normal(d, umask)
         fsync_dir(d)
+
+
+def _chmod_normal(path: str, umask: int) -> None:
+    st = os.stat(path)
+    want = normal_mode(st.st_mode, stat.S_ISDIR(st.st_mode), umask)
+    if stat.S_IMODE(st.st_mode) != want:
+        os.chmod(path, want)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -69,7 +96,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+    os.chmod(tmp, normal_mode(0))  # mkstemp creates 0600; give the file the mode open() would
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -169,7 +196,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``path``. On error the temporary directory is
     removed and ``path`` is untouched.
 
-    Crash safety: every file and directory of the new result is fsynced before the swap. An existing ``path`` is
+    Every file and directory of the new result gets the mode ``open()`` / ``mkdir()`` would give it
+    (:func:`normal_mode`), also one a library wrote through a private temporary file. Crash safety: every file and
+    directory of the new result is fsynced before the swap. An existing ``path`` is
     swapped with the new directory in one atomic step where Linux supports it (``renameat2``), so ``path`` always
     names a complete result, old or new. Elsewhere the old directory is first renamed to :func:`backup_path` and
     the new one then renamed to ``path``; a crash between the two leaves ``path`` missing and the backup complete,
@@ -179,10 +208,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
+    os.chmod(tmp, normal_mode(0, is_dir=True))  # mkdtemp creates 0700
     try:
         yield tmp
-        _fsync_tree(tmp)
+        _finish_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

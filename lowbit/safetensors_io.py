@@ -8,12 +8,17 @@ the raw little-endian data), so lowbit writes it directly; files load with ``saf
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import struct
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -33,10 +38,34 @@ def header(entries: list[tuple[str, str, list[int], int]], metadata: dict[str, s
     return struct.pack("<Q", len(text)) + text
 
 
-def save_file_streamed(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
-                       ) -> None:
+def data_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes of tensor data a safetensors file of ``tensors`` holds (the header aside)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def human_bytes(n: int) -> str:
+    """``"1.23 GiB"``, ``"45.6 MiB"``: a size for a log line."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+@contextlib.contextmanager
+def write_progress(tensors: dict[str, torch.Tensor], desc: str, enabled: bool = True
+                   ) -> Iterator[Callable[[int], None]]:
+    """A bar over the data bytes of ``tensors`` for :func:`save_file_streamed`'s ``progress``; yields its
+    ``update``. The write is logged (tensors, size) whether or not the bar is shown."""
+    from tqdm.auto import tqdm
+
+    total = data_bytes(tensors)
+    log.info("%s: %d tensors, %s", desc, len(tensors), human_bytes(total))
+    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled) as bar:
+        yield bar.update
+
+
+def save_file_streamed(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None,
+                       progress: Callable[[int], None] | None = None) -> None:
     """Write ``tensors`` to ``path`` in the safetensors format, holding at most one tensor's bytes in memory beyond
-    the tensors themselves. Tensors must not share memory (as with ``save_file``); names are written sorted."""
+    the tensors themselves. Tensors must not share memory (as with ``save_file``); names are written sorted.
+    ``progress(n)`` is called with each tensor's byte count once it is written (a 7B model's gigabytes take seconds)."""
     if sys.byteorder != "little":
         raise RuntimeError("save_file_streamed writes little-endian data; this machine is big-endian")
     names = sorted(tensors)
@@ -51,3 +80,5 @@ def save_file_streamed(tensors: dict[str, torch.Tensor], path: str | Path, metad
             t = tensors[name].detach().contiguous().cpu()
             if t.numel():
                 f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # the tensor's own bytes, no copy
+            if progress is not None:
+                progress(t.numel() * t.element_size())

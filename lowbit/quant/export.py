@@ -180,7 +180,7 @@ def _untouched_linears(model: nn.Module, qnames: set[str]) -> list[str]:
 
 
 def export_gptq(model: nn.Module, out_dir: str | Path, checkpoint_format: str = "auto",
-                tokenizer: Any = None, overwrite: bool = False) -> Path:
+                tokenizer: Any = None, overwrite: bool = False, progress: bool = False) -> Path:
     """Write ``model`` (a Hugging Face causal LM with ``QuantLinear`` layers) as a GPTQ checkpoint.
 
     Args:
@@ -192,11 +192,12 @@ def export_gptq(model: nn.Module, out_dir: str | Path, checkpoint_format: str = 
         tokenizer: saved alongside if given.
         overwrite: replace an existing ``out_dir`` (atomically: it names the old export or the new one, never a
             mix).
+        progress: a bar over the weight bytes as they are written (each step is logged either way).
 
     Returns the output directory. Raises ``ValueError`` for NormalFloat layers, mixed bit widths or group
     sizes, a zero point of 0 with ``"gptq"``, or a non-empty ``out_dir`` (unless ``overwrite``).
     """
-    from safetensors.torch import save_file
+    from ..safetensors_io import save_file_streamed, write_progress
 
     out_dir = Path(out_dir)
     if checkpoint_format not in CHECKPOINT_FORMATS:
@@ -217,6 +218,7 @@ def export_gptq(model: nn.Module, out_dir: str | Path, checkpoint_format: str = 
     fmt = _resolve_format(checkpoint_format, min_zero, sym)
     zero_offset = 1 if fmt == "gptq" else 0
 
+    log.info("GPTQ export to %s: converting %d quantized modules", out_dir, len(qmods))
     tensors: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for n, m in qmods.items():
@@ -251,7 +253,9 @@ def export_gptq(model: nn.Module, out_dir: str | Path, checkpoint_format: str = 
 
     hf_config = getattr(model, "config", None)
     with atomic_dir(out_dir) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        # Streamed: safetensors' save_file would hold a second copy of every tensor's bytes while writing.
+        with write_progress(tensors, f"saving GPTQ {WEIGHTS}", progress) as bar:
+            save_file_streamed(tensors, tmp / WEIGHTS, metadata={"format": "pt"}, progress=bar)
         if hf_config is not None:
             cfg = copy.deepcopy(hf_config)
             cfg.quantization_config = dict(qcfg)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -71,10 +72,12 @@ def _dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
 
 
 def save_quantized(model: nn.Module, out_dir: str | Path, config: QuantConfig, tokenizer=None,
-                   source: str | None = None, extra: dict | None = None, files: dict[str, str] | None = None) -> Path:
+                   source: str | None = None, extra: dict | None = None, files: dict[str, str] | None = None,
+                   progress: bool = False) -> Path:
     """Write ``model`` (with ``QuantLinear`` modules) to ``out_dir`` atomically; returns the path. ``files``: more
-    text files (name -> content, e.g. a report) written into the same directory, in the same atomic step."""
-    from ..safetensors_io import save_file_streamed
+    text files (name -> content, e.g. a report) written into the same directory, in the same atomic step.
+    ``progress``: a bar over the weight bytes (each step of the save is logged either way)."""
+    from ..safetensors_io import human_bytes, save_file_streamed, write_progress
 
     qmods = quantized_modules(model)
     if not qmods:
@@ -95,8 +98,10 @@ def save_quantized(model: nn.Module, out_dir: str | Path, config: QuantConfig, t
         "modules": modules, "tied": tied, **(extra or {}),
     }
     out_dir = Path(out_dir)
+    t0 = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
-        save_file_streamed(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+        with write_progress(tensors, f"saving {WEIGHTS}", progress) as bar:
+            save_file_streamed(tensors, tmp / WEIGHTS, metadata={"format": "pt"}, progress=bar)
         if hf_config is not None:
             hf_config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
@@ -111,8 +116,12 @@ def save_quantized(model: nn.Module, out_dir: str | Path, config: QuantConfig, t
             atomic_write_text(tmp / name, text)
         # The checksums cover what loading reads (not the reports in ``files``, which lowbit never reads back).
         names = [p.name for p in tmp.iterdir() if p.is_file() and p.name not in {QUANT_CONFIG, *(files or {})}]
+        log.info("checksums of %d files (SHA-256 of %s)", len(names),
+                 human_bytes(sum((tmp / n).stat().st_size for n in names)))
         atomic_write_json(tmp / QUANT_CONFIG, {**meta, "files": file_manifest(tmp, names)}, seal=True)
-    log.info("saved quantized model to %s (%d quantized modules)", out_dir, len(modules))
+        log.info("flushing %s to disk", out_dir)  # the fsync of every file, then the swap (atomic_dir)
+    log.info("saved quantized model to %s (%d quantized modules) in %.1fs", out_dir, len(modules),
+             time.perf_counter() - t0)
     return out_dir
 
 

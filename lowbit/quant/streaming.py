@@ -151,9 +151,13 @@ def finish_streaming(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def streamed_perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> float:
+def streamed_perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
+                        progress: bool = False, desc: str = "perplexity") -> float:
     """:func:`lowbit.eval.perplexity.perplexity` of a :func:`load_streaming` model's float weights, run layer by
-    layer (each decoder layer read, run on every window, and unloaded): the same windows, one window per call."""
+    layer (each decoder layer read, run on every window, and unloaded): the same windows, one window per call.
+    ``progress``: a bar over the layers (the long part), named ``desc``."""
+    from tqdm.auto import tqdm
+
     ids = ids.flatten().long()
     if ids.numel() < 2:
         raise ValueError(f"need at least 2 held-out tokens for perplexity, got {ids.numel()}")
@@ -166,7 +170,7 @@ def streamed_perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, max_wi
         h, kw = cal.capture_layer_inputs(model, layers, w[None])
         hidden += h
         kwargs += kw
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(tqdm(layers, desc=desc, unit="layer", disable=not progress)):
         loader(i, layer)
         hidden = cal.run_layer(layer, hidden, kwargs, batch_size=1)
         loader.unload(layer)

@@ -4,13 +4,20 @@ accuracy, average, peak memory, train time) as markdown, and a grouped bar chart
 A run directory holds the ``summary.json`` of ``lowbit evaluate --out RUN_DIR`` and, optionally, what fine-tuning
 wrote next to it: ``run.json`` and/or ``config.yaml`` (``run.json`` wins where both give a key), read for the
 top-level keys ``bits``, ``method``, ``trainable_params`` (an integer count), ``peak_memory_gb`` and
-``train_time_s``. A key found nowhere shows as "–", except ``bits``, which falls back to the evaluated model's
-(quantized bits, else 16/32 from its dtype).
+``train_time_s``. ``bits`` falls back to the evaluated model's (quantized bits, else 16/32 from its dtype).
+
+A plain ``lowbit evaluate --model BASE --adapter ADAPTER --out DIR`` has neither file: its other keys come from the
+adapter (:func:`adapter_keys`): the fine-tuning run's ``run.json`` beside it (``RUN/adapter``), else the adapter's
+own files (the method from ``lowbit_adapter.json`` or PEFT's ``adapter_config.json``, the trainable parameters
+counted in ``adapter_model.safetensors``). A model evaluated without an adapter is its quantization method
+("gptq, no adapter") or "full precision", with no trainable parameters to show. A key found nowhere shows as "–".
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from pathlib import Path
 
 from ..data.testsets import display_name, known_datasets
@@ -47,10 +54,53 @@ def load_run(path: str | Path) -> dict:
         info = read_json(run_dir / "run.json", "re-run the fine-tuning that wrote it, or delete it")
         meta.update({k: info[k] for k in RUN_KEYS if isinstance(info, dict) and info.get(k) is not None})
     meta.setdefault("bits", summary.get("bits"))
+    for k, v in adapter_keys(summary).items():
+        meta.setdefault(k, v)
     if not summary.get("complete", True):
         log.warning("%s: the evaluation did not finish; its numbers cover only the sets done", summary_path)
     return {"name": run_dir.resolve().name, "dir": str(run_dir), "summary": summary,
             **{k: meta.get(k) for k in RUN_KEYS}}
+
+
+def adapter_keys(summary: dict) -> dict:
+    """The run keys (no ``bits``: the evaluated model's) an evaluation summary's adapter gives; ``{}`` where none is
+    known (the adapter directory gone or damaged: logged)."""
+    adapter = summary.get("adapter")
+    if not adapter:
+        q = summary.get("quantization") or {}
+        return {"method": f"{q['method']}, no adapter" if summary.get("quantized") and q.get("method")
+                else "full precision"}
+    d = Path(adapter)
+    try:
+        beside = d.parent / "run.json"
+        if d.name == "adapter" and beside.is_file():  # the fine-tuning run that wrote the adapter
+            info = read_json(beside, "re-run the fine-tuning that wrote it, or delete it")
+            if isinstance(info, dict):
+                return {k: info[k] for k in RUN_KEYS if k != "bits" and info.get(k) is not None}
+        return {"method": _adapter_method(d), "trainable_params": _stored_numel(d / "adapter_model.safetensors")}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("adapter %s: %s; its method and trainable parameters show as %s", d, e, DASH)
+        return {}
+
+
+def _adapter_method(d: Path) -> str:
+    """``lora-cloq`` from ``lowbit_adapter.json`` (as fine-tuning names a recipe without a ``method``), else
+    ``LORA (PEFT)`` from PEFT's ``adapter_config.json``."""
+    if (d / "lowbit_adapter.json").is_file():
+        a = read_json(d / "lowbit_adapter.json")["adapter"]
+        return f"{a['adapter']}-{a.get('init', 'default')}"
+    return f"{read_json(d / 'adapter_config.json')['peft_type']} (PEFT)"
+
+
+def _stored_numel(path: Path) -> int:
+    """Entries of every tensor in a safetensors file, read from its header alone (an adapter file holds exactly
+    its trainable tensors)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n <= path.stat().st_size - 8:
+            raise ValueError(f"{path} is truncated or corrupt (header length {n})")
+        header = json.loads(f.read(n))
+    return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
 
 
 def _columns(runs: list[dict]) -> list[str]:

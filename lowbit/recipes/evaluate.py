@@ -102,9 +102,38 @@ class _Plan:
     loss_records: dict[str, list[dict]] = field(default_factory=dict)
     loss_done: dict[str, dict | None] = field(default_factory=dict)
     discard: list[Path] = field(default_factory=list)  # files of other settings, removed once the model loads
+    steps: _BatchProgress | None = None  # the bar's view of the batch being generated (a model generator only)
 
     def needs_model(self) -> bool:
         return any(self.missing.values()) or any(v is None for v in self.loss_done.values())
+
+
+class _BatchProgress:
+    """Moves a set's bar while a batch generates (the model generator's ``on_step``, see
+    :data:`lowbit.eval.generate.StepCallback`): by each example as it finishes, with the batch's generated tokens as
+    the bar's postfix; the batch's other examples are counted when its rows are written (:meth:`batch_done`)."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self.counted = 0  # examples of the current batch already on the bar
+        self.shown = 0.0  # when the postfix was last redrawn
+
+    def __call__(self, tokens: int, limit: int, finished: int) -> None:
+        if self.bar is None:
+            return
+        if finished > self.counted:
+            self.bar.update(finished - self.counted)
+            self.counted = finished
+        now = time.monotonic()
+        if now - self.shown >= 0.5:  # one redraw per half second: the postfix changes every token
+            self.bar.set_postfix_str(f"batch {tokens}/{limit} tokens")
+            self.shown = now
+
+    def batch_done(self, n: int) -> None:
+        """The batch of ``n`` examples is written: the bar counts all of them."""
+        if self.bar is not None:
+            self.bar.update(n - self.counted)
+        self.counted = 0
 
 
 def run_evaluation(run: EvaluateRun, generate_batches: BatchGenerator | None = None) -> dict:
@@ -116,7 +145,10 @@ def run_evaluation(run: EvaluateRun, generate_batches: BatchGenerator | None = N
     target = _resolve_target(run, oracle=generate_batches is not None)
     plan = _plan(run, target)
     model, tok = _load_model(run, target, plan, oracle=generate_batches is not None)
-    generate = generate_batches or (_model_generator(model, tok, run.eval) if model is not None else None)
+    if generate_batches is None and model is not None:
+        plan.steps = _BatchProgress()
+        generate_batches = _model_generator(model, tok, run.eval, plan.steps)
+    generate = generate_batches
     _prepare_out(plan)
     summary = _new_summary(run, target)
     for s in plan.specs:
@@ -205,13 +237,14 @@ def _load_model(run: EvaluateRun, target: dict, plan: _Plan, oracle: bool):
     return model, tok
 
 
-def _model_generator(model, tok, cfg: EvalConfig) -> BatchGenerator:
-    """The model's :data:`BatchGenerator` under the protocol's decoding settings."""
+def _model_generator(model, tok, cfg: EvalConfig, steps: _BatchProgress) -> BatchGenerator:
+    """The model's :data:`BatchGenerator` under the protocol's decoding settings, reporting each step to
+    ``steps``."""
     from ..eval.generate import iter_generate
 
     max_new_tokens, num_beams = cfg.generation
     return functools.partial(iter_generate, model, tok, max_new_tokens=max_new_tokens, batch_size=cfg.batch_size,
-                             num_beams=num_beams)
+                             num_beams=num_beams, on_step=steps)
 
 
 def _prepare_out(plan: _Plan) -> None:
@@ -263,7 +296,8 @@ def _score_set(s: DatasetSpec, plan: _Plan, run: EvaluateRun, generate: BatchGen
     the summary) and rewrite the file in index order; -> the set's accuracy entry."""
     cfg, records, rows, missing = run.eval, plan.records[s.name], plan.stored[s.name], plan.missing[s.name]
     path = plan.out / f"{s.name}.jsonl"
-    gen_s = _generate_missing(s, path, plan.prompts[s.name], records, rows, missing, generate, cfg, run.progress)
+    gen_s = _generate_missing(s, path, plan.prompts[s.name], records, rows, missing, generate, cfg, run.progress,
+                              plan.steps)
     for i, row in rows.items():
         if i < len(records):
             row["label"] = str(records[i]["answer"])
@@ -278,20 +312,25 @@ def _score_set(s: DatasetSpec, plan: _Plan, run: EvaluateRun, generate: BatchGen
 
 
 def _generate_missing(spec: DatasetSpec, path: Path, prompts: list[str], records: list[dict], rows: dict[int, dict],
-                      missing: list[int], generate_batches: BatchGenerator, cfg: EvalConfig, progress: bool) -> float:
-    """Generate the ``missing`` examples, appending each batch's rows to ``path``; -> seconds spent."""
+                      missing: list[int], generate_batches: BatchGenerator, cfg: EvalConfig, progress: bool,
+                      steps: _BatchProgress | None = None) -> float:
+    """Generate the ``missing`` examples, appending each batch's rows to ``path``; -> seconds spent. The bar counts
+    examples; ``steps`` (a model generator's) moves it within a batch."""
     if not missing:
         return 0.0
     from tqdm.auto import tqdm
 
+    steps = steps or _BatchProgress()
     t0 = time.perf_counter()
     with tqdm(total=len(missing), desc=spec.name, unit="ex", disable=not progress) as bar:
+        steps.bar = bar
         for idx, texts in generate_batches([prompts[i] for i in missing]):
             for j, text in zip(idx, texts):
                 i = missing[j]
                 rows[i] = make_row(i, prompts[i], text, str(records[i]["answer"]), spec.kind, cfg.choice_rule)
             append_rows(path, [rows[missing[j]] for j in idx])  # fsynced: a crash loses at most this batch
-            bar.update(len(idx))
+            steps.batch_done(len(idx))
+        steps.bar = None
     got = [i for i in missing if i not in rows]
     if got:
         raise RuntimeError(f"{spec.name}: the generator returned no output for examples {got[:5]}")

@@ -12,6 +12,11 @@ Bits and group size default to the base's; the run's recipe (``RUN_DIR/config.ya
 settings. Everything is checked before the model loads (a run without a complete adapter, a base that cannot be
 found, bits the GPTQ format cannot express); the output directory is written atomically and records its provenance
 in ``lowbit_export.json``. The result loads with ``lowbit evaluate --model DIR`` like any model.
+
+The run's state is stated first. Training must be finished: ``run.json`` written and the stamp
+(:mod:`lowbit.rundir`) marked finished; a run resumed and still training (its ``adapter/`` is the previous
+finish's) is refused. An evaluation the recipe asks for that has not finished (no ``summary.json``, or one not
+``complete``) is a warning naming the sets missing: the final adapter is exported anyway.
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..io import atomic_dir, atomic_write_json, read_json, recover_dir
-from ..rundir import RunDir
+from ..io import DamagedFileError, atomic_dir, atomic_write_json, read_json, recover_dir
+from ..rundir import STAMP, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +83,11 @@ def _check_run(run_dir: Path) -> tuple[Path, dict]:
         if not (run_dir / f).is_file():
             raise ValueError(f"{run_dir} has no {f}: it is not a finished `lowbit finetune` run (finish it, or "
                              f"resume it with `lowbit finetune RECIPE output_dir={run_dir} --resume`)")
+    stamp = RunDir(run_dir, "finetune").read_stamp()  # None: a run of an older lowbit, judged by run.json alone
+    if stamp is not None and not stamp.get("complete"):
+        raise ValueError(f"{run_dir}: its training is not finished ({STAMP} marks it unfinished: the run was resumed "
+                         f"and is still training, or was killed), so its adapter/ is not the final one. Finish it "
+                         f"(`lowbit finetune {run_dir / 'config.yaml'} output_dir={run_dir} --resume`), then export")
     adapter = run_dir / "adapter"
     missing = [f for f in ("adapter_config.json", "adapter_model.safetensors", "lowbit_adapter.json")
                if not (recover_dir(adapter) / f).is_file()]
@@ -86,6 +96,31 @@ def _check_run(run_dir: Path) -> tuple[Path, dict]:
                          f"when training finishes: finish or resume the run first")
     info = read_json(run_dir / "run.json", "re-run the fine-tuning that wrote it")
     return adapter, info
+
+
+def _state_evaluation(run_dir: Path, recipe, info: dict) -> None:
+    """Log the run's state: training finished (checked by :func:`_check_run`), and its evaluation finished, not
+    asked for, or (a warning naming what is missing) not finished yet."""
+    trained = f"{run_dir}: training finished ({info.get('steps')} steps of {info.get('method')})"
+    if recipe.eval is None:
+        log.info("%s; the recipe asks for no evaluation", trained)
+        return
+    wanted = list(dict.fromkeys(n.strip().lower() for n in recipe.eval.datasets if n.strip()))
+    try:
+        summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else None
+    except DamagedFileError as e:
+        log.warning("%s; %s", trained, e.reason)
+        summary = None
+    done = list((summary or {}).get("datasets") or {}) if isinstance(summary, dict) else []
+    if isinstance(summary, dict) and summary.get("complete"):
+        avg = summary.get("average")
+        log.info("%s; evaluation finished (%s%s)", trained, ", ".join(done),
+                 f": average accuracy {avg:.1f}%" if isinstance(avg, (int, float)) else "")
+        return
+    what = ("no summary.json yet" if summary is None else
+            f"summary.json has {', '.join(done) or 'no set'}, not {', '.join(n for n in wanted if n not in done)}")
+    log.warning("%s, but its evaluation has not finished (%s: still running, or killed). Exporting the final "
+                "adapter anyway: the export does not depend on the evaluation", trained, what)
 
 
 def _base_spec(base: str) -> dict | None:
@@ -116,6 +151,7 @@ def export_run(cfg: ExportRun) -> Path:
     from .config import load_recipe
 
     recipe = load_recipe(str(run_dir / "config.yaml"))
+    _state_evaluation(run_dir, recipe, info)
     t0 = time.perf_counter()
     model, tok = _merged_model(info["base"], adapter)
     provenance = {"run_dir": str(run_dir.resolve()), "base": info["base"], "base_quantization": spec,

@@ -8,6 +8,9 @@ written in one atomic step, and optionally a GPTQ-format export (``export_gptq``
 atomic step) that GPTQModel and ``transformers`` load. A process killed at any point leaves each directory holding
 its previous complete content or the new one; the same command run again completes (it replaces an output that
 holds the same model and settings, and a lowbit export of the same bit width and group size).
+
+Every step that can take long shows progress: a bar over the held-out windows (perplexity before and after), over
+the layers, and over the bytes of each weights file written, with a log line for the checksums and the flush.
 """
 
 from __future__ import annotations
@@ -212,11 +215,14 @@ def _quantize(run: QuantizeRun, path: str, windows, held) -> tuple[torch.nn.Modu
     ppl_before = ppl_after = None
     if held is not None and run.ppl_windows > 0 and len(held) >= 2:
         score = streamed_perplexity if is_streaming(model) else perplexity
-        ppl_before = score(model, held, seqlen, run.ppl_windows)
+        ppl_before = score(model, held, seqlen, run.ppl_windows, progress=True, desc="perplexity before quantization")
+        log.info("held-out perplexity before quantization: %.3f", ppl_before)
     report = quantize_model(model, run.quant, windows, store_dtype=getattr(torch, run.calib_store)
                             if run.calib_store != "float32" else None)
     if ppl_before is not None:
-        ppl_after = perplexity(model, held, seqlen, run.ppl_windows)
+        ppl_after = perplexity(model, held, seqlen, run.ppl_windows, progress=True,
+                               desc="perplexity after quantization")
+        log.info("held-out perplexity after quantization: %.3f", ppl_after)
     summary = {"model": run.model, "quantization": run.quant.to_dict(), "ppl_before": ppl_before,
                "ppl_after": ppl_after, "mean_rel_output_error": _mean(r.get("rel_output_error") for r in report),
                "mean_rel_weight_error": _mean(r["rel_weight_error"] for r in report),
@@ -231,11 +237,11 @@ def _save_outputs(run: QuantizeRun, model, tok, settings: dict, summary: dict, r
     files = {"layer_errors.json": json.dumps(report, indent=2) + "\n", "layer_errors.md": error_table(report) + "\n",
              STAMP: out_dir(run.out).stamp_text(settings, complete=True)}
     save_quantized(model, Path(run.out), run.quant, tokenizer=tok, source=run.model, extra={"summary": summary},
-                   files=files)
+                   files=files, progress=True)
     if run.export_gptq:
         from ..quant.export import export_gptq
 
-        try:
-            export_gptq(model, run.export_gptq, tokenizer=tok, overwrite=True)  # checked by _check_export_dir
+        try:  # overwrite: the directory was checked by _check_export_dir
+            export_gptq(model, run.export_gptq, tokenizer=tok, overwrite=True, progress=True)
         except ValueError as e:
             raise ValueError(f"GPTQ export failed: {e}") from None

@@ -1,6 +1,11 @@
 """The training loop's pieces around Hugging Face ``Trainer``: adapter-only checkpoints committed by a ``COMPLETE``
 marker (a process killed mid-save never resumes from a half-written checkpoint), a JSONL log, and the loss plot.
 
+``log.jsonl`` holds the Trainer's records every ``logging_steps`` (``loss``: the mean over the steps since the last
+one, ``lr``, ``grad_norm``, ``epoch`` ...) and, between them, one ``{"step", "step_loss"}`` record per optimizer step
+(its loss averaged over gradient-accumulation micro-batches and ranks, as the logged mean averages them; ``null``
+when not finite). The plot draws every step with the logged means on top.
+
 ``COMPLETE`` is a sealed JSON manifest (:func:`lowbit.io.sealed`): the step and the SHA-256 of every file of the
 checkpoint, which :func:`check_checkpoint` verifies before a resume. The Trainer itself would resume silently from
 a checkpoint lacking ``trainer_state.json`` (from step 0) or ``optimizer.pt`` (with a fresh optimizer), and fails
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -94,12 +100,37 @@ def _check_present(ckpt: Path, names, fix: str) -> None:
 
 def trainer_classes():
     """The Trainer subclass and callbacks (built lazily: importing transformers is expensive)."""
-    from transformers import Trainer, TrainerCallback
+    CommitCheckpoint, JsonlLogger = _callback_classes()
+    return _adapter_trainer_class(JsonlLogger), CommitCheckpoint, JsonlLogger
+
+
+def _adapter_trainer_class(logger_class: type):
+    from transformers import Trainer
 
     from ..adapters import save_adapter, set_adapter_weights
 
     class AdapterTrainer(Trainer):
-        """Saves and restores only the adapter; the frozen (quantized) base is never written to checkpoints."""
+        """Saves and restores only the adapter; the frozen (quantized) base is never written to checkpoints. Keeps
+        the loss of the optimizer step under way for the log's per-step records (:meth:`take_step_loss`); a
+        ``logger_class`` callback among its callbacks is given the trainer to take it from."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.step_loss = None  # tensor: the sum of this step's micro-batch losses (each already / GA)
+            for cb in self.callback_handler.callbacks:
+                if isinstance(cb, logger_class):
+                    cb.trainer = self
+
+        def training_step(self, *args, **kwargs):
+            # The same per-micro-batch value the Trainer adds into the loss it logs.
+            loss = super().training_step(*args, **kwargs)
+            self.step_loss = loss.detach() if self.step_loss is None else self.step_loss + loss.detach()
+            return loss
+
+        def take_step_loss(self) -> float | None:
+            """The finished step's loss averaged over ranks (every rank must call this), then cleared."""
+            loss, self.step_loss = self.step_loss, None
+            return None if loss is None else rank_mean(loss)
 
         def _save(self, output_dir: str | None = None, state_dict=None) -> None:
             # Trainer.save_model calls _save on every rank; two ranks writing one directory collide.
@@ -111,6 +142,33 @@ def trainer_classes():
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
             set_adapter_weights(model or self.model, Path(resume_from_checkpoint) / "adapter")
 
+    return AdapterTrainer
+
+
+def rank_mean(value) -> float | None:
+    """A scalar tensor averaged over the ranks of a distributed run (a collective: every rank calls it), as a
+    float; ``None`` when it is not finite."""
+    import torch
+
+    value = value.detach().float().clone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(value)
+        value /= torch.distributed.get_world_size()
+    out = float(value)
+    return out if math.isfinite(out) else None
+
+
+def _append_record(path: Path, rec: dict) -> None:
+    """One sealed line, flushed to disk (a killed run loses at most the line being written)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(sealed(rec)) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _callback_classes():
+    from transformers import TrainerCallback
+
     class CommitCheckpoint(TrainerCallback):
         """Marks a checkpoint complete once the Trainer has written all of it (on_save runs after)."""
 
@@ -121,10 +179,19 @@ def trainer_classes():
                     commit_checkpoint(ckpt, state.global_step)
 
     class JsonlLogger(TrainerCallback):
-        """One sealed JSON object per logging step in ``log.jsonl`` (``step``, ``loss``, ``lr``, ``epoch`` ...)."""
+        """One sealed JSON object per logging step in ``log.jsonl`` (``step``, ``loss``, ``lr``, ``epoch`` ...), and
+        one ``{step, step_loss}`` per optimizer step when its Trainer is an ``AdapterTrainer``."""
 
         def __init__(self, path: Path) -> None:
             self.path = path
+            self.trainer = None  # set by AdapterTrainer
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.trainer is None:
+                return
+            loss = self.trainer.take_step_loss()  # on every rank: an all-reduce
+            if state.is_world_process_zero:
+                _append_record(self.path, {"step": state.global_step, "step_loss": loss})
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs:
@@ -132,12 +199,9 @@ def trainer_classes():
             rec = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
             if "learning_rate" in rec:
                 rec["lr"] = rec.pop("learning_rate")
-            with open(self.path, "a") as f:
-                f.write(json.dumps(sealed(rec)) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            _append_record(self.path, rec)
 
-    return AdapterTrainer, CommitCheckpoint, JsonlLogger
+    return CommitCheckpoint, JsonlLogger
 
 
 def read_log(path: str | Path) -> list[dict]:
@@ -168,19 +232,42 @@ def truncate_log(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(json.dumps(sealed(r)) + "\n" for r in recs))
 
 
-def plot_loss(log_path: str | Path, png_path: str | Path, title: str = "") -> None:
-    """Training loss against step (matplotlib PNG, written atomically)."""
+def loss_curves(recs: list[dict]) -> dict[str, list]:
+    """The two curves of the plot from ``log.jsonl`` records: ``steps``/``step_loss`` (every step; a non-finite
+    loss is ``None``) and ``logged_steps``/``logged`` (the means logged every ``logging_steps``)."""
+    steps = [r for r in recs if "step_loss" in r]
+    logged = [r for r in recs if "loss" in r]
+    return {"steps": [r["step"] for r in steps], "step_loss": [r["step_loss"] for r in steps],
+            "logged_steps": [r["step"] for r in logged], "logged": [r["loss"] for r in logged]}
+
+
+def loss_figure(recs: list[dict], title: str = ""):
+    """The matplotlib figure of :func:`loss_curves`: every step's loss as a thin line, the logged means on top (a
+    log of an older lowbit, without per-step records, draws the means alone)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = [r for r in read_log(log_path) if "loss" in r]
+    c = loss_curves(recs)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], marker="." if len(recs) < 50 else None)
+    if c["steps"]:
+        y = [float("nan") if v is None else v for v in c["step_loss"]]  # a gap where the loss was not finite
+        ax.plot(c["steps"], y, lw=0.8, alpha=0.6, color="tab:blue", label="each step",
+                marker="." if len(y) < 50 else None, ms=3)
+    if c["logged"]:
+        ax.plot(c["logged_steps"], c["logged"], color="tab:orange" if c["steps"] else "tab:blue",
+                marker="o" if len(c["logged"]) < 50 else None, ms=4, label="logged mean")
+    if c["steps"] and c["logged"]:
+        ax.legend(fontsize=8)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    atomic_write_figure(png_path, fig, dpi=100)
+    return fig
+
+
+def plot_loss(log_path: str | Path, png_path: str | Path, title: str = "") -> None:
+    """Training loss against step (:func:`loss_figure` of ``log_path``, a matplotlib PNG written atomically)."""
+    atomic_write_figure(png_path, loss_figure(read_log(log_path), title), dpi=100)

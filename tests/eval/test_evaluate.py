@@ -83,6 +83,31 @@ def test_tiny_model_first_20_records_through_the_cli(tmp_path, capsys, real_data
         assert len(read_rows(tmp_path / f"{name}.jsonl")) == 20
 
 
+def test_progress_moves_within_a_batch(tmp_path, monkeypatch):
+    """One batch of 6 examples with the tiny model: the bar moves as examples finish, before the batch ends, and
+    shows the batch's generated tokens."""
+    import tqdm.auto
+
+    seen = []
+
+    class Recording(tqdm.auto.tqdm):
+        def update(self, n=1):
+            seen.append(("n", self.n + n))
+            return super().update(n)
+
+        def set_postfix_str(self, s="", refresh=True):
+            seen.append(("postfix", s))
+            return super().set_postfix_str(s, refresh)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    summary = run_evaluation(_run("tiny", ["synthetic-gsm8k"], out=str(tmp_path), limit=6, batch_size=6,
+                                  max_new_tokens=40))
+    assert summary["generated"] == 6
+    counts = [v for k, v in seen if k == "n"]
+    assert counts[-1] == 6 and any(0 < c < 6 for c in counts), counts
+    assert ("postfix", "batch 1/40 tokens") in seen
+
+
 def _fake_generator(calls: list, crash_after: int | None = None):
     """Deterministic 'model' answering from the prompt; counts prompts; optionally dies after some batches."""
     def gen(prompts):

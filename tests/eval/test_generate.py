@@ -71,6 +71,39 @@ def test_beam_variant_runs(tiny):
     prompts = _prompts()[:3]
     out = generate(model, tok, prompts, max_new_tokens=6, batch_size=3, num_beams=4)
     assert len(out) == 3 and all(isinstance(o, str) for o in out)
+    # Progress under beam search: every token reported, no prompt called finished before the search ends.
+    calls = []
+    batches = list(iter_generate(model, tok, prompts, max_new_tokens=6, batch_size=3, num_beams=4,
+                                 on_step=lambda *a: calls.append(a)))
+    assert [t for _, texts in batches for t in texts] == [out[i] for idx, _ in batches for i in idx]
+    assert calls and [c[0] for c in calls] == list(range(1, len(calls) + 1)) and {c[2] for c in calls} == {0}
+
+
+def _with_steps(model, tok, prompts, limit):
+    """-> (continuations in input order, the ``on_step`` calls) of one batch holding every prompt."""
+    calls, out = [], [""] * len(prompts)
+    for idx, texts in iter_generate(model, tok, prompts, max_new_tokens=limit, batch_size=len(prompts),
+                                    on_step=lambda *a: calls.append(a)):
+        for i, t in zip(idx, texts):
+            out[i] = t
+    return out, calls
+
+
+def test_step_progress_counts_each_prompt_when_it_ends_and_changes_nothing(tiny):
+    """``on_step`` inside one batch: tokens 1, 2, ...; a prompt counts as finished from the step at which it ends
+    when generated alone (EOS or stop string), never before; the continuations are those of a run without it."""
+    model, tok = tiny
+    prompts, limit = _prompts(), 40
+    ends = []  # the step at which each prompt ends alone (None: it runs to the limit)
+    for p in prompts:
+        _, alone = _with_steps(model, tok, [p], limit)
+        ends.append(alone[-1][0] if alone[-1][2] == 1 else None)
+    out, calls = _with_steps(model, tok, prompts, limit)
+    assert out == generate(model, tok, prompts, max_new_tokens=limit, batch_size=len(prompts))
+    assert [c[0] for c in calls] == list(range(1, len(calls) + 1)) and {c[1] for c in calls} == {limit}
+    for tokens, _, finished in calls:
+        assert finished == sum(e is not None and e <= tokens for e in ends), tokens
+    assert 0 < calls[-1][2] < len(prompts)  # some prompts ended early, others ran to the limit
 
 
 def test_stop_at_new_instruction(tiny):

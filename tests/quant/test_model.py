@@ -245,6 +245,29 @@ def test_cli_quantize_every_method(tiny_llama_dir, tmp_path, method, bits, capsy
     assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == 14
 
 
+def test_cli_quantize_shows_progress_after_the_layers(tiny_llama_dir, tmp_path, capsys, caplog):
+    """After the layer bar: a bar over the perplexity windows, then over the bytes of the saved model and of the
+    GPTQ export, each to completion; the checksums and the flush are logged."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="lowbit")
+    assert _cli(tiny_llama_dir, tmp_path / "q", "--method", "gptq", "--bits", "4", "--group-size", "32",
+                "--export-gptq", str(tmp_path / "e")) == 0
+    err = capsys.readouterr().err
+
+    def last(text: str) -> int:
+        assert text in err, text
+        return err.rindex(text)
+
+    assert last("quantize gptq 4-bit: 100%") < last("perplexity after quantization: 100%")
+    assert last("perplexity after quantization: 100%") < last("saving model.safetensors: 100%")
+    assert last("saving model.safetensors: 100%") < last("saving GPTQ model.safetensors: 100%")
+    assert "perplexity before quantization: 100%" in err and "2/2" in err
+    for line in ("saving model.safetensors: ", "checksums of", "flushing", "GPTQ export to",
+                 "held-out perplexity after quantization"):
+        assert line in caplog.text, line
+
+
 def test_cli_bad_inputs(tiny_llama_dir, tmp_path):
     base = ["--method", "gptq", "--bits", "4"]
     with pytest.raises(SystemExit, match="bits must be one of"):

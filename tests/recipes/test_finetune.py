@@ -44,6 +44,28 @@ def test_tiny_recipe_on_2bit_base_trains_with_decreasing_loss(tmp_path, recipe):
     assert stamp["complete"] is True and stamp["settings"]["train"]["max_steps"] == 30
 
 
+def test_loss_plot_has_every_step_with_the_logged_means_on_top(tmp_path):
+    """20 steps logged every 10 (2 micro-batches per step): log.jsonl keeps its two logged means and gains one
+    record per step, whose mean over each logging window is the logged mean; the plot draws 20 + 2 points."""
+    from lowbit.recipes.trainer import loss_figure
+
+    summary = _run(tmp_path, "tiny-gptq-lora-2bit", "quant.method=rtn", "train.max_steps=20",
+                   "train.logging_steps=10", "train.save_steps=100", "train.batch_size=2", "train.grad_accum=2")
+    recs = read_log(tmp_path / "log.jsonl")
+    logged = [r for r in recs if "loss" in r]
+    steps = {r["step"]: r["step_loss"] for r in recs if "step_loss" in r}
+    assert [r["step"] for r in logged] == [10, 20] and sorted(steps) == list(range(1, 21))
+    for r in logged:
+        window = [steps[k] for k in range(r["step"] - 9, r["step"] + 1)]
+        assert sum(window) / 10 == pytest.approx(r["loss"], rel=1e-5)
+    assert summary["last_logged_loss"] == logged[-1]["loss"]  # the logged records keep their meaning
+    per_step, means = loss_figure(recs).axes[0].lines
+    assert list(per_step.get_xdata()) == list(range(1, 21))
+    assert list(per_step.get_ydata()) == [steps[k] for k in range(1, 21)]
+    assert list(means.get_xdata()) == [10, 20] and list(means.get_ydata()) == [r["loss"] for r in logged]
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 class _StopAt:
     """A callback that kills training (as a crash would) once a step is reached."""
 
@@ -71,8 +93,9 @@ def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tmp_path):
     a, b = _adapter(tmp_path / "full"), _adapter(tmp_path / "cut")
     for k in a:
         assert (a[k] - b[k]).norm() <= 1e-6 * a[k].norm() + 1e-12, k
-    steps = [r["step"] for r in read_log(tmp_path / "cut" / "log.jsonl") if "loss" in r]
-    assert steps == list(range(1, 13))  # the resumed log neither repeats nor misses a step
+    recs = read_log(tmp_path / "cut" / "log.jsonl")
+    assert [r["step"] for r in recs if "loss" in r] == list(range(1, 13))  # neither repeats nor misses a step
+    assert [r["step"] for r in recs if "step_loss" in r] == list(range(1, 13))  # the per-step records too
 
 
 def test_kill_mid_checkpoint_never_resumes_from_the_partial_one(tmp_path, monkeypatch):
@@ -152,3 +175,10 @@ def test_two_gloo_processes_match_one_process_with_double_batch(tmp_path):
     for k in a:
         rel = ((a[k] - b[k]).norm() / a[k].norm()).item()
         assert rel < 1e-4, (k, rel)
+    # Logged every step, the per-step loss equals the logged one: averaged over both ranks, not rank 0's alone.
+    for d in ("one", "two"):
+        recs = read_log(tmp_path / d / "log.jsonl")
+        steps = {r["step"]: r["step_loss"] for r in recs if "step_loss" in r}
+        assert len(steps) == 4
+        for r in (r for r in recs if "loss" in r):
+            assert steps[r["step"]] == pytest.approx(r["loss"], rel=1e-5), (d, r)

@@ -225,7 +225,8 @@ CATALOGUE = [
           "the plot is empty"),
     Entry(RUN, "run.json", "`lowbit compare`, `lowbit experiment` (a trained run without its ledger entry)",
           TRUNC + "; experiment: the run is trained again", CHK + " (sealed); experiment: the run is trained again",
-          "`compare`: its keys show as –; experiment: the run is trained again"),
+          "`compare`: its keys are read from the evaluated adapter (method, trainable parameters counted in its "
+          "safetensors); experiment: the run is trained again"),
     Entry(RUN, "loss.png", "not read back", "nothing reads it", "nothing reads it", "nothing reads it"),
     Entry(EVAL, "settings.json", "`lowbit evaluate` (resume check)", TRUNC + " (`--overwrite` discards the rows)",
           CHK + " (sealed); `--overwrite` discards the rows", "regenerated, unless rows exist: then " + ERR),
