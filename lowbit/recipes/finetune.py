@@ -4,11 +4,11 @@ Reads top to bottom: 1. run directory and the cheap checks (the checkpoint to re
 model's architecture from its config.json), 2. tokenizer and data (every error surfaces by here, before the model
 is loaded), 3. base model, quantization and adapter initialisation, 4. the Hugging Face ``Trainer`` with lowbit's
 callbacks, 5. the adapter, ``run.json`` and ``loss.png``. The run directory holds ``lowbit_run.json`` (its stamp,
-:mod:`lowbit.rundir`: the recipe, and whether the run finished), ``config.yaml`` (resolved), ``log.jsonl`` (one
-JSON object per logging step), ``checkpoint-*`` (adapter + optimizer state only), ``adapter/`` (PEFT layout),
-``loss.png`` and ``run.json`` (the summary, with the training set's files, SHA-256 and record count, the base's
-fingerprint: weight hashes and quantization, and the loss: ``mean_train_loss``, also under its old name
-``final_loss``, and ``last_logged_loss``).
+:mod:`lowbit.rundir`: the recipe, and whether the run finished), ``config.yaml`` (resolved), ``log.jsonl`` (a
+``step_loss`` record per optimizer step, the means every ``logging_steps``), ``checkpoint-*`` (adapter + optimizer
+state only), ``adapter/`` (PEFT layout), ``loss.png`` and ``run.json`` (the summary, with the training set's files,
+SHA-256 and record count, the base's fingerprint: weight hashes and quantization, and the loss: ``mean_train_loss``,
+also under its old name ``final_loss``, and ``last_logged_loss``).
 
 Checkpoints are committed by a ``COMPLETE`` marker written (atomically) after the Trainer has written every file
 of the checkpoint, with their checksums; ``--resume`` continues from the newest complete checkpoint, so a process
@@ -388,7 +388,7 @@ def _save_base(cfg: RecipeConfig, model, tokenizer, out: Path) -> str:
 
     with without_adapters(model) as base:
         save_quantized(base, out / "base", cfg.quant, tokenizer=tokenizer, source=cfg.model.name,
-                       extra={"adapter_init": cfg.adapter.init})
+                       extra={"adapter_init": cfg.adapter.init}, progress=True)
     return str((out / "base").resolve())
 
 
