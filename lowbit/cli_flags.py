@@ -53,7 +53,8 @@ FIELD_HELP = {
                    "loss_limit": "response loss on the first N records of each set (default: --limit)",
                    "accuracy": "generate and score answers (--no-accuracy: response loss only; needs --response-loss)"},
     "ExportRun": {"out": "the new checkpoint directory",
-                  "format": "gptq: merged and re-quantized (GPTQModel / transformers); float: a plain HF checkpoint",
+                  "format": "gptq: merged and re-quantized (GPTQModel / transformers); float: a plain HF checkpoint; "
+                            "gptq-lora: the base unchanged in GPTQ layout + the LoRA adapter, unmerged (vLLM, PEFT)",
                   "requant": "for --format gptq: gptq (calibrated on the merged model) or rtn (round-to-nearest)",
                   "bits": "bits of the re-quantized model: 2, 3, 4 or 8 (default: the base's)",
                   "group_size": "group size of the re-quantized model (default: the base's; 128 for a float base)",
@@ -80,7 +81,7 @@ CHOICES = {
                     "calib_store": ("float32", "bfloat16", "float16")},
     "EvaluateRun": {"dtype": ("auto", "float32", "bfloat16", "float16")},
     "EvalConfig": {"variant": ("apiq", "llm-adapters"), "choice_rule": ("llm-adapters", "strict")},
-    "ExportRun": {"format": ("gptq", "float"), "requant": ("gptq", "rtn"), "bits": (2, 3, 4, 8),
+    "ExportRun": {"format": ("gptq", "float", "gptq-lora"), "requant": ("gptq", "rtn"), "bits": (2, 3, 4, 8),
                   "dtype": ("float16", "bfloat16", "float32")},
 }
 

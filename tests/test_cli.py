@@ -50,7 +50,7 @@ def test_choices_are_what_the_configs_accept():
     from lowbit.eval.config import CHOICE_RULES, VARIANTS, EvalConfig
     from lowbit.recipes.config import QuantConfig
     from lowbit.recipes.evaluate import EvaluateRun
-    from lowbit.recipes.export_run import GPTQ_BITS, ExportRun
+    from lowbit.recipes.export_run import FORMATS, GPTQ_BITS, ExportRun
     from lowbit.recipes.quantize import QuantizeRun
 
     make = {"QuantizeRun": lambda **k: QuantizeRun(model="m", out="o", quant=QuantConfig(method="rtn"), **k),
@@ -65,7 +65,7 @@ def test_choices_are_what_the_configs_accept():
             bogus = 7 if isinstance(values[0], int) else "bogus"
             with pytest.raises(ValueError):
                 make[cls_name](**{field: bogus})
-    assert CHOICES["ExportRun"]["bits"] == GPTQ_BITS
+    assert CHOICES["ExportRun"]["bits"] == GPTQ_BITS and CHOICES["ExportRun"]["format"] == FORMATS
     assert set(CHOICES["EvalConfig"]["variant"]) == set(VARIANTS)
     assert set(CHOICES["EvalConfig"]["choice_rule"]) == set(CHOICE_RULES)
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["quantize"]

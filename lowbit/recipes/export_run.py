@@ -28,10 +28,11 @@ from pathlib import Path
 
 from ..io import DamagedFileError, atomic_dir, atomic_write_json, read_json, recover_dir
 from ..rundir import STAMP, RunDir
+from .export_lora import check_gptq_lora, write_gptq_lora
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("gptq", "float")
+FORMATS = ("gptq", "float", "gptq-lora")
 REQUANT = ("gptq", "rtn")
 DTYPES = ("bfloat16", "float16", "float32")
 GPTQ_BITS = (2, 3, 4, 8)
@@ -40,8 +41,9 @@ PROVENANCE = "lowbit_export.json"
 
 @dataclass
 class ExportRun:
-    """run_dir: a ``lowbit finetune`` output directory. out: the new checkpoint directory. format: ``gptq`` or
-    ``float``. requant: ``gptq`` (calibrated) or ``rtn`` (round-to-nearest), for ``format=gptq``. bits /
+    """run_dir: a ``lowbit finetune`` output directory. out: the new checkpoint directory. format: ``gptq``,
+    ``float`` or ``gptq-lora`` (the base and the LoRA adapter unmerged, :mod:`lowbit.recipes.export_lora`).
+    requant: ``gptq`` (calibrated) or ``rtn`` (round-to-nearest), for ``format=gptq``. bits /
     group_size: of the re-quantized model (default: the base's; 128 for a float base). dtype: of a ``float``
     export. calib_samples: calibration windows (default: the recipe's). overwrite: replace an existing ``out``
     (atomically)."""
@@ -145,6 +147,8 @@ def export_run(cfg: ExportRun) -> Path:
     run_dir, out = Path(cfg.run_dir).expanduser(), Path(cfg.out).expanduser()
     adapter, info = _check_run(run_dir)
     spec = _base_spec(info["base"])
+    if cfg.format == "gptq-lora":
+        check_gptq_lora(info, spec, cfg.bits, cfg.group_size)
     bits, group = _export_bits(cfg, info, spec)
     settings = _settings(cfg, run_dir, bits, group)
     RunDir(out, "export", what="export").check(settings, overwrite=cfg.overwrite, resume=False)
@@ -153,10 +157,14 @@ def export_run(cfg: ExportRun) -> Path:
     recipe = load_recipe(str(run_dir / "config.yaml"))
     _state_evaluation(run_dir, recipe, info)
     t0 = time.perf_counter()
-    model, tok = _merged_model(info["base"], adapter)
     provenance = {"run_dir": str(run_dir.resolve()), "base": info["base"], "base_quantization": spec,
                   "adapter": str(adapter.resolve()), "method": info.get("method"), "adapter_kind": info.get("adapter"),
                   "init": info.get("init"), "export": asdict(cfg) | {"bits": bits, "group_size": group}}
+    if cfg.format == "gptq-lora":
+        write_gptq_lora(info["base"], adapter, out, provenance)
+        RunDir(out, "export").finish(settings)
+        return out
+    model, tok = _merged_model(info["base"], adapter)
     if cfg.format == "float":
         _write_float(cfg, model, tok, out, provenance, t0)
     else:
@@ -169,7 +177,7 @@ def _export_bits(cfg: ExportRun, info: dict, spec: dict | None) -> tuple[int | N
     """Bits and group size of the export (default: the base's); a GPTQ export needs bits the format stores."""
     bits = cfg.bits or (spec or {}).get("bits")
     group = cfg.group_size or (spec or {}).get("group_size", 128)
-    if cfg.format == "gptq":
+    if cfg.format in ("gptq", "gptq-lora"):
         if bits is None:
             raise ValueError(f"the run's base {info['base']} is a float model: pass --bits (one of "
                              f"{', '.join(map(str, GPTQ_BITS))}) for a GPTQ export, or --format float")
