@@ -1,5 +1,6 @@
 """What merging loses: for each fine-tuned run, (a) base + adapter, (b) ``lowbit export --format float``, (c) the
-GPTQ export (re-quantized with GPTQ on the merged model), (d) ``--requant rtn``, each scored by the same evaluation
+GPTQ export (re-quantized with GPTQ on the merged model), (d) ``--requant rtn``, (e) ``--format gptq-lora`` (the
+base in GPTQ layout + the LoRA adapter, unmerged; LoRA-family runs only), each scored by the same evaluation
 (synthetic test sets: accuracy and held-out response loss). Writes a markdown table and JSON.
 
 Usage: ``python scripts/export_merge_table.py RUN_DIR [RUN_DIR ...] --out DIR [--limit 100]``.
@@ -49,15 +50,22 @@ def main() -> None:
                 export_run(ExportRun(run_dir=str(run), out=str(d), overwrite=True, **kw))
             ev_out = str(out / run.name / f"{key}-eval")
             row[key] = scores(run_evaluation(EvaluateRun(model=str(d), eval=ev, out=ev_out)))
+        if info.get("adapter") == "lora":
+            d = out / run.name / "e-export"
+            if not (d / "lowbit_export.json").is_file():
+                export_run(ExportRun(run_dir=str(run), out=str(d), overwrite=True, format="gptq-lora"))
+            row["e"] = scores(run_evaluation(EvaluateRun(model=str(d / "base"), adapter=str(d / "adapter"), eval=ev,
+                                                         out=str(out / run.name / "e-eval"))))
         rows.append(row)
         atomic_write_json(out / "export_merge.json", {"limit": args.limit, "rows": rows})
     lines = ["| run | bits | (a) base + adapter | (b) float merge | (c) GPTQ re-quantized | (d) RTN re-quantized | "
-             "(c) closer to (a) than (d) |", "|---|---|---|---|---|---|---|"]
+             "(c) closer to (a) than (d) | (e) gptq-lora pair |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cell = lambda s: f"{s['loss']:.4f} / {s['acc']:.1f}%"  # noqa: E731
         closer = abs(r["c"]["loss"] - r["a"]["loss"]) < abs(r["d"]["loss"] - r["a"]["loss"])
         lines.append(f"| {r['run']} ({r['method']}) | {r['bits']} | {cell(r['a'])} | {cell(r['b'])} | "
-                     f"{cell(r['c'])} | {cell(r['d'])} | {'yes' if closer else 'NO'} |")
+                     f"{cell(r['c'])} | {cell(r['d'])} | {'yes' if closer else 'NO'} | "
+                     f"{cell(r['e']) if 'e' in r else '– (not LoRA)'} |")
     md = ("Held-out response loss / average accuracy on the four synthetic test sets "
           f"({args.limit} problems each):\n\n" + "\n".join(lines) + "\n")
     atomic_write_text(out / "export_merge.md", md)

@@ -118,8 +118,8 @@ SIGINT_MID_SAVE = """
 import os, signal, sys
 import lowbit.safetensors_io as st
 real = st.save_file_streamed
-def save(tensors, path, metadata=None):
-    real(tensors, path, metadata)
+def save(*a, **k):
+    real(*a, **k)
     os.kill(os.getpid(), signal.SIGINT)
 st.save_file_streamed = save
 from lowbit.cli import main

@@ -33,7 +33,7 @@ def test_overrides_and_errors():
         load_recipe(None, ["train.lr"])
     with pytest.raises(ValueError, match="schedule"):
         load_recipe(None, ["train.schedule=cosinus"])
-    with pytest.raises(FileNotFoundError, match="built-in recipes"):
+    with pytest.raises(FileNotFoundError, match="no built-in recipe named 'no-such-recipe'"):
         load_recipe("no-such-recipe")
 
 
