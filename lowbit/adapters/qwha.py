@@ -16,7 +16,7 @@ Scaling. The paper writes ``ΔW = s·P·H/(in·√out)`` with a tuned ``s`` (the
 weight delta's component along one unit basis vector, so one learning rate means what it means for a dense fine-tune
 or DiaBlo. Under Adam (``ε`` negligible, no weight decay) the update of ``c`` does not depend on the gradient's scale,
 so ``s`` is only a learning-rate multiplier: the paper's ``(s, lr η)`` is lowbit's ``lr η·s/√(in·out)`` (for 4096×4096
-at ``s = 4000``: ``0.98·η``; for 4096↔11008: ``0.59·η``).
+at ``s = 4000``: ``0.98·η``; for 4096↔11008: ``0.60·η``).
 
 Where lowbit differs from the released code, and why:
 
