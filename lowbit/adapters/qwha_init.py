@@ -20,7 +20,8 @@ and the coefficients ``c`` of ``ΔW = P·U`` minimising ``Σ_i (E_i − ΔW_i) G
 
 Cost: ``M`` and ``E G`` are built once with the fast transform (``O(in²·log in)`` and ``O(out·in²)``); holding ``G``,
 ``M`` and two transform copies in float64 needs about four ``in × in`` float64 matrices (≈ 4 GB for ``in = 11008``);
-then one ``k_i × k_i`` Cholesky solve per row.
+then one ``k_i × k_i`` Cholesky solve per row, batched over the rows of equal ``k_i`` (a Python loop over single
+rows spent most of the init in per-call overhead).
 
 lowbit differs from the released code in: the damping (``adapter.init_options.damp``, default 0.01 as for CLoQ; the
 reference adds ``1e-4·mean(diag)``); and the calibration pass — the reference collects ``XᵀX`` of every layer on the
@@ -65,11 +66,34 @@ def basis_gram(G: torch.Tensor) -> torch.Tensor:
     return walsh_hadamard(GUt.t()).t()  # U (G Uᵀ) = ((G Uᵀ)ᵀ Uᵀ)ᵀ
 
 
-def _solve(M: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    try:
-        return torch.cholesky_solve(b[:, None], torch.linalg.cholesky(M))[:, 0]
-    except RuntimeError:  # singular without damping: the minimum-norm least-squares solution
-        return torch.linalg.lstsq(M, b[:, None], driver="gelsd").solution[:, 0]
+def _solve(M: torch.Tensor, b: torch.Tensor, rtol: float = 1e-10) -> torch.Tensor:
+    """``c`` ``(g, k)`` with ``M[r] c[r] = b[r]`` for a batch ``M`` ``(g, k, k)`` (symmetric PSD), ``b`` ``(g, k)``.
+
+    A system that Cholesky rejects, or whose pivots fall below ``rtol`` of the largest (singular up to rounding,
+    which Cholesky can pass with garbage), gets the minimum-norm least-squares solution with singular values below
+    ``rtol`` of the largest treated as zero (as :func:`~lowbit.adapters.linalg.gram_root` does)."""
+    L, info = torch.linalg.cholesky_ex(M)
+    piv = L.diagonal(dim1=-2, dim2=-1).square()
+    bad = torch.nonzero((info != 0) | (piv.amin(-1) <= rtol * piv.amax(-1))).flatten()
+    c = torch.cholesky_solve(b[..., None], L)[..., 0]
+    if bad.numel():
+        sol = torch.linalg.lstsq(M[bad].cpu(), b[bad, :, None].cpu(), rcond=rtol, driver="gelsd").solution
+        c[bad] = sol[..., 0].to(c)
+    return c
+
+
+def _supports(scores: torch.Tensor, M: torch.Tensor, B: torch.Tensor, k: torch.Tensor, chunk: int = 1 << 24):
+    """``(rows, columns, values)`` per group of rows with the same ``k_i``: the ``k_i`` largest scores of each row
+    (columns ascending) and the least-squares values there; batched, at most ``chunk`` entries of ``M_SS`` at once."""
+    for kk in torch.unique(k).tolist():
+        if kk == 0:
+            continue
+        group = torch.nonzero(k == kk).flatten().to(scores.device)
+        step = max(1, chunk // (kk * kk))
+        for rows in group.split(step):
+            S = torch.topk(scores[rows], kk, dim=1).indices.sort(dim=1).values  # (g, k)
+            c = _solve(M[S[:, :, None], S[:, None, :]], torch.gather(B[rows], 1, S))
+            yield rows[:, None].expand_as(S), S, c
 
 
 def qwha_init_spectrum(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, rank: int, damp: float = 0.01
@@ -90,15 +114,8 @@ def qwha_init_spectrum(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, rank: 
     B = walsh_hadamard(E @ G)  # (out, in): b_i = E_i G Uᵀ
     del G
     scores = C.square() * M.diagonal()[None, :]
-    k = allocate_budget(E.norm(dim=1), n, inp).tolist()
-    rows, cols, vals = [], [], []
-    for i, ki in enumerate(k):
-        if ki == 0:
-            continue
-        S = torch.topk(scores[i], ki).indices.sort().values
-        vals.append(_solve(M[S][:, S], B[i, S]))
-        cols.append(S)
-        rows.append(torch.full((ki,), i, dtype=torch.int64, device=S.device))
+    k = allocate_budget(E.norm(dim=1), n, inp)
+    rows, cols, vals = zip(*((r.reshape(-1), S.reshape(-1), c.reshape(-1)) for r, S, c in _supports(scores, M, B, k)))
     positions = torch.stack([torch.cat(rows), torch.cat(cols)]).cpu()
     dtype = W.dtype if W.is_floating_point() and W.dtype != torch.float16 and W.dtype != torch.bfloat16 \
         else torch.float32

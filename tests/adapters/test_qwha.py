@@ -139,6 +139,24 @@ def test_init_is_the_least_squares_optimum_on_its_support(damp):
     assert torch.equal(counts, allocate_budget(E.norm(dim=1), 176, 48))
 
 
+def test_rank_deficient_h_gives_a_finite_least_squares_answer():
+    """``damp = 0`` with 2 calibration rows for 48 inputs: every row's normal equations (``k_i ≥ 4`` unknowns) are
+    singular; the minimum-norm solution is used — finite, small, and the weighted error is the least possible on
+    the support (what brute-force least squares reaches)."""
+    W, Q, _ = _problem()
+    X = torch.randn(2, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    H = X.T @ X
+    positions, c = qwha_init_spectrum(W, Q, H, 2, damp=0.0)
+    assert torch.isfinite(c).all() and c.abs().max() < 10 * (W - Q).abs().max() * 48**0.5
+    E = W - Q
+    U = hadamard_matrix(48) / 48**0.5
+    for i in range(40):
+        S = positions[1][positions[0] == i]
+        brute = torch.linalg.lstsq(X @ U[S].T, X @ E[i], driver="gelsd").solution
+        got, best = X @ (E[i] - c[positions[0] == i] @ U[S]), X @ (E[i] - brute @ U[S])
+        assert float(got.norm()) <= float(best.norm()) * (1 + 1e-6) + 1e-9
+
+
 def test_budget_allocation():
     assert allocate_budget(torch.tensor([1.0, 1, 2, 4]), 16, 10).tolist() == [2, 2, 4, 8]
     # floors [0, 0, 11] capped to 5; 7 left: 3 to each open row, the last one to the smallest (the first)
