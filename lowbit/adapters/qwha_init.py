@@ -24,9 +24,11 @@ then one ``k_i × k_i`` Cholesky solve per row, batched over the rows of equal `
 rows spent most of the init in per-call overhead).
 
 lowbit differs from the released code in: the damping (``adapter.init_options.damp``, default 0.01 as for CLoQ; the
-reference adds ``1e-4·mean(diag)``); and the calibration pass — the reference collects ``XᵀX`` of every layer on the
-float model, lowbit inside its sequential quantization pass, where later layers see the quantized, already adapted
-earlier ones (as for CLoQ).
+reference adds ``1e-4·mean(diag)``); the budget's remainder (the reference spreads it once over the rows whose floor
+did not pass the cap, which can lift a row already at the cap above ``in``; lowbit spreads it over the rows below the
+cap until it is used up); and the calibration pass — the reference collects ``XᵀX`` of every layer on the float model,
+lowbit inside its sequential quantization pass, where later layers see the quantized, already adapted earlier ones
+(as for CLoQ).
 """
 
 from __future__ import annotations
