@@ -19,11 +19,13 @@ from lowbit.adapters import (
     load_adapter,
     qwha_init_spectrum,
     save_adapter,
+    set_adapter_weights,
 )
 from lowbit.adapters.hadamard import hadamard_matrix
 from lowbit.adapters.linalg import DampOptions
 from lowbit.adapters.merge import merge_to_float
 from lowbit.adapters.model import adapter_modules, count_parameters
+from lowbit.adapters.qwha import random_positions
 from lowbit.adapters.qwha_init import allocate_budget
 from lowbit.adapters.registry import ADAPTERS, INITS, register_init, scoped_registrations
 from lowbit.quant import QuantConfig, QuantLinear, quantize_model, rtn_quantize
@@ -220,6 +222,13 @@ def test_save_load_round_trip_and_merge(fp_model, tmp_path):
     for name, w in adapter_modules(fresh).items():
         assert torch.equal(w.positions, mods[name].positions)
         assert torch.equal(w.coefficients, mods[name].coefficients)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, ref)
+    # resuming copies both the coefficients and their positions into the attached adapters
+    for w in adapter_modules(fresh).values():
+        n = w.coefficients.numel()
+        w.set_spectrum(random_positions(w.out_features, w.in_features, n, seed=1), torch.zeros(n))
+    set_adapter_weights(fresh, tmp_path / "ad")
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids).logits, ref)
         merge_to_float(fresh)  # delta_weight folded into float weights computes the same logits
