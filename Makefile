@@ -44,6 +44,7 @@ demo: setup
 # step regenerates the README's benchmark table from the results. About 1.5 h on 2 CPU cores (MagR at 4096²: ~50 min).
 bench: setup
 	$(VPY) benchmarks/bench_adapters.py $(BENCH_ARGS)
+	$(VPY) benchmarks/bench_qwha.py $(BENCH_ARGS)
 	$(VPY) benchmarks/bench_quantlinear.py $(BENCH_ARGS)
 	$(VPY) benchmarks/bench_quantize.py $(if $(IST_GPTQ),--ist-gptq $(IST_GPTQ)) $(BENCH_ARGS)
 	$(VPY) benchmarks/bench_init.py $(BENCH_ARGS)

@@ -75,6 +75,9 @@ class AdapterLayer(nn.Module):
     # Key suffix of each saved tensor -> the parameter attribute holding it (the trainable tensors), e.g.
     # ``{"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}``.
     stored_params: ClassVar[dict[str, str]] = {}
+    # Key suffix of each saved tensor that is not trained -> the buffer holding it (QWHA's coefficient positions,
+    # chosen by its init): saved and loaded beside the parameters, in its own dtype, never given to the optimizer.
+    stored_buffers: ClassVar[dict[str, str]] = {}
 
     def __init__(self, base: nn.Module, dropout: float = 0.0) -> None:
         super().__init__()
@@ -96,8 +99,8 @@ class AdapterLayer(nn.Module):
     @classmethod
     def state_shapes(cls, in_features: int, out_features: int, cfg: AdapterConfig) -> dict[str, tuple[int, ...]]:
         """``{key suffix: shape}`` of the stored tensors for an ``out x in`` layer, in the order of
-        :attr:`stored_params`; raises ``ValueError`` when ``cfg`` does not fit the layer. Also the source of
-        :func:`~lowbit.adapters.expected_trainable`."""
+        :attr:`stored_params` then :attr:`stored_buffers`; raises ``ValueError`` when ``cfg`` does not fit the
+        layer. Its :attr:`stored_params` entries are the source of :func:`~lowbit.adapters.expected_trainable`."""
         raise NotImplementedError
 
     @classmethod
@@ -134,9 +137,18 @@ class AdapterLayer(nn.Module):
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
 
+    @classmethod
+    def stored_keys(cls) -> tuple[str, ...]:
+        """The key suffixes of every saved tensor: :attr:`stored_params` then :attr:`stored_buffers`."""
+        return (*cls.stored_params, *cls.stored_buffers)
+
     def state_params(self) -> dict[str, nn.Parameter]:
         """``{key suffix: parameter}`` (:attr:`stored_params` resolved)."""
         return {k: getattr(self, attr) for k, attr in self.stored_params.items()}
+
+    def state_buffers(self) -> dict[str, torch.Tensor]:
+        """``{key suffix: buffer}`` (:attr:`stored_buffers` resolved)."""
+        return {k: getattr(self, attr) for k, attr in self.stored_buffers.items()}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.state_params().values())
@@ -150,13 +162,16 @@ class AdapterLayer(nn.Module):
         return y + z.to(y.dtype)
 
     def adapter_state(self, prefix: str) -> dict[str, torch.Tensor]:
-        """``{prefix.suffix: float32 CPU tensor}`` (``prefix`` = ``base_model.model.<module>``)."""
-        return {f"{prefix}.{k}": p.detach().float().contiguous().cpu() for k, p in self.state_params().items()}
+        """``{prefix.suffix: CPU tensor}`` (``prefix`` = ``base_model.model.<module>``): the parameters in float32,
+        the stored buffers in their own dtype."""
+        state = {f"{prefix}.{k}": p.detach().float().contiguous().cpu() for k, p in self.state_params().items()}
+        state.update({f"{prefix}.{k}": b.detach().contiguous().cpu() for k, b in self.state_buffers().items()})
+        return state
 
     def load_adapter_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
-        """Copy ``state[prefix.suffix]`` into the parameters; raises ``ValueError`` (nothing copied) on a missing key
-        or a shape mismatch."""
-        params = self.state_params()
+        """Copy ``state[prefix.suffix]`` into the parameters and stored buffers; raises ``ValueError`` (nothing
+        copied) on a missing key or a shape mismatch."""
+        params = {**self.state_params(), **self.state_buffers()}
         for k, p in params.items():
             key = f"{prefix}.{k}"
             if key not in state:

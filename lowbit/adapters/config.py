@@ -19,12 +19,13 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 class AdapterConfig:
     """Which adapter, where, and how it starts.
 
-    adapter: a registered adapter (``lora``, ``diablo``). init: an initialisation registered for it — LoRA:
-    ``default`` | ``cloq`` | ``loftq`` | ``apiq-bw``; DiaBlo: ``default`` | ``calibrated``. rank/alpha/rslora: LoRA
-    (scaling ``alpha/rank``, or ``alpha/sqrt(rank)``). num_blocks: DiaBlo ``N``. dropout: on the adapter's input.
-    targets: projection names (suffixes such as ``q_proj``).
-    init_options: the init's own settings, an instance of the options class it was registered with (``cloq`` and
-    ``calibrated``: ``damp``, the relative damping of ``H`` in their closed forms; ``loftq``: ``loftq_iters``;
+    adapter: a registered adapter (``lora``, ``diablo``, ``qwha``). init: an initialisation registered for it —
+    LoRA: ``default`` | ``cloq`` | ``loftq`` | ``apiq-bw``; DiaBlo: ``default`` | ``calibrated``; QWHA: ``default`` |
+    ``qwha``. rank/alpha/rslora: LoRA (scaling ``alpha/rank``, or ``alpha/sqrt(rank)``); ``rank`` also sets QWHA's
+    budget, LoRA's count ``rank·(in + out)`` (QWHA has no scaling to set). num_blocks: DiaBlo ``N``. dropout: on the
+    adapter's input. targets: projection names (suffixes such as ``q_proj``).
+    init_options: the init's own settings, an instance of the options class it was registered with (``cloq``,
+    ``calibrated`` and ``qwha``: ``damp``, the relative damping of ``H`` in their solves; ``loftq``: ``loftq_iters``;
     ``apiq-bw``: ``apiq_epochs``, ``apiq_lr_lora``, ``apiq_lr_clip``, ``apiq_weight_decay``; ``default`` none).
     Given as a mapping (``adapter.init_options.apiq_epochs=5``) it is converted and checked against that class;
     unset options keep the init's defaults.

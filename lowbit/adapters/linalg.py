@@ -9,8 +9,8 @@ import torch
 
 @dataclass(frozen=True)
 class DampOptions:
-    """The options of the closed-form calibrated inits (``cloq``, ``calibrated``): ``adapter.init_options.damp``,
-    the relative damping ``λ = damp·mean(diag H)`` of ``H`` in their solves."""
+    """The options of the closed-form calibrated inits (``cloq``, ``calibrated``, ``qwha``):
+    ``adapter.init_options.damp``, the relative damping ``λ = damp·mean(diag H)`` of ``H`` in their solves."""
 
     damp: float = field(default=0.01, metadata={"help": "relative damping of H in the closed form"})
 

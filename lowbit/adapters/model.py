@@ -174,11 +174,13 @@ def count_parameters(model: nn.Module) -> dict:
 
 
 def expected_trainable(shapes: list[tuple[int, int]], adapter: str, rank: int = 64, num_blocks: int = 64) -> int:
-    """The published formulas over ``(in, out)`` shapes, as the sizes of the adapter's stored tensors: LoRA
-    ``Σ r(in+out)``, DiaBlo ``Σ N·⌈in/N⌉·⌈out/N⌉`` (``= Σ in·out/N`` when ``N`` divides both)."""
+    """The published formulas over ``(in, out)`` shapes, as the sizes of the adapter's stored trainable tensors:
+    LoRA ``Σ r(in+out)``, DiaBlo ``Σ N·⌈in/N⌉·⌈out/N⌉`` (``= Σ in·out/N`` when ``N`` divides both), QWHA
+    ``Σ r(in+out)`` coefficients (its stored positions are not trained)."""
     cfg = AdapterConfig(adapter=adapter, rank=rank, num_blocks=num_blocks)
     cls = ADAPTERS[adapter]
-    return sum(math.prod(s) for i, o in shapes for s in cls.state_shapes(i, o, cfg).values())
+    return sum(math.prod(s) for i, o in shapes for k, s in cls.state_shapes(i, o, cfg).items()
+               if k in cls.stored_params)
 
 
 class without_adapters:

@@ -193,7 +193,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
     _check_weights_finite(d, state)
     cls = ADAPTERS[config.adapter]
     names = resolve_targets(model, config.targets)
-    present = _stored_modules(state, tuple(cls.stored_params))
+    present = _stored_modules(state, cls.stored_keys())
     missing_in_model = sorted(present - set(names))
     if missing_in_model:
         raise BaseMismatchError(f"adapter {d} was saved for modules this model lacks, e.g. "
@@ -207,7 +207,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
     for name in names:
         inp, out = base_shape(model.get_submodule(name))
         want = tuple(cls.state_shapes(inp, out, config).values())
-        keys = [f"{PEFT_PREFIX}{name}.{k}" for k in cls.stored_params]
+        keys = [f"{PEFT_PREFIX}{name}.{k}" for k in cls.stored_keys()]
         got = tuple(tuple(state[k].shape) if k in state else None for k in keys)
         if want != got:
             raise BaseMismatchError(f"adapter {d} does not match the model at {name}: stored shapes {got}, the "

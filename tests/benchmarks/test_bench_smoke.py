@@ -61,6 +61,16 @@ def test_adapters(tmp_path):
     _check_verdicts(res)
 
 
+def test_qwha(tmp_path):
+    res = run_script("qwha", tmp_path)
+    _timed_rows(res["rows"])
+    by = {r["candidate"]: r for r in res["rows"]}
+    assert set(by) >= {"base only", "LoRA", "QWHA", "QWHA dense ΔW (released code's forward)"}
+    assert by["QWHA"]["trainable_params"] == by["LoRA"]["trainable_params"] > 0  # exactly LoRA's count
+    assert by["QWHA"]["saved_for_backward_bytes"] > 0 and res["qwha_over_lora"] > 0
+    _check_verdicts(res)
+
+
 def test_quantlinear(tmp_path):
     res = run_script("quantlinear", tmp_path)
     _timed_rows(res["rows"])

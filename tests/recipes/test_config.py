@@ -91,7 +91,8 @@ def test_method_and_init_options_from_a_recipe():
     with pytest.raises(ValueError, match="option 'magr_iters' belongs to method 'magr-gptq' / 'magr-rtn', not to "
                                          "method 'gptq'"):
         load_recipe("tiny-cloq-2bit", ["quant.method=gptq", "quant.options.magr_iters=10"])
-    with pytest.raises(ValueError, match="option 'damp' belongs to init 'calibrated' / 'cloq', not to init 'loftq'"):
+    with pytest.raises(ValueError, match="option 'damp' belongs to init 'calibrated' / 'cloq' / 'qwha', not to init "
+                                         "'loftq'"):
         load_recipe("tiny-loftq-2bit", ["adapter.init_options.damp=0.1"])
 
 
