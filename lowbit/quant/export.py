@@ -141,8 +141,10 @@ def _gptq_tensors(name: str, m: QuantLinear, zeros: torch.Tensor, zero_offset: i
     return {k: v.detach().contiguous().cpu() for k, v in t.items()}
 
 
-def _other_tensors(model: nn.Module, qnames: set[str]) -> dict[str, torch.Tensor]:
-    """Every state-dict tensor outside the QuantLinear modules, floats as fp16; tied duplicates dropped."""
+def _other_tensors(model: nn.Module, qnames: set[str], float_dtype: torch.dtype | None = torch.float16
+                   ) -> dict[str, torch.Tensor]:
+    """Every state-dict tensor outside the QuantLinear modules, floats in ``float_dtype`` (``None``: as they are);
+    tied duplicates dropped."""
     tied_keys: dict[str, str] = dict(getattr(model, "all_tied_weights_keys", None) or {})
     out: dict[str, torch.Tensor] = {}
     seen: dict[tuple, str] = {}
@@ -160,7 +162,7 @@ def _other_tensors(model: nn.Module, qnames: set[str]) -> dict[str, torch.Tensor
         else:
             seen[key] = k
         # Always a copy: a tensor shared with another name must not reach safetensors as a shared tensor.
-        dtype = torch.float16 if v.is_floating_point() else v.dtype
+        dtype = float_dtype if v.is_floating_point() and float_dtype is not None else v.dtype
         out[k] = v.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
     for target, source in tied_keys.items():
         if target in out and source in out and not torch.equal(out[target], out[source]):
@@ -180,7 +182,8 @@ def _untouched_linears(model: nn.Module, qnames: set[str]) -> list[str]:
 
 
 def export_gptq(model: nn.Module, out_dir: str | Path, checkpoint_format: str = "auto",
-                tokenizer: Any = None, overwrite: bool = False, progress: bool = False) -> Path:
+                tokenizer: Any = None, overwrite: bool = False, progress: bool = False,
+                float_dtype: torch.dtype | None = torch.float16) -> Path:
     """Write ``model`` (a Hugging Face causal LM with ``QuantLinear`` layers) as a GPTQ checkpoint.
 
     Args:
@@ -193,6 +196,8 @@ def export_gptq(model: nn.Module, out_dir: str | Path, checkpoint_format: str = 
         overwrite: replace an existing ``out_dir`` (atomically: it names the old export or the new one, never a
             mix).
         progress: a bar over the weight bytes as they are written (each step is logged either way).
+        float_dtype: dtype of the tensors outside the quantized layers (embeddings, norms, head); ``None`` keeps
+            the model's own, so that a float32 model's export reads back bit for bit.
 
     Returns the output directory. Raises ``ValueError`` for NormalFloat layers, mixed bit widths or group
     sizes, a zero point of 0 with ``"gptq"``, or a non-empty ``out_dir`` (unless ``overwrite``).
@@ -224,7 +229,7 @@ def export_gptq(model: nn.Module, out_dir: str | Path, checkpoint_format: str = 
         for n, m in qmods.items():
             tensors.update(_gptq_tensors(n, m, zeros[n], zero_offset))
         qnames = set(qmods)
-        for k, v in _other_tensors(model, qnames).items():
+        for k, v in _other_tensors(model, qnames, float_dtype).items():
             if k in tensors:
                 raise ValueError(f"state-dict tensor {k!r} collides with a GPTQ tensor name")
             tensors[k] = v

@@ -2,7 +2,8 @@
 load, with nothing merged and nothing re-quantized.
 
 ``DIR/base`` is the run's quantized base written in the GPTQ layout (:func:`lowbit.quant.export.export_gptq`: the
-same integer codes, fp16 scales and zero points, so the weights are lowbit's bit for bit); ``DIR/adapter`` is the
+same integer codes, fp16 scales and zero points, and the other tensors in the base's own dtype, so every weight is
+lowbit's bit for bit); ``DIR/adapter`` is the
 PEFT LoRA adapter whose module names resolve on that base (``adapter_config.json`` and
 ``adapter_model.safetensors``; ``base_model_name_or_path`` points at ``DIR/base``). transformers + PEFT
 (``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DIR/base), DIR/adapter)``) and vLLM
@@ -60,7 +61,8 @@ def write_gptq_lora(base: str, adapter: Path, out: Path, provenance: dict) -> No
     model, tok, _ = load_model(base, device="cpu", dtype="float32")
     final_base = out.expanduser().resolve() / "base"
     with atomic_dir(out) as tmp:
-        export_gptq(model, tmp / "base", tokenizer=tok, progress=True)
+        # Embeddings, norms and head as the base stores them (float32), not the GPTQ convention's fp16: bit for bit.
+        export_gptq(model, tmp / "base", tokenizer=tok, progress=True, float_dtype=None)
         (tmp / "adapter").mkdir()
         for name in ADAPTER_FILES:
             shutil.copyfile(adapter / name, tmp / "adapter" / name)

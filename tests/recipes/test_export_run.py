@@ -148,10 +148,15 @@ def test_gptq_lora_pair_is_lowbits_base_and_adapter(runs, tmp_path):
     run = runs["cloq2"]
     out = export_run(ExportRun(run_dir=str(run), out=str(tmp_path / "gl"), format="gptq-lora"))
     info = json.loads((run / "run.json").read_text())
-    ref_base = _dequantized(load_model(info["base"], dtype="float32")[0])
-    got_base = _dequantized(load_model(str(out / "base"), dtype="float32")[0])
+    ref_model0, got_model0 = load_model(info["base"], dtype="float32")[0], load_model(str(out / "base"),
+                                                                                     dtype="float32")[0]
+    ref_base, got_base = _dequantized(ref_model0), _dequantized(got_model0)
     assert ref_base.keys() == got_base.keys() and len(ref_base) > 0
     assert all(torch.equal(ref_base[k], got_base[k]) for k in ref_base)
+    # embeddings, norms, head: the base's own float32 values, not rounded to the GPTQ convention's fp16
+    others = {n: p for n, p in ref_model0.named_parameters() if p.dtype == torch.float32}
+    got_params = dict(got_model0.named_parameters())
+    assert "model.embed_tokens.weight" in others and all(torch.equal(p, got_params[n]) for n, p in others.items())
     from safetensors.torch import load_file
 
     a, b = load_file(str(run / "adapter" / "adapter_model.safetensors")), load_file(
