@@ -51,6 +51,9 @@ class DenseQWHA(nn.Module):
         return F.linear(x, self.m.base.weight + self.m.delta_weight(), self.m.base.bias)
 
 
+TARGET = 1.2  # QWHA's layer may cost at most 1.2x LoRA's at equal parameters
+
+
 def main() -> None:
     ap = base_parser(__doc__.splitlines()[0])
     ap.add_argument("--rank", type=int, default=64, help="LoRA rank; QWHA gets rank·(in + out) coefficients")
@@ -92,7 +95,7 @@ def main() -> None:
     def fwd(m):
         return lambda: m(x.detach().requires_grad_(True))
 
-    pr = paired_ratios({k: step(m) for k, m in cands.items()}, "LoRA", min_repeats=repeats,
+    pr = paired_ratios({k: step(m) for k, m in cands.items()}, "LoRA", min_repeats=repeats, targets={"QWHA": TARGET},
                        max_repeats=3 if args.quick else 30, time_cap_s=args.time_cap, device=dev)
     times = {k: v["times_s"] for k, v in pr["times"].items()}
     rows = []
