@@ -1,8 +1,8 @@
 """``lowbit export --format gptq-lora`` on a real checkpoint (slow; needs ``make real``): a 4-bit LoRA run on
 SmolLM2-135M (round-to-nearest base, for time; GPTQ bases export the same way), exported unmerged, then loaded by
-transformers (GPTQModel's torch kernel) + PEFT: with the kernel's scales in float32 its logits are lowbit's (to
-1e-5 of the largest); as loaded, the kernel dequantizes in fp16 and 30 layers drift further (measured 1.9e-3 on a
-GPTQ base; bound 5e-3); the held-out response loss equals lowbit's to 3 decimals."""
+transformers (GPTQModel's torch kernel) + PEFT: with the kernel's scales in float32 its logits are lowbit's
+(measured difference 0.0); as loaded, the kernel dequantizes in fp16 and 30 layers drift further (measured 1.06e-3
+on this base, 1.9e-3 on a GPTQ base; bound 5e-3); the held-out response loss equals lowbit's to 3 decimals."""
 
 import importlib.util
 import json
@@ -52,7 +52,7 @@ def test_smollm2_gptq_lora_pair_in_transformers_and_peft(tmp_path):
     with torch._dynamo.config.patch(disable=True), torch.no_grad():
         ref = mine(ids).logits
         a = response_loss(mine, tok, records)["loss"]
-        for exact, tol in ((False, 5e-3), (True, 1e-5)):
+        for exact, tol in ((False, 5e-3), (True, 1e-6)):
             if exact:
                 assert fp32_scales(theirs) == 30 * 7  # every decoder linear of 30 layers
             err = float((theirs(ids).logits - ref).abs().max() / ref.abs().max())
