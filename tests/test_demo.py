@@ -40,7 +40,7 @@ def test_comparison_demo_quick_has_every_row_and_reuses_its_cache(tmp_path, caps
     results = json.loads((tmp_path / "results.json").read_text())
     spec = load_spec("demo-quick")
     assert [r["run"] for r in results["runs"]] == [c.name for c in spec.cells]
-    assert len(results["runs"]) == 1 + 2 * 7
+    assert len(results["runs"]) == 1 + 2 * 8  # FP LoRA + 8 methods at 4 and 2 bits
     for r in results["runs"]:
         assert r["method"] and r["bits"] in (2, 4, 16)
         for acc in r["accuracy"].values():
