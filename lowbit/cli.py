@@ -120,7 +120,8 @@ def finetune_report(summary: dict, out: str) -> str:
     resumed = f", resumed from {s['resumed_from']}" if s.get("resumed_from") else ""
     lines = [f"{s['method']} ({s['bits']}-bit): {s['steps']} steps in {s['train_time_s']:.1f}s{resumed}, "
              f"{s['trainable_params']:,} trainable parameters",
-             f"training loss: last logged {_fmt(s['last_logged_loss'])} (mean over the run {s['mean_train_loss']:.4f})"]
+             f"training loss: last logged {_fmt(s['last_logged_loss'])} (last step {_fmt(s.get('last_step_loss'))}, "
+             f"mean over the run {s['mean_train_loss']:.4f})"]
     if s.get("eval"):
         lines += ["evaluation:", format_summary(s["eval"])]
     out = Path(out)

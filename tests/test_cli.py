@@ -163,12 +163,12 @@ def test_finetune_report(tmp_path):
     (tmp_path / "adapter").mkdir()
     (tmp_path / "run.json").write_text("{}")
     summary = {"method": "DiaBlo", "bits": 2, "steps": 20, "train_time_s": 41.2, "trainable_params": 147456,
-               "last_logged_loss": 0.827, "mean_train_loss": 1.3165, "resumed_from": None,
+               "last_logged_loss": 0.827, "last_step_loss": 0.791, "mean_train_loss": 1.3165, "resumed_from": None,
                "eval": {"datasets": {"gsm8k": {"display": "GSM8K", "accuracy": 25.0, "correct": 5, "n": 20},
                                      "svamp": {"display": "SVAMP", "accuracy": 35.0, "correct": 7, "n": 20}},
                         "average": 30.0}}
     text = finetune_report(summary, str(tmp_path))
-    assert "last logged 0.8270 (mean over the run 1.3165)" in text
+    assert "last logged 0.8270 (last step 0.7910, mean over the run 1.3165)" in text
     assert "GSM8K" in text and "25.0%" in text and "average" in text and "30.0%" in text
     assert text.splitlines()[-1] == f"run directory: {tmp_path}  (adapter, run.json)"
     assert "evaluation" not in finetune_report({**summary, "eval": None}, str(tmp_path))

@@ -68,8 +68,7 @@ def build_model(cfg: RecipeConfig, tokenizer, device: torch.device) -> tuple[tor
             raise ValueError(f"init {acfg.init!r} quantizes the base itself; unset model.quantized and set quant.*")
         qbase = load_quantized(cfg.model.quantized, device=device)
         if init.needs_float_weights:
-            # The closed forms need W and H: the float model runs the calibration pass, the cached packed
-            # layers are reused as they are.
+            # The closed forms need W and H: the float model calibrates, the cached packed layers are reused.
             quant, quantized_base = stored, qbase
             model = load_float_model(model_path, cfg.model.dtype, device)
         else:
@@ -336,10 +335,10 @@ def _peak_memory(device: torch.device) -> tuple[float, str]:
 def _summary(cfg: RecipeConfig, out: Path, report: dict, result, ckpt: Path | None, device: torch.device,
              base_dir: str, data_files: list, records: list, times: dict) -> dict:
     """The ``run.json`` summary. ``final_loss`` is the mean training loss over the run (the Trainer's
-    ``training_loss``; kept under its old name), also ``mean_train_loss``; ``last_logged_loss`` is the last loss in
-    ``log.jsonl`` (``None`` when no step was logged)."""
+    ``training_loss``; kept under its old name), also ``mean_train_loss``; ``last_logged_loss`` / ``last_step_loss``:
+    the last logged mean and the last step's loss in ``log.jsonl`` (``None`` when there is none)."""
     peak, peak_kind = _peak_memory(device)
-    logged = [r["loss"] for r in read_log(out / "log.jsonl") if "loss" in r]
+    logs = list(reversed(read_log(out / "log.jsonl")))
     return {
         "method": cfg.method or f"{cfg.adapter.adapter}-{cfg.adapter.init}",
         **bits_and_method(cfg),
@@ -347,7 +346,8 @@ def _summary(cfg: RecipeConfig, out: Path, report: dict, result, ckpt: Path | No
         "trainable_params": report["trainable"], "trainable_percent": report["percent"],
         "base_params": report["base_params"], "steps": result.global_step,
         "final_loss": float(result.training_loss), "mean_train_loss": float(result.training_loss),
-        "last_logged_loss": float(logged[-1]) if logged else None, **times,
+        "last_logged_loss": next((float(r["loss"]) for r in logs if r.get("loss") is not None), None), **times,
+        "last_step_loss": next((float(r["step_loss"]) for r in logs if r.get("step_loss") is not None), None),
         "peak_memory_gb": peak, "peak_memory_kind": peak_kind, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "resumed_from": ckpt.name if ckpt else None, "device": str(device), "base": base_dir,
         "base_fingerprint": base_fingerprint(cfg),
