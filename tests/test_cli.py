@@ -116,6 +116,8 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
 # SIGINT delivered while the new packed weights are being written: the previous complete model must survive.
 SIGINT_MID_SAVE = """
 import os, signal, sys
+# As in a terminal: a test run started in the background (`cmd &`) passes SIGINT on as ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import lowbit.safetensors_io as st
 real = st.save_file_streamed
 def save(*a, **k):
