@@ -27,7 +27,7 @@ from ..io import DamagedFileError, read_json
 from ..quant import QuantConfig
 from ..rundir import DONE, PARTIAL, STAMP, RunDir
 from .config import TINY, CalibrationConfig
-from .loading import check_architecture, resolve_model
+from .loading import check_architecture, local_only, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def _check_inputs(run: QuantizeRun) -> tuple[str, dict]:
     if quantized:
         raise ValueError(f"model {run.model!r} is already a lowbit quantized directory; pass the float model")
     try:
-        hf_config = AutoConfig.from_pretrained(path)
+        hf_config = AutoConfig.from_pretrained(path, **local_only(path))
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read a model config from --model {run.model!r}: {e}") from None
     check_architecture(hf_config, run.model)  # before the weights, not inside quantize_model after them
@@ -192,7 +192,7 @@ def _load_calibration(run: QuantizeRun, path: str):
     """The tokenizer, the calibration windows and the held-out ids (``None`` without calibration sources)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, **local_only(path))
     windows = held = None
     if run.calibration.sources:
         windows, held = calibration_windows(run.calibration, tok)
