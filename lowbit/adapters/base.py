@@ -54,6 +54,12 @@ def quantized_linear(qw: QuantizedWeight, linear: nn.Linear) -> QuantLinear:
     return QuantLinear.from_quantized(qw, bias=bias).to(linear.weight.device)
 
 
+def peft_targets(peft: dict) -> list[str]:
+    """``target_modules`` of a PEFT adapter config as a list (PEFT also writes a single name as a string)."""
+    targets = peft["target_modules"]
+    return [targets] if isinstance(targets, str) else list(targets)
+
+
 def check_dropout(dropout: float) -> None:
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer, device_of
+from .base import AdapterLayer, device_of, peft_targets
 from .registry import register_adapter
 
 
@@ -97,9 +97,8 @@ class DiaBloLinear(AdapterLayer):
 
     @classmethod
     def config_from_peft(cls, peft: dict) -> dict:
-        targets = peft["target_modules"]
         return {"num_blocks": int(peft["num_blocks"]), "dropout": float(peft.get("dropout", 0.0)),
-                "targets": list(targets) if not isinstance(targets, str) else [targets]}
+                "targets": peft_targets(peft)}
 
     def set_blocks(self, blocks: torch.Tensor) -> None:
         """Load ``blocks`` ``(N, ceil(in/N), ceil(out/N))``."""

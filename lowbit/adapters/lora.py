@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer, device_of
+from .base import AdapterLayer, device_of, peft_targets
 from .registry import register_adapter
 
 
@@ -75,10 +75,9 @@ class LoRALinear(AdapterLayer):
 
     @classmethod
     def config_from_peft(cls, peft: dict) -> dict:
-        targets = peft["target_modules"]
         return {"rank": int(peft["r"]), "alpha": float(peft["lora_alpha"]),
                 "rslora": bool(peft.get("use_rslora", False)), "dropout": float(peft.get("lora_dropout", 0.0)),
-                "targets": list(targets) if not isinstance(targets, str) else [targets]}
+                "targets": peft_targets(peft)}
 
     def set_factors(self, A: torch.Tensor, B: torch.Tensor) -> None:
         """Load ``A`` ``(r, in)`` and ``B`` ``(out, r)`` (already divided by the scaling)."""

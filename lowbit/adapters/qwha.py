@@ -39,7 +39,7 @@ import warnings
 import torch
 from torch import nn
 
-from .base import AdapterLayer, device_of
+from .base import AdapterLayer, device_of, peft_targets
 from .hadamard import hadamard_split, walsh_hadamard
 from .registry import register_adapter
 
@@ -180,9 +180,8 @@ class QWHALinear(AdapterLayer):
 
     @classmethod
     def config_from_peft(cls, peft: dict) -> dict:
-        targets = peft["target_modules"]
         return {"rank": int(peft["rank"]), "dropout": float(peft.get("dropout", 0.0)),
-                "targets": list(targets) if not isinstance(targets, str) else [targets]}
+                "targets": peft_targets(peft)}
 
     # ---- positions and coefficients ----------------------------------------------------------------------------
 

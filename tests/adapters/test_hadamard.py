@@ -15,15 +15,7 @@ from lowbit.adapters.hadamard import (
     walsh_hadamard,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small matrices gain nothing from threads, and two spinning OpenMP threads on a shared 2-core machine are many
-    times slower (as in tests/eval)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ALL_BASES = sorted(set(BASE_ORDERS.values()))
 

@@ -30,15 +30,7 @@ from lowbit.adapters.qwha_init import allocate_budget
 from lowbit.adapters.registry import ADAPTERS, INITS, register_init, scoped_registrations
 from lowbit.quant import QuantConfig, QuantLinear, quantize_model, rtn_quantize
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small matrices gain nothing from threads, and two spinning OpenMP threads on a shared 2-core machine are many
-    times slower (as in tests/eval)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _dense_delta(positions, coefficients, inp, out):
     """The paper's ``ΔW = s·P·H/(in·√out)`` in float64 with lowbit's fixed ``s = √(in·out)``."""
